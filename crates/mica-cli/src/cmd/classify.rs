@@ -1,0 +1,54 @@
+//! `mica classify`: dispatches on the classifier spec (`cnn:RUN_DIR` or `llm:...`).
+use std::path::PathBuf;
+
+use crate::exit::usage;
+
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// `cnn:RUN_DIR`, `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
+    /// `llm:openai-compatible/<model>@http://host:port`.
+    #[arg(long)]
+    pub classifier: String,
+    /// Which split to classify.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Output run directory (predictions.jsonl, metrics.json, energy.csv).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Classify at most N images per class (for costly classifiers).
+    #[arg(long)]
+    pub limit_per_class: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub cnn: super::classify_cnn::CnnArgs,
+    #[command(flatten)]
+    pub llm: super::classify_llm::LlmArgs,
+}
+
+/// What a classification run produced, for the caller to wrap (energy) and print.
+pub struct ClassifyOutcome {
+    pub out_dir: PathBuf,
+    pub images: usize,
+}
+
+pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
+    let outcome = if let Some(dir) = args.classifier.strip_prefix("cnn:") {
+        super::classify_cnn::run(&args, std::path::Path::new(dir))?
+    } else if let Some(spec) = args.classifier.strip_prefix("llm:") {
+        super::classify_llm::run(&args, spec)?
+    } else {
+        return Err(usage(format!(
+            "unknown classifier `{}`: expected cnn:RUN_DIR or llm:PROVIDER/MODEL",
+            args.classifier
+        )));
+    };
+    println!(
+        "classified {} images; results in {}",
+        outcome.images,
+        outcome.out_dir.display()
+    );
+    Ok(())
+}

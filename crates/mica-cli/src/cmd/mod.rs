@@ -1,0 +1,13 @@
+//! One module per subcommand. Each owns its flags (a clap `Args` struct) and a `run` function.
+
+pub mod classify;
+pub mod classify_cnn;
+pub mod classify_llm;
+pub mod dataset;
+pub mod demo;
+pub mod energy;
+pub mod eval;
+pub mod explain;
+pub mod llm_sim;
+pub mod synth;
+pub mod train;

@@ -1,0 +1,1 @@
+//! CNN classifiers trained and run with burn.

@@ -1,0 +1,60 @@
+//! Shared vocabulary of mica.
+//!
+//! Every crate downstream of the dataset (CNN, LLM, evaluation, report, server) speaks in these
+//! types only, so a new model family is one new [`Classifier`] implementation and nothing else
+//! has to change.
+
+pub mod labels;
+pub mod prediction;
+pub mod run;
+pub mod sample;
+
+pub use labels::{LabelSet, Modality};
+pub use prediction::{FilterStage, Outcome, Prediction, TokenUsage};
+pub use run::{read_predictions, write_atomic, PredictionLog, RunManifest};
+pub use sample::{Dataset, ImageSource, Layout, Sample, SkippedFile, Split};
+
+/// Errors shared by the core file formats.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        path: std::path::PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid label set: {0}")]
+    Labels(String),
+}
+
+impl CoreError {
+    pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        CoreError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Why one image could not be classified. Recorded as an outcome, never turned into a label.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{sample_id}: {message}")]
+pub struct ClassifyError {
+    pub sample_id: String,
+    pub message: String,
+}
+
+/// The one contract every model family implements.
+///
+/// Results are per image so that one bad image (or one failed API call) never sinks a batch.
+pub trait Classifier {
+    fn name(&self) -> &str;
+    fn labels(&self) -> &LabelSet;
+    fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>>;
+}

@@ -1,0 +1,114 @@
+//! One classifier's answer for one image: the line format of `predictions.jsonl`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What became of an image. Only `Answered` and `Deferred` carry a label; the other two are
+/// reported as their own outcomes and never silently counted as some class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// A label the filter (if any) accepted.
+    Answered,
+    /// A label was produced, but a filter stage sent the case to a physician.
+    Deferred,
+    /// The model answered, but nothing in the answer maps onto the label set.
+    Unparseable,
+    /// No answer at all (HTTP error after all retries, unreadable image, ...).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Deferred => "deferred",
+            Outcome::Unparseable => "unparseable",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+/// The verdict of one filter stage on one prediction, kept so every deferral can be explained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilterStage {
+    pub stage: String,
+    /// `kept` or `deferred` (or `unparseable` for label validation).
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub sample_id: String,
+    pub classifier: String,
+    /// Ground truth, when the dataset has it.
+    pub true_label: Option<String>,
+    /// The label the classifier chose (also set for deferred cases).
+    pub predicted: Option<String>,
+    pub outcome: Outcome,
+    /// Confidence in `predicted`, 0..=1: the softmax maximum for CNNs, the stated (or
+    /// logprob-derived) confidence for LLMs.
+    pub confidence: Option<f64>,
+    /// Class probabilities keyed by label name, when the classifier gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probabilities: Option<BTreeMap<String, f64>>,
+    /// Wall-clock time spent on this image (for batched inference: batch time / batch size).
+    pub latency_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenUsage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// The model's raw text answer (LLMs), kept for audit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_answer: Option<String>,
+    /// Which parsing stage produced the label (`json`, `exact`, `synonym`, `fuzzy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse_stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<FilterStage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationale: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Backend-specific extras (e.g. Ollama's load/eval durations, attempts made).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Prediction {
+    /// A prediction with only the identifying fields set; backends fill in the rest.
+    pub fn new(sample_id: impl Into<String>, classifier: impl Into<String>, outcome: Outcome) -> Self {
+        Prediction {
+            sample_id: sample_id.into(),
+            classifier: classifier.into(),
+            true_label: None,
+            predicted: None,
+            outcome,
+            confidence: None,
+            probabilities: None,
+            latency_ms: 0.0,
+            tokens: None,
+            cost_usd: None,
+            raw_answer: None,
+            parse_stage: None,
+            filter: Vec::new(),
+            rationale: None,
+            error: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// True when the case carries a label that the filter accepted.
+    pub fn is_accepted(&self) -> bool {
+        self.outcome == Outcome::Answered
+    }
+}

@@ -1,0 +1,152 @@
+//! Datasets as lists of samples. Pixels are loaded lazily by `mica-data`, so a dataset of
+//! 20,000 X-rays costs a few megabytes until an image is actually needed.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::{LabelSet, Modality};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Val, Split::Test];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "train" | "training" => Ok(Split::Train),
+            "val" | "valid" | "validation" => Ok(Split::Val),
+            "test" | "testing" => Ok(Split::Test),
+            other => Err(format!("unknown split `{other}` (expected train, val or test)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a sample's pixels live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ImageSource {
+    /// An image or DICOM file.
+    File { path: PathBuf },
+    /// One image of an array inside a MedMNIST-style `.npz` file.
+    Npz {
+        path: PathBuf,
+        array: String,
+        index: usize,
+    },
+}
+
+impl ImageSource {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        ImageSource::File { path: path.into() }
+    }
+
+    /// The file the pixels come from (the `.npz` itself for array sources).
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            ImageSource::File { path } | ImageSource::Npz { path, .. } => path,
+        }
+    }
+}
+
+/// One labelled image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Stable identifier: the path relative to the dataset root (or `file.npz:array[i]`). It is
+    /// the key of split manifests, prediction logs and caches, so it must not depend on where
+    /// the dataset is mounted.
+    pub id: String,
+    pub source: ImageSource,
+    /// Index into the dataset's [`LabelSet`].
+    pub label: usize,
+    /// The split the layout or a split manifest assigned; `None` until split.
+    pub split: Option<Split>,
+    /// Free-text clinical context (age, sex, symptoms) when the dataset has it.
+    pub context: Option<String>,
+}
+
+/// The dataset layouts mica recognises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    ImageFolder,
+    CovidRadiography,
+    BrainTumorMri,
+    ChestCt,
+    CsvManifest,
+    MedMnistNpz,
+    Dicom,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::ImageFolder => "image-folder",
+            Layout::CovidRadiography => "covid19-radiography",
+            Layout::BrainTumorMri => "brain-tumor-mri",
+            Layout::ChestCt => "chest-ct",
+            Layout::CsvManifest => "csv-manifest",
+            Layout::MedMnistNpz => "medmnist-npz",
+            Layout::Dicom => "dicom",
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A file found in the dataset that could not be used, and why. Listed, never fatal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedFile {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub layout: Layout,
+    pub modality: Modality,
+    pub labels: LabelSet,
+    pub samples: Vec<Sample>,
+    pub skipped: Vec<SkippedFile>,
+}
+
+impl Dataset {
+    pub fn split(&self, split: Split) -> impl Iterator<Item = &Sample> {
+        self.samples.iter().filter(move |s| s.split == Some(split))
+    }
+
+    pub fn count(&self, split: Option<Split>, label: usize) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| s.label == label && (split.is_none() || s.split == split))
+            .count()
+    }
+}

@@ -1,0 +1,1 @@
+//! Datasets: layouts, loaders, splits, preprocessing, duplicate checks, synthetic phantoms.

@@ -1,0 +1,1 @@
+//! Energy measurement (RAPL, NVML, CPU-time estimate) and CO2.

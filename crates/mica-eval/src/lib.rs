@@ -1,0 +1,1 @@
+//! Classification metrics, confidence intervals and significance tests.

@@ -1,0 +1,1 @@
+//! Vision-LLM classifiers: providers, prompts, parsing, filtering, caching.
