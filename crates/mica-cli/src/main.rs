@@ -48,6 +48,13 @@ enum Command {
     /// A local server speaking the OpenAI and Ollama protocols, answering from a confusion model.
     /// For dry runs and tests only: its results are stamped SIMULATED.
     LlmSim(cmd::llm_sim::LlmSimArgs),
+    /// Run every classifier of an experiment on one split and write one comparison.
+    Compare(cmd::compare::CompareArgs),
+    /// Render a run directory as Markdown, HTML, JSON or CSV.
+    Report(cmd::report::ReportArgs),
+    /// The results store: every finished run, indexed.
+    #[command(subcommand)]
+    Runs(cmd::runs::RunsCommand),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +77,9 @@ fn main() -> ExitCode {
         Command::Explain(a) => cmd::explain::run(a),
         Command::Energy(c) => cmd::energy::run(c),
         Command::LlmSim(a) => cmd::llm_sim::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
+        Command::Report(a) => cmd::report::run(a),
+        Command::Runs(c) => cmd::runs::run(c),
     };
     exit::report(result)
 }

@@ -3,11 +3,14 @@
 pub mod classify;
 pub mod classify_cnn;
 pub mod classify_llm;
+pub mod compare;
 pub mod dataset;
 pub mod demo;
 pub mod energy;
 pub mod eval;
 pub mod explain;
 pub mod llm_sim;
+pub mod report;
+pub mod runs;
 pub mod synth;
 pub mod train;

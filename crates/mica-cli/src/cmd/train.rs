@@ -1,6 +1,12 @@
 //! `mica train` (owned by the CNN work).
 use std::path::PathBuf;
 
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use mica_cnn::{Arch, Progress, TrainConfig};
+
+use crate::exit::usage;
+
 #[derive(clap::Args)]
 pub struct TrainArgs {
     #[arg(long)]
@@ -10,22 +16,166 @@ pub struct TrainArgs {
     pub model: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// Maximum epochs (early stopping may end sooner) [default: 20].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per optimiser step [default: 32].
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Peak learning rate after warm-up [default: 0.002, 0.0005 with --pretrained].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Input side in pixels [default: the images' own size, at most 128].
     #[arg(long)]
     pub size: Option<u32>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Weight the loss by inverse class frequency (imbalanced datasets).
     #[arg(long)]
     pub class_weights: bool,
+    /// Continue a killed or finished run from its last completed epoch.
     #[arg(long)]
     pub resume: bool,
+    /// Epochs without a better validation macro F1 before stopping [default: 6].
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Train without augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// torchvision ResNet-18 weights (.pth or .safetensors) to fine-tune from.
+    #[arg(long)]
+    pub pretrained: Option<PathBuf>,
+    /// Use 3 input channels (RGB datasets); the default is grayscale.
+    #[arg(long)]
+    pub rgb: bool,
+    /// Use at most N images per split (quick runs).
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`mica train` is not built yet")
+pub fn config_from(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let arch: Arch = args.model.parse().map_err(usage)?;
+    let mut cfg = TrainConfig::new(arch);
+    if let Some(e) = args.epochs {
+        if e == 0 {
+            return Err(usage("--epochs must be at least 1"));
+        }
+        cfg.epochs = e;
+    }
+    if let Some(b) = args.batch {
+        if b == 0 {
+            return Err(usage("--batch must be at least 1"));
+        }
+        cfg.batch = b;
+    }
+    if args.pretrained.is_some() {
+        cfg.lr = 5e-4;
+    }
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0 && lr <= 1.0) {
+            return Err(usage("--lr must be in (0, 1]"));
+        }
+        cfg.lr = lr;
+    }
+    if let Some(s) = args.size {
+        if !(8..=1024).contains(&s) {
+            return Err(usage("--size must be between 8 and 1024"));
+        }
+        cfg.size = Some(s as usize);
+    }
+    if let Some(p) = args.patience {
+        cfg.patience = p.max(1);
+    }
+    if let Some(p) = &args.pretrained {
+        if arch != Arch::Resnet18 {
+            return Err(usage("--pretrained needs --model resnet18"));
+        }
+        if !p.is_file() {
+            return Err(usage(format!("{}: no such weights file", p.display())));
+        }
+    }
+    cfg.seed = args.seed;
+    cfg.class_weights = args.class_weights;
+    cfg.resume = args.resume;
+    cfg.augment = !args.no_augment;
+    cfg.pretrained = args.pretrained.clone();
+    cfg.channels = if args.rgb { 3 } else { 1 };
+    cfg.limit = args.limit;
+    Ok(cfg)
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = config_from(&args)?;
+    let ds = super::classify_cnn::load_split_dataset(&args.dataset, args.seed)?;
+    let summary = train_with_progress(&ds, &cfg, &args.out)?;
+    println!(
+        "trained {} on {} ({} train / {} val images, {} px, {}): best epoch {} of {}, val macro F1 {:.3}, val accuracy {:.3}{}",
+        summary.arch,
+        args.dataset.display(),
+        summary.train_images,
+        summary.val_images,
+        summary.input_size,
+        summary.device,
+        summary.best_epoch,
+        summary.epochs_run,
+        summary.best_val_macro_f1,
+        summary.best_val_accuracy,
+        if summary.stopped_early { " (stopped early)" } else { "" }
+    );
+    println!(
+        "{:.1} s training, {:.1} images/s; checkpoint and train_log.csv in {}",
+        summary.train_seconds,
+        summary.train_images_per_s,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Trains with an indicatif bar per epoch (hidden when stderr is not a terminal) and one
+/// summary line per epoch on stderr. Shared with `mica demo`.
+pub fn train_with_progress(
+    ds: &mica_core::Dataset,
+    cfg: &TrainConfig,
+    out: &std::path::Path,
+) -> anyhow::Result<mica_cnn::TrainSummary> {
+    let mut bar: Option<ProgressBar> = None;
+    let style = ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    let mut on_progress = |p: Progress| match p {
+        Progress::Notice(m) => eprintln!("note: {m}"),
+        Progress::EpochStart { epoch, epochs, steps } => {
+            let b = ProgressBar::new(steps as u64);
+            b.set_style(style.clone());
+            b.set_prefix(format!("{epoch}/{epochs}"));
+            bar = Some(b);
+        }
+        Progress::Step { step, loss, accuracy, images_per_s, .. } => {
+            if let Some(b) = &bar {
+                b.set_position(step as u64);
+                b.set_message(format!("loss {loss:.3} acc {accuracy:.3} {images_per_s:.0} img/s"));
+            }
+        }
+        Progress::EpochEnd(s) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "epoch {:>3}: loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} macro-F1 {:.3} | {:.0} img/s {:.1}s{}",
+                s.epoch,
+                s.train_loss,
+                s.train_accuracy,
+                s.val_loss,
+                s.val_accuracy,
+                s.val_macro_f1,
+                s.images_per_s,
+                s.seconds,
+                if s.best { " *best" } else { "" }
+            );
+        }
+    };
+    mica_cnn::train(ds, cfg, out, &mut on_progress)
+        .with_context(|| format!("training into {}", out.display()))
 }

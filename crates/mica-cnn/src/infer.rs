@@ -1,0 +1,199 @@
+//! Batched inference behind the shared [`Classifier`] contract.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use mica_core::{Classifier, ClassifyError, LabelSet, Outcome, Prediction, Sample};
+
+use crate::checkpoint::{Checkpoint, CheckpointMeta};
+use crate::data::{self, ImageCache};
+use crate::device::{self, DeviceKind};
+use crate::model::Net;
+use crate::{CnnError, CpuBackend};
+
+enum Engine {
+    Cpu(Net<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Net<burn::backend::Cuda>),
+}
+
+/// A trained CNN checkpoint, ready to classify.
+pub struct CnnClassifier {
+    name: String,
+    meta: CheckpointMeta,
+    engine: Engine,
+    device: DeviceKind,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Confidence below which a prediction is flagged `needs_review` for a physician.
+    pub review_below: Option<f64>,
+    resized: usize,
+}
+
+/// Throughput of one timed pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InferenceStats {
+    pub images: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+impl CnnClassifier {
+    /// Loads the best checkpoint of a `mica train` run directory.
+    pub fn load(run_dir: impl AsRef<Path>, notice: &mut dyn FnMut(&str)) -> Result<Self, CnnError> {
+        let dir = run_dir.as_ref();
+        let kind = device::select(notice);
+        let (meta, engine) = match kind {
+            DeviceKind::Cpu => {
+                let c = Checkpoint::<CpuBackend>::load(dir, &Default::default())?;
+                (c.meta, Engine::Cpu(c.model))
+            }
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => {
+                let c = Checkpoint::<burn::backend::Cuda>::load(dir, &Default::default())?;
+                (c.meta, Engine::Cuda(c.model))
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => unreachable!("cuda is only selected in cuda builds"),
+        };
+        Ok(CnnClassifier {
+            name: format!("cnn:{}", meta.arch),
+            meta,
+            engine,
+            device: kind,
+            batch: 32,
+            review_below: None,
+            resized: 0,
+        })
+    }
+
+    /// Renames the classifier (the name keys predictions in `predictions.jsonl`).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    pub fn meta(&self) -> &CheckpointMeta {
+        &self.meta
+    }
+
+    pub fn device(&self) -> DeviceKind {
+        self.device
+    }
+
+    /// How many images so far were not at the checkpoint's input size and were resized.
+    pub fn resized_images(&self) -> usize {
+        self.resized
+    }
+
+    /// Softmax probabilities for already-decoded images (`[0, 1]` CHW at the input size).
+    pub fn probabilities(&self, cache: &ImageCache) -> Vec<Vec<f32>> {
+        let norm = &self.meta.normalization;
+        match &self.engine {
+            Engine::Cpu(m) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
+        }
+    }
+
+    /// One untimed forward pass of a full batch, so that timed runs exclude first-call costs
+    /// (allocation, thread pool start-up, GPU kernel compilation).
+    pub fn warm_up(&self) {
+        let s = self.meta.input_size;
+        let c = self.meta.in_channels;
+        let cache = ImageCache {
+            size: s,
+            channels: c,
+            data: vec![0.5; self.batch.max(1) * c * s * s],
+            labels: vec![0; self.batch.max(1)],
+            ids: vec![String::new(); self.batch.max(1)],
+            resized: 0,
+        };
+        let _ = self.probabilities(&cache);
+    }
+
+    fn to_prediction(&self, sample: &Sample, probs: &[f32], latency_ms: f64) -> Prediction {
+        let labels = &self.meta.labels;
+        let mut p = Prediction::new(&sample.id, &self.name, Outcome::Answered);
+        p.true_label = (sample.label < labels.len()).then(|| labels.name(sample.label).to_string());
+        let mut best = 0;
+        for (i, &v) in probs.iter().enumerate() {
+            if v > probs[best] {
+                best = i;
+            }
+        }
+        p.predicted = Some(labels.name(best).to_string());
+        let conf = probs[best] as f64;
+        p.confidence = Some(conf);
+        p.probabilities = Some(
+            probs
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (labels.name(i).to_string(), v as f64))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        p.latency_ms = latency_ms;
+        if let Some(t) = self.review_below {
+            p.extra.insert("needs_review".into(), serde_json::Value::Bool(conf < t));
+        }
+        p
+    }
+}
+
+impl Classifier for CnnClassifier {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn labels(&self) -> &LabelSet {
+        &self.meta.labels
+    }
+
+    /// Decodes the batch (each unreadable image becomes its own `Failed` result), then runs
+    /// the readable ones through the network in chunks of `self.batch`. Latency per image is
+    /// decode time plus its share of the forward pass.
+    fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
+        let size = self.meta.input_size;
+        let ch = self.meta.in_channels;
+        let mut results: Vec<Option<Result<Prediction, ClassifyError>>> = vec![None; batch.len()];
+        for chunk_start in (0..batch.len()).step_by(self.batch.max(1)) {
+            let chunk = &batch[chunk_start..(chunk_start + self.batch.max(1)).min(batch.len())];
+            let t0 = Instant::now();
+            let mut cache = ImageCache { size, channels: ch, data: Vec::new(), labels: Vec::new(), ids: Vec::new(), resized: 0 };
+            let mut rows = Vec::new();
+            for (k, s) in chunk.iter().enumerate() {
+                match data::load_image(&s.source, size, ch) {
+                    Ok((px, resized)) => {
+                        self.resized += resized as usize;
+                        cache.data.extend_from_slice(&px);
+                        cache.labels.push(s.label);
+                        cache.ids.push(s.id.clone());
+                        rows.push(k);
+                    }
+                    Err(e) => {
+                        results[chunk_start + k] = Some(Err(ClassifyError { sample_id: s.id.clone(), message: e.to_string() }));
+                    }
+                }
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let probs = self.probabilities(&cache);
+            let per_image = t0.elapsed().as_secs_f64() * 1000.0 / rows.len() as f64;
+            for (r, &k) in rows.iter().enumerate() {
+                results[chunk_start + k] = Some(Ok(self.to_prediction(&chunk[k], &probs[r], per_image)));
+            }
+        }
+        results.into_iter().map(|r| r.expect("every image has a result")).collect()
+    }
+}
+
+/// Times inference over an in-memory cache (after a warm-up): the figure the benchmark reports.
+pub fn time_inference(c: &CnnClassifier, cache: &ImageCache) -> InferenceStats {
+    c.warm_up();
+    let t0 = Instant::now();
+    let _ = c.probabilities(cache);
+    let seconds = t0.elapsed().as_secs_f64();
+    InferenceStats { images: cache.len(), seconds, images_per_s: cache.len() as f64 / seconds.max(1e-9) }
+}

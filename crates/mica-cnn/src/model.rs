@@ -1,0 +1,458 @@
+//! The three architectures: a small baseline CNN, ResNet-18 and a MobileNetV2-style net.
+//!
+//! All three end in the same head (global average pooling, dropout, one linear layer), and all
+//! expose the last convolutional feature map separately ([`Net::features`] / [`Net::head`]), so
+//! training, inference and Grad-CAM treat them alike. Input channels are a parameter: 1 for the
+//! grayscale medical images (native, no channel replication), 3 for RGB datasets.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which network to build. Stored in checkpoints by its `as_str` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Small,
+    Resnet18,
+    Mobilenet,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 3] = [Arch::Small, Arch::Resnet18, Arch::Mobilenet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Small => "small",
+            Arch::Resnet18 => "resnet18",
+            Arch::Mobilenet => "mobilenet",
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "small" | "smallcnn" => Ok(Arch::Small),
+            "resnet18" => Ok(Arch::Resnet18),
+            "mobilenet" | "mobilenetv2" => Ok(Arch::Mobilenet),
+            _ => Err(format!(
+                "unknown model `{s}` (expected small, resnet18 or mobilenet)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn conv<B: Backend>(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
+    // No bias: every conv is followed by batch norm, whose shift makes a bias redundant
+    // (and torchvision's ResNet has none, which keeps weight import one-to-one).
+    Conv2dConfig::new([c_in, c_out], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+        .with_groups(groups)
+        .with_bias(false)
+        .init(device)
+}
+
+fn bn<B: Backend>(c: usize, device: &B::Device) -> BatchNorm<B> {
+    BatchNormConfig::new(c).init(device)
+}
+
+/// Conv, batch norm, ReLU.
+#[derive(Module, Debug)]
+pub struct ConvBn<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub bn: BatchNorm<B>,
+}
+
+impl<B: Backend> ConvBn<B> {
+    fn new(c_in: usize, c_out: usize, k: usize, stride: usize, groups: usize, d: &B::Device) -> Self {
+        ConvBn {
+            conv: conv(c_in, c_out, k, stride, groups, d),
+            bn: bn(c_out, d),
+        }
+    }
+
+    fn forward_linear(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.bn.forward(self.conv.forward(x))
+    }
+
+    fn forward_relu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        relu(self.forward_linear(x))
+    }
+
+    fn forward_relu6(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.forward_linear(x).clamp(0.0, 6.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small baseline CNN
+
+/// Four conv blocks (16-32-64-128 channels, one 3x3 conv + BN + ReLU + 2x2 max-pool each).
+///
+/// Deliberately small: on two CPU cores a 64 px batch of 32 trains in well under a second, and
+/// the synthetic phantoms need no more capacity than this.
+#[derive(Module, Debug)]
+pub struct SmallCnn<B: Backend> {
+    pub blocks: Vec<ConvBn<B>>,
+    pub pool: MaxPool2d,
+}
+
+impl<B: Backend> SmallCnn<B> {
+    pub const WIDTHS: [usize; 4] = [16, 32, 64, 128];
+
+    fn new(in_channels: usize, d: &B::Device) -> Self {
+        let mut blocks = Vec::new();
+        let mut c = in_channels;
+        for w in Self::WIDTHS {
+            blocks.push(ConvBn::new(c, w, 3, 1, 1, d));
+            c = w;
+        }
+        SmallCnn {
+            blocks,
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+        }
+    }
+
+    fn features(&self, mut x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let n = self.blocks.len();
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward_relu(x);
+            // The last block keeps its resolution so Grad-CAM maps are not too coarse.
+            if i + 1 < n {
+                x = self.pool.forward(x);
+            }
+        }
+        x
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResNet-18 (torchvision layout, so torchvision weights map one-to-one)
+
+#[derive(Module, Debug)]
+pub struct BasicBlock<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub bn1: BatchNorm<B>,
+    pub conv2: Conv2d<B>,
+    pub bn2: BatchNorm<B>,
+    pub downsample: Option<ConvBn<B>>,
+}
+
+impl<B: Backend> BasicBlock<B> {
+    fn new(c_in: usize, c_out: usize, stride: usize, d: &B::Device) -> Self {
+        let downsample = (stride != 1 || c_in != c_out).then(|| ConvBn {
+            conv: Conv2dConfig::new([c_in, c_out], [1, 1])
+                .with_stride([stride, stride])
+                .with_bias(false)
+                .init(d),
+            bn: bn(c_out, d),
+        });
+        BasicBlock {
+            conv1: conv(c_in, c_out, 3, stride, 1, d),
+            bn1: bn(c_out, d),
+            conv2: conv(c_out, c_out, 3, 1, 1, d),
+            bn2: bn(c_out, d),
+            downsample,
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let identity = match &self.downsample {
+            Some(ds) => ds.forward_linear(x.clone()),
+            None => x.clone(),
+        };
+        let y = relu(self.bn1.forward(self.conv1.forward(x)));
+        let y = self.bn2.forward(self.conv2.forward(y));
+        relu(y + identity)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub bn1: BatchNorm<B>,
+    pub maxpool: MaxPool2d,
+    pub layer1: Vec<BasicBlock<B>>,
+    pub layer2: Vec<BasicBlock<B>>,
+    pub layer3: Vec<BasicBlock<B>>,
+    pub layer4: Vec<BasicBlock<B>>,
+}
+
+impl<B: Backend> ResNet<B> {
+    fn new18(in_channels: usize, d: &B::Device) -> Self {
+        let layer = |c_in: usize, c_out: usize, stride: usize| {
+            vec![
+                BasicBlock::new(c_in, c_out, stride, d),
+                BasicBlock::new(c_out, c_out, 1, d),
+            ]
+        };
+        ResNet {
+            conv1: conv(in_channels, 64, 7, 2, 1, d),
+            bn1: bn(64, d),
+            maxpool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+            layer1: layer(64, 64, 1),
+            layer2: layer(64, 128, 2),
+            layer3: layer(128, 256, 2),
+            layer4: layer(256, 512, 2),
+        }
+    }
+
+    fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        x = self.maxpool.forward(x);
+        for b in self
+            .layer1
+            .iter()
+            .chain(&self.layer2)
+            .chain(&self.layer3)
+            .chain(&self.layer4)
+        {
+            x = b.forward(x);
+        }
+        x
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MobileNetV2-style net (width 0.5): depthwise-separable inverted residuals
+
+#[derive(Module, Debug)]
+pub struct InvertedResidual<B: Backend> {
+    pub expand: Option<ConvBn<B>>,
+    pub depthwise: ConvBn<B>,
+    pub project: ConvBn<B>,
+    pub residual: bool,
+}
+
+impl<B: Backend> InvertedResidual<B> {
+    fn new(c_in: usize, c_out: usize, stride: usize, t: usize, d: &B::Device) -> Self {
+        let hidden = c_in * t;
+        InvertedResidual {
+            expand: (t != 1).then(|| ConvBn::new(c_in, hidden, 1, 1, 1, d)),
+            depthwise: ConvBn::new(hidden, hidden, 3, stride, hidden, d),
+            project: ConvBn::new(hidden, c_out, 1, 1, 1, d),
+            residual: stride == 1 && c_in == c_out,
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut y = x.clone();
+        if let Some(e) = &self.expand {
+            y = e.forward_relu6(y);
+        }
+        y = self.depthwise.forward_relu6(y);
+        y = self.project.forward_linear(y);
+        if self.residual {
+            y + x
+        } else {
+            y
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct MobileNetV2<B: Backend> {
+    pub stem: ConvBn<B>,
+    pub blocks: Vec<InvertedResidual<B>>,
+    pub last: ConvBn<B>,
+}
+
+impl<B: Backend> MobileNetV2<B> {
+    /// (expansion, channels, repeats, stride) of MobileNetV2, channels at width 0.5.
+    const SETTINGS: [(usize, usize, usize, usize); 7] = [
+        (1, 8, 1, 1),
+        (6, 12, 2, 2),
+        (6, 16, 3, 2),
+        (6, 32, 4, 2),
+        (6, 48, 3, 1),
+        (6, 80, 3, 2),
+        (6, 160, 1, 1),
+    ];
+    pub const LAST: usize = 640;
+
+    fn new(in_channels: usize, d: &B::Device) -> Self {
+        let stem_c = 16;
+        let mut blocks = Vec::new();
+        let mut c = stem_c;
+        for (t, out, n, s) in Self::SETTINGS {
+            for i in 0..n {
+                blocks.push(InvertedResidual::new(c, out, if i == 0 { s } else { 1 }, t, d));
+                c = out;
+            }
+        }
+        MobileNetV2 {
+            stem: ConvBn::new(in_channels, stem_c, 3, 2, 1, d),
+            blocks,
+            last: ConvBn::new(c, Self::LAST, 1, 1, 1, d),
+        }
+    }
+
+    fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut x = self.stem.forward_relu6(x);
+        for b in &self.blocks {
+            x = b.forward(x);
+        }
+        self.last.forward_relu6(x)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Module, Debug)]
+pub enum Backbone<B: Backend> {
+    Small(SmallCnn<B>),
+    Resnet18(ResNet<B>),
+    Mobilenet(MobileNetV2<B>),
+}
+
+/// A backbone plus the shared classification head.
+#[derive(Module, Debug)]
+pub struct Net<B: Backend> {
+    pub backbone: Backbone<B>,
+    pub fc: Linear<B>,
+}
+
+/// Dropout before the classifier; applied with our own seeded RNG (see [`Net::head`]).
+pub const DROPOUT: f64 = 0.3;
+
+impl<B: Backend> Net<B> {
+    pub fn new(arch: Arch, in_channels: usize, classes: usize, device: &B::Device) -> Self {
+        let (backbone, width) = match arch {
+            Arch::Small => (
+                Backbone::Small(SmallCnn::new(in_channels, device)),
+                SmallCnn::<B>::WIDTHS[3],
+            ),
+            Arch::Resnet18 => (Backbone::Resnet18(ResNet::new18(in_channels, device)), 512),
+            Arch::Mobilenet => (
+                Backbone::Mobilenet(MobileNetV2::new(in_channels, device)),
+                MobileNetV2::<B>::LAST,
+            ),
+        };
+        Net {
+            backbone,
+            fc: LinearConfig::new(width, classes).init(device),
+        }
+    }
+
+    /// Like [`Net::new`], with burn's backend RNG seeded first under a process-wide lock, so the
+    /// same seed always gives the same initial weights.
+    pub fn seeded(arch: Arch, in_channels: usize, classes: usize, seed: u64, device: &B::Device) -> Self {
+        let _guard = crate::device::INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        B::seed(device, seed);
+        let net = Self::new(arch, in_channels, classes, device);
+        // burn initialises parameters lazily, on first use; force it now, under the lock and
+        // in field order, so the draws happen here and always in the same sequence.
+        net.visit(&mut Materialise);
+        net
+    }
+
+    /// The last convolutional feature map `[batch, channels, h, w]` (what Grad-CAM weighs).
+    pub fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match &self.backbone {
+            Backbone::Small(m) => m.features(x),
+            Backbone::Resnet18(m) => m.features(x),
+            Backbone::Mobilenet(m) => m.features(x),
+        }
+    }
+
+    /// Global average pooling, dropout (only when `dropout_rng` is given) and the linear layer.
+    ///
+    /// Dropout masks come from the caller's seeded ChaCha RNG rather than burn's process-wide
+    /// backend RNG, so a training run is reproducible even when other work in the same process
+    /// draws random numbers concurrently.
+    pub fn head(&self, f: Tensor<B, 4>, dropout_rng: Option<&mut ChaCha8Rng>) -> Tensor<B, 2> {
+        let [b, c, _, _] = f.dims();
+        let mut x = f.flatten::<3>(2, 3).mean_dim(2).reshape([b, c]);
+        if let Some(rng) = dropout_rng {
+            let keep = 1.0 - DROPOUT;
+            let mask: Vec<f32> = (0..b * c)
+                .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+                .collect();
+            let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, c]), &x.device());
+            x = x * mask;
+        }
+        self.fc.forward(x)
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>, dropout_rng: Option<&mut ChaCha8Rng>) -> Tensor<B, 2> {
+        self.head(self.features(x), dropout_rng)
+    }
+
+    pub fn arch(&self) -> Arch {
+        match &self.backbone {
+            Backbone::Small(_) => Arch::Small,
+            Backbone::Resnet18(_) => Arch::Resnet18,
+            Backbone::Mobilenet(_) => Arch::Mobilenet,
+        }
+    }
+}
+
+struct Materialise;
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
+}
+
+/// A fresh seeded RNG for one purpose of one run, so that e.g. adding an augmentation does not
+/// change the dropout masks.
+pub fn rng_for(seed: u64, purpose: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(purpose);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn every_arch_maps_a_batch_to_class_logits() {
+        let d = Default::default();
+        for arch in Arch::ALL {
+            for ch in [1, 3] {
+                let net = Net::<Flex>::seeded(arch, ch, 4, 1, &d);
+                let x = Tensor::<Flex, 4>::zeros([2, ch, 32, 32], &d);
+                let y = net.forward(x, None);
+                assert_eq!(y.dims(), [2, 4], "{arch} ch={ch}");
+                assert_eq!(net.arch(), arch);
+            }
+        }
+    }
+
+    #[test]
+    fn arch_names_round_trip() {
+        for a in Arch::ALL {
+            assert_eq!(a.as_str().parse::<Arch>().unwrap(), a);
+        }
+        assert!("vgg".parse::<Arch>().is_err());
+    }
+}

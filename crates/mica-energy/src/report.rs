@@ -1,0 +1,318 @@
+//! The `energy` section of `metrics.json`: totals, per-image figures and their provenance.
+
+use serde::{Deserialize, Serialize};
+
+use crate::carbon::CarbonConfig;
+use crate::meter::{Component, Measurement, Method, Unavailable};
+use crate::remote::RemoteUsage;
+use crate::tdp::TdpSource;
+use crate::util::{iso_utc, run_id};
+
+const J_PER_WH: f64 = 3600.0;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentReport {
+    pub component: Component,
+    pub label: String,
+    pub method: Method,
+    pub energy_wh: f64,
+    pub mean_power_w: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PerImage {
+    pub energy_wh: f64,
+    pub co2e_g: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuReport {
+    pub model: String,
+    pub tdp_w: f64,
+    pub tdp_source: TdpSource,
+    pub tdp_source_detail: String,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuReport {
+    pub model: String,
+    pub count: usize,
+}
+
+/// A remote provider's share: never in `energy_wh`; the optional estimate stands apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteReport {
+    pub method: Method,
+    pub usage: RemoteUsage,
+    /// From a published per-token figure, if one was attached; not a measurement.
+    pub estimated_energy_wh: Option<f64>,
+    pub estimate_source: Option<String>,
+}
+
+/// One measurement window, ready for `metrics.json` and `energy.csv`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnergyReport {
+    pub project_name: String,
+    pub run_id: String,
+    /// Start of the window, UTC.
+    pub timestamp: String,
+    /// e.g. `estimated:cpu-time*tdp`, `measured:rapl+measured:nvml`.
+    pub method: String,
+    pub duration_s: f64,
+    pub images: usize,
+    pub components: Vec<ComponentReport>,
+    /// Energy at the machine (measured and estimated components; never remote APIs).
+    pub energy_wh: f64,
+    /// `energy_wh` x PUE: what the facility drew.
+    pub facility_energy_wh: f64,
+    pub co2e_g: f64,
+    /// `energy_wh` and `co2e_g` divided by the images; absent when no image was processed.
+    pub per_image: Option<PerImage>,
+    pub per_1000_images: Option<PerImage>,
+    pub cpu: Option<CpuReport>,
+    pub gpu: Option<GpuReport>,
+    /// `process` (CPU-time estimate) or `machine` (counters see every process).
+    pub tracking_mode: String,
+    pub carbon: CarbonConfig,
+    #[serde(default)]
+    pub remote: Vec<RemoteReport>,
+    /// Meters not used on this machine, and why.
+    #[serde(default)]
+    pub unavailable: Vec<Unavailable>,
+    /// Estimates, fallbacks and anything a reader must know before trusting the numbers.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl EnergyReport {
+    pub fn new(
+        project_name: &str,
+        m: &Measurement,
+        carbon: &CarbonConfig,
+        images: usize,
+    ) -> EnergyReport {
+        let secs = m.duration.as_secs_f64();
+        let components: Vec<ComponentReport> = m
+            .components
+            .iter()
+            .map(|c| ComponentReport {
+                component: c.component,
+                label: c.label.clone(),
+                method: c.method,
+                energy_wh: c.joules / J_PER_WH,
+                mean_power_w: if secs > 0.0 { c.joules / secs } else { 0.0 },
+            })
+            .collect();
+        let joules = m.total_joules();
+        let mut warnings = m.details.warnings.clone();
+        warnings.extend(m.notes.iter().cloned());
+        if let Some(w) = carbon.warning() {
+            warnings.insert(0, w);
+        }
+        let mut r = EnergyReport {
+            project_name: project_name.to_string(),
+            run_id: run_id(),
+            timestamp: iso_utc(m.started_at),
+            method: m.method_label(),
+            duration_s: secs,
+            images,
+            components,
+            energy_wh: joules / J_PER_WH,
+            facility_energy_wh: joules / J_PER_WH * carbon.pue,
+            co2e_g: carbon.co2e_g(joules),
+            per_image: None,
+            per_1000_images: None,
+            cpu: m.details.cpu.as_ref().map(|c| CpuReport {
+                model: c.model.clone(),
+                tdp_w: c.tdp_w,
+                tdp_source: c.tdp_source.clone(),
+                tdp_source_detail: c.tdp_source.describe(),
+                threads: c.threads,
+            }),
+            gpu: m.details.gpu_model.as_ref().map(|g| GpuReport {
+                model: g.clone(),
+                count: m.details.gpu_count,
+            }),
+            tracking_mode: m.details.tracking_mode.unwrap_or("process").to_string(),
+            carbon: carbon.clone(),
+            remote: Vec::new(),
+            unavailable: m.unavailable.clone(),
+            warnings,
+        };
+        r.set_images(images);
+        r
+    }
+
+    /// Sets the image count and recomputes the per-image figures.
+    pub fn set_images(&mut self, images: usize) {
+        self.images = images;
+        let per = |n: f64| PerImage {
+            energy_wh: self.energy_wh / n,
+            co2e_g: self.co2e_g / n,
+        };
+        if images > 0 {
+            let one = per(images as f64);
+            self.per_image = Some(one);
+            self.per_1000_images = Some(PerImage {
+                energy_wh: one.energy_wh * 1000.0,
+                co2e_g: one.co2e_g * 1000.0,
+            });
+        } else {
+            self.per_image = None;
+            self.per_1000_images = None;
+        }
+    }
+
+    /// Records a remote API's share as `not-measured:remote-api`. Totals do not change; a
+    /// published per-token figure, if attached, is stored beside them with its source.
+    pub fn add_remote(&mut self, usage: RemoteUsage) {
+        let estimated_energy_wh = usage
+            .estimate
+            .as_ref()
+            .map(|e| usage.output_tokens as f64 / 1000.0 * e.wh_per_1000_output_tokens);
+        let estimate_source = usage.estimate.as_ref().map(|e| e.source.clone());
+        let warning = format!(
+            "energy spent at the remote API ({} {}, {} requests, {} output tokens) is NOT MEASURED and not in the totals{}",
+            usage.provider,
+            usage.model,
+            usage.requests,
+            usage.output_tokens,
+            match estimated_energy_wh {
+                Some(wh) => format!("; a published per-token figure suggests about {wh:.3} Wh (see remote[].estimate_source)"),
+                None => String::new(),
+            }
+        );
+        self.warnings.push(warning);
+        if !self.method.contains(Method::NotMeasuredRemoteApi.label()) {
+            self.method = format!("{}+{}", self.method, Method::NotMeasuredRemoteApi.label());
+        }
+        self.remote.push(RemoteReport {
+            method: Method::NotMeasuredRemoteApi,
+            usage,
+            estimated_energy_wh,
+            estimate_source,
+        });
+    }
+
+    /// Energy of one component kind in Wh.
+    pub fn component_wh(&self, component: Component) -> f64 {
+        self.components
+            .iter()
+            .filter(|c| c.component == component && c.method.counts_in_totals())
+            .map(|c| c.energy_wh)
+            .sum()
+    }
+
+    /// Whether any counted figure is an estimate.
+    pub fn is_estimate(&self) -> bool {
+        self.components.iter().any(|c| c.method.is_estimate())
+    }
+
+    /// One line for the terminal.
+    pub fn summary_line(&self) -> String {
+        let per = match self.per_image {
+            Some(p) => format!(
+                ", {:.4} Wh and {:.4} gCO2e per image ({} images)",
+                p.energy_wh, p.co2e_g, self.images
+            ),
+            None => String::new(),
+        };
+        let tdp = match (&self.cpu, self.is_estimate()) {
+            (Some(c), true) => format!(", TDP {:.1} W assumed", c.tdp_w),
+            _ => String::new(),
+        };
+        format!(
+            "energy [{}]: {:.4} Wh over {:.1} s, {:.4} gCO2e at {:.0} gCO2e/kWh x PUE {:.2}{per}{tdp}",
+            self.method,
+            self.energy_wh,
+            self.duration_s,
+            self.co2e_g,
+            self.carbon.intensity_g_per_kwh,
+            self.carbon.pue
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::{ComponentEnergy, MeterDetails};
+    use crate::remote::epoch_ai_gpt4o_2025;
+    use std::time::{Duration, SystemTime};
+
+    fn measurement() -> Measurement {
+        Measurement {
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(86_400),
+            duration: Duration::from_secs(10),
+            components: vec![
+                ComponentEnergy {
+                    component: Component::Cpu,
+                    label: "process".into(),
+                    method: Method::EstimatedCpuTimeTdp,
+                    joules: 2700.0,
+                },
+                ComponentEnergy {
+                    component: Component::Ram,
+                    label: "process".into(),
+                    method: Method::EstimatedCpuTimeTdp,
+                    joules: 900.0,
+                },
+            ],
+            notes: vec![],
+            details: MeterDetails::default(),
+            unavailable: vec![],
+        }
+    }
+
+    #[test]
+    fn totals_and_per_image_figures() {
+        let carbon = CarbonConfig::resolve(None, Some(500.0), Some(1.2)).unwrap();
+        let r = EnergyReport::new("p", &measurement(), &carbon, 4);
+        assert_eq!(r.timestamp, "1970-01-02T00:00:00Z");
+        assert_eq!(r.energy_wh, 1.0);
+        assert!((r.facility_energy_wh - 1.2).abs() < 1e-12);
+        // 1 Wh = 0.001 kWh x 1.2 x 500 = 0.6 g.
+        assert!((r.co2e_g - 0.6).abs() < 1e-12);
+        let p = r.per_image.unwrap();
+        assert_eq!(p.energy_wh, 0.25);
+        assert!((r.per_1000_images.unwrap().co2e_g - 150.0).abs() < 1e-9);
+        assert_eq!(r.components[0].mean_power_w, 270.0);
+        assert_eq!(r.component_wh(Component::Ram), 0.25);
+        assert_eq!(r.method, "estimated:cpu-time*tdp");
+        assert!(r.summary_line().contains("[estimated:cpu-time*tdp]"));
+        let zero = EnergyReport::new("p", &measurement(), &carbon, 0);
+        assert!(zero.per_image.is_none());
+    }
+
+    #[test]
+    fn world_average_warning_leads_the_report() {
+        let carbon = CarbonConfig::resolve(None, None, None).unwrap();
+        let r = EnergyReport::new("p", &measurement(), &carbon, 1);
+        assert!(r.warnings[0].contains("WORLD AVERAGE"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["carbon"]["source"], "world-average-fallback");
+        let back: EnergyReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn remote_usage_never_enters_totals() {
+        let carbon = CarbonConfig::resolve(Some("FRA"), None, None).unwrap();
+        let mut r = EnergyReport::new("p", &measurement(), &carbon, 2);
+        let before = (r.energy_wh, r.co2e_g);
+        r.add_remote(RemoteUsage {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            requests: 2,
+            input_tokens: 2000,
+            output_tokens: 1000,
+            estimate: Some(epoch_ai_gpt4o_2025()),
+        });
+        assert_eq!((r.energy_wh, r.co2e_g), before);
+        assert_eq!(r.remote[0].estimated_energy_wh, Some(0.6));
+        assert!(r.remote[0].estimate_source.as_ref().unwrap().contains("Epoch AI"));
+        assert!(r.method.ends_with("+not-measured:remote-api"));
+        assert!(r.warnings.iter().any(|w| w.contains("NOT MEASURED")));
+    }
+}

@@ -1,0 +1,56 @@
+//! Latency summaries for timing tables.
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::quantile_linear;
+
+/// Summary of per-image latencies, in the unit they were given in (milliseconds throughout
+/// mica). Percentiles use linear interpolation (numpy's default), so they can be reproduced
+/// from `predictions.jsonl` with one line of numpy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// None for an empty slice (there is no honest number to report). Non-finite values are
+/// ignored, since a missing timing must not poison the mean.
+pub fn latency_summary(values: &[f64]) -> Option<LatencySummary> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(LatencySummary {
+        count: v.len(),
+        mean: v.iter().sum::<f64>() / v.len() as f64,
+        p50: quantile_linear(&v, 0.5),
+        p90: quantile_linear(&v, 0.9),
+        p99: quantile_linear(&v, 0.99),
+        min: v[0],
+        max: v[v.len() - 1],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_values() {
+        let s = latency_summary(&[10.0, 40.0, 20.0, 30.0, f64::NAN]).unwrap();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.mean, 25.0);
+        assert_eq!(s.p50, 25.0);
+        // sorted 10 20 30 40, h = 3 * 0.9 = 2.7 -> 37; h = 2.97 -> 39.7
+        assert!((s.p90 - 37.0).abs() < 1e-12);
+        assert!((s.p99 - 39.7).abs() < 1e-12);
+        assert_eq!((s.min, s.max), (10.0, 40.0));
+        assert_eq!(latency_summary(&[]), None);
+    }
+}

@@ -1,0 +1,447 @@
+//! `metrics.json`: the metrics of one classifier run, built from its predictions.
+//!
+//! Three views, because a filter that defers or drops cases must not look better for it:
+//! - `all`: every image; unparseable and failed answers count as wrong and sit in the
+//!   confusion matrix's `no_answer` column;
+//! - `answered`: the images that got a label (answered or deferred), as if no filter ran;
+//! - `accepted`: the images the filter let through (outcome `answered`), next to `coverage`.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use mica_core::{write_atomic, CoreError, LabelSet, Outcome, Prediction};
+use serde::{Deserialize, Serialize};
+
+use crate::latency::{latency_summary, LatencySummary};
+use crate::metrics::{evaluate_with, EvalReport};
+use crate::selective::{risk_coverage, thin_curve, RiskCoveragePoint};
+use crate::{EvalError, EvalOptions, NO_ANSWER};
+
+/// Version of the `metrics.json` layout; bumped only for incompatible changes.
+pub const RUN_METRICS_SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeCounts {
+    pub answered: usize,
+    pub deferred: usize,
+    pub unparseable: usize,
+    pub failed: usize,
+}
+
+/// Token totals over the run; per-image means divide by all images of the run, so they are
+/// the cost of attempting one image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TokenTotals {
+    pub images_with_tokens: usize,
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+    pub prompt_per_image: f64,
+    pub completion_per_image: f64,
+    pub total_per_image: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CostTotals {
+    pub images_with_cost: usize,
+    pub total_usd: f64,
+    /// Total divided by all images of the run.
+    pub per_image_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMetrics {
+    pub schema: u32,
+    pub classifier: String,
+    pub dataset: String,
+    pub split: String,
+    pub labels: Vec<String>,
+    pub images: usize,
+    pub outcomes: OutcomeCounts,
+    /// Every image; no answer counts as wrong.
+    pub all: EvalReport,
+    /// Images with a label (answered + deferred); None when no image got one.
+    pub answered: Option<EvalReport>,
+    /// Images the filter accepted; None when it accepted none.
+    pub accepted: Option<EvalReport>,
+    /// Accepted images / all images.
+    pub coverage: f64,
+    /// Accuracy against coverage as the confidence threshold moves, over the labelled images
+    /// that state a confidence (coverage relative to all images).
+    pub risk_coverage: Vec<RiskCoveragePoint>,
+    /// Per-image latency in milliseconds (every image, failures included: they cost time too).
+    pub latency_ms: Option<LatencySummary>,
+    pub wall_seconds: f64,
+    /// Images / wall-clock second; None when no wall time was measured.
+    pub throughput_images_per_s: Option<f64>,
+    pub tokens: Option<TokenTotals>,
+    pub cost: Option<CostTotals>,
+    /// Set for runs against the LLM simulator: their numbers are not model results.
+    #[serde(default)]
+    pub simulated: bool,
+    /// Filled by the energy meter (joules, CO2, provenance); left to `mica-energy`'s schema.
+    #[serde(default)]
+    pub energy: Option<serde_json::Value>,
+    /// Open slot for other crates (training history, filter settings, ...).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One prediction turned into indices, checked against the label set.
+#[derive(Clone)]
+struct Case {
+    truth: usize,
+    pred: usize,
+    outcome: Outcome,
+    probs: Option<Vec<f64>>,
+    confidence: Option<f64>,
+}
+
+impl RunMetrics {
+    /// Builds the metrics of one classifier's predictions on one dataset split. Every
+    /// prediction must carry a true label in `labels`, and answered/deferred ones a predicted
+    /// label in `labels`; anything else is an error naming the sample, never a silent guess.
+    pub fn from_predictions(
+        classifier: &str,
+        dataset: &str,
+        split: &str,
+        labels: &LabelSet,
+        preds: &[Prediction],
+        wall_seconds: f64,
+        opts: &EvalOptions,
+    ) -> Result<RunMetrics, EvalError> {
+        if preds.is_empty() {
+            return Err(EvalError::input(format!("{classifier}: no predictions to evaluate")));
+        }
+        let mut seen = HashSet::new();
+        let mut cases = Vec::with_capacity(preds.len());
+        let mut outcomes = OutcomeCounts::default();
+        let mut notes = Vec::new();
+        for p in preds {
+            if !seen.insert(p.sample_id.as_str()) {
+                return Err(EvalError::input(format!(
+                    "{classifier}: sample `{}` has more than one prediction",
+                    p.sample_id
+                )));
+            }
+            cases.push(case(labels, p, &mut notes)?);
+            match p.outcome {
+                Outcome::Answered => outcomes.answered += 1,
+                Outcome::Deferred => outcomes.deferred += 1,
+                Outcome::Unparseable => outcomes.unparseable += 1,
+                Outcome::Failed => outcomes.failed += 1,
+            }
+        }
+        let images = cases.len();
+        let all = report(labels, &cases, opts, &notes)?.expect("non-empty");
+        let labelled: Vec<&Case> = cases.iter().filter(|c| c.pred != NO_ANSWER).collect();
+        let labelled_cases: Vec<Case> = labelled.iter().map(|c| (*c).clone()).collect();
+        let answered = report(labels, &labelled_cases, opts, &notes)?;
+        let accepted_cases: Vec<Case> = cases
+            .iter()
+            .filter(|c| c.outcome == Outcome::Answered)
+            .cloned()
+            .collect();
+        let accepted = report(labels, &accepted_cases, opts, &notes)?;
+
+        let with_conf: Vec<(f64, bool)> = labelled
+            .iter()
+            .filter_map(|c| c.confidence.map(|v| (v, c.pred == c.truth)))
+            .collect();
+        let (conf, correct): (Vec<f64>, Vec<bool>) = with_conf.into_iter().unzip();
+        let curve = thin_curve(risk_coverage(&conf, &correct, images), opts.max_curve_points);
+
+        let latencies: Vec<f64> = preds.iter().map(|p| p.latency_ms).collect();
+        let tokens = {
+            let with: Vec<_> = preds.iter().filter_map(|p| p.tokens).collect();
+            (!with.is_empty()).then(|| {
+                let prompt: u64 = with.iter().map(|t| t.prompt).sum();
+                let completion: u64 = with.iter().map(|t| t.completion).sum();
+                TokenTotals {
+                    images_with_tokens: with.len(),
+                    prompt,
+                    completion,
+                    total: prompt + completion,
+                    prompt_per_image: prompt as f64 / images as f64,
+                    completion_per_image: completion as f64 / images as f64,
+                    total_per_image: (prompt + completion) as f64 / images as f64,
+                }
+            })
+        };
+        let cost = {
+            let with: Vec<f64> = preds.iter().filter_map(|p| p.cost_usd).collect();
+            (!with.is_empty()).then(|| {
+                let total: f64 = with.iter().sum();
+                CostTotals {
+                    images_with_cost: with.len(),
+                    total_usd: total,
+                    per_image_usd: total / images as f64,
+                }
+            })
+        };
+        Ok(RunMetrics {
+            schema: RUN_METRICS_SCHEMA,
+            classifier: classifier.to_string(),
+            dataset: dataset.to_string(),
+            split: split.to_string(),
+            labels: labels.names().to_vec(),
+            images,
+            outcomes,
+            all,
+            answered,
+            accepted,
+            coverage: outcomes.answered as f64 / images as f64,
+            risk_coverage: curve,
+            latency_ms: latency_summary(&latencies),
+            wall_seconds,
+            throughput_images_per_s: (wall_seconds > 0.0 && wall_seconds.is_finite())
+                .then(|| images as f64 / wall_seconds),
+            tokens,
+            cost,
+            simulated: false,
+            energy: None,
+            extra: serde_json::Map::new(),
+        })
+    }
+
+    /// Writes pretty JSON atomically, so a reader never sees half a file.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<(), EvalError> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("metrics serialise");
+        bytes.push(b'\n');
+        write_atomic(path, &bytes)?;
+        Ok(())
+    }
+
+    pub fn read(path: impl AsRef<Path>) -> Result<RunMetrics, EvalError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| CoreError::io(path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| EvalError::File {
+            path: path.to_path_buf(),
+            message: format!("not a mica metrics.json: {e}"),
+        })
+    }
+}
+
+fn case(labels: &LabelSet, p: &Prediction, notes: &mut Vec<String>) -> Result<Case, EvalError> {
+    let id = &p.sample_id;
+    let truth_name = p
+        .true_label
+        .as_deref()
+        .ok_or_else(|| EvalError::input(format!("sample `{id}`: no true label, cannot be evaluated")))?;
+    let truth = labels.index_of(truth_name).ok_or_else(|| {
+        EvalError::input(format!(
+            "sample `{id}`: true label `{truth_name}` is not one of {}",
+            labels.names().join(", ")
+        ))
+    })?;
+    let pred = match p.outcome {
+        Outcome::Unparseable | Outcome::Failed => NO_ANSWER,
+        Outcome::Answered | Outcome::Deferred => {
+            let name = p.predicted.as_deref().ok_or_else(|| {
+                EvalError::input(format!("sample `{id}`: outcome {} but no predicted label", p.outcome.as_str()))
+            })?;
+            labels.index_of(name).ok_or_else(|| {
+                EvalError::input(format!(
+                    "sample `{id}`: predicted label `{name}` is not one of {}",
+                    labels.names().join(", ")
+                ))
+            })?
+        }
+    };
+    let probs = match &p.probabilities {
+        None => None,
+        Some(m) => {
+            if let Some(extra) = m.keys().find(|k| labels.index_of(k).is_none()) {
+                return Err(EvalError::input(format!(
+                    "sample `{id}`: probability for unknown label `{extra}`"
+                )));
+            }
+            let row: Option<Vec<f64>> = labels.iter().map(|l| m.get(l).copied()).collect();
+            if row.is_none() {
+                let note = "some probability vectors miss a label, so ROC AUC is not computed".to_string();
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
+            row
+        }
+    };
+    if let Some(c) = p.confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(EvalError::input(format!("sample `{id}`: confidence {c} is not within 0..=1")));
+        }
+    }
+    let confidence = p.confidence.or_else(|| {
+        let r = probs.as_ref()?;
+        (pred != NO_ANSWER).then(|| r[pred])
+    });
+    Ok(Case {
+        truth,
+        pred,
+        outcome: p.outcome,
+        probs,
+        confidence,
+    })
+}
+
+/// Metrics of a subset; probabilities and confidences are used only when every case has them
+/// (a partial set would silently change the denominator), with a note saying so otherwise.
+fn report(labels: &LabelSet, cases: &[Case], opts: &EvalOptions, notes: &[String]) -> Result<Option<EvalReport>, EvalError> {
+    if cases.is_empty() {
+        return Ok(None);
+    }
+    let y_true: Vec<usize> = cases.iter().map(|c| c.truth).collect();
+    let y_pred: Vec<usize> = cases.iter().map(|c| c.pred).collect();
+    let probs: Option<Vec<Vec<f64>>> = cases.iter().map(|c| c.probs.clone()).collect();
+    let conf: Option<Vec<f64>> = cases.iter().map(|c| c.confidence).collect();
+    let mut r = evaluate_with(labels, &y_true, &y_pred, probs.as_deref(), conf.as_deref(), opts)?;
+    let some_probs = cases.iter().any(|c| c.probs.is_some());
+    if probs.is_none() && some_probs {
+        r.notes.push("ROC AUC not computed: not every case has class probabilities".into());
+    }
+    if conf.is_none() && cases.iter().any(|c| c.confidence.is_some()) {
+        r.notes.push("ECE not computed: not every case has a confidence".into());
+    }
+    for n in notes {
+        if !r.notes.contains(n) {
+            r.notes.push(n.clone());
+        }
+    }
+    Ok(Some(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mica_core::TokenUsage;
+    use std::collections::BTreeMap;
+
+    fn labels() -> LabelSet {
+        LabelSet::new(vec!["glioma".into(), "meningioma".into(), "no_tumor".into()]).unwrap()
+    }
+
+    fn pred(id: &str, truth: &str, predicted: Option<&str>, outcome: Outcome, conf: Option<f64>) -> Prediction {
+        let mut p = Prediction::new(id, "llm:test", outcome);
+        p.true_label = Some(truth.into());
+        p.predicted = predicted.map(String::from);
+        p.confidence = conf;
+        p.latency_ms = 100.0;
+        p
+    }
+
+    fn sample_preds() -> Vec<Prediction> {
+        vec![
+            pred("1", "glioma", Some("glioma"), Outcome::Answered, Some(0.9)),
+            pred("2", "glioma", Some("meningioma"), Outcome::Deferred, Some(0.4)),
+            pred("3", "meningioma", Some("meningioma"), Outcome::Answered, Some(0.8)),
+            pred("4", "no_tumor", None, Outcome::Unparseable, None),
+            pred("5", "no_tumor", Some("no_tumor"), Outcome::Deferred, Some(0.3)),
+            pred("6", "meningioma", None, Outcome::Failed, None),
+        ]
+    }
+
+    #[test]
+    fn three_views_and_outcomes() {
+        let opts = EvalOptions { bootstrap_resamples: 50, ..Default::default() };
+        let m = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &sample_preds(), 2.0, &opts).unwrap();
+        assert_eq!(m.images, 6);
+        assert_eq!(m.outcomes, OutcomeCounts { answered: 2, deferred: 2, unparseable: 1, failed: 1 });
+        // all: right on 1, 3, 5 -> 3/6; the two no-answers are in their own column.
+        assert_eq!(m.all.accuracy, 0.5);
+        assert_eq!(m.all.confusion.no_answer, vec![0, 1, 1]);
+        assert_eq!(m.all.no_answer, 2);
+        // answered: 1, 2, 3, 5 -> 3/4
+        let a = m.answered.as_ref().unwrap();
+        assert_eq!((a.n, a.accuracy), (4, 0.75));
+        // accepted: 1 and 3, both right; coverage 2/6
+        let acc = m.accepted.as_ref().unwrap();
+        assert_eq!((acc.n, acc.accuracy), (2, 1.0));
+        assert!((m.coverage - 1.0 / 3.0).abs() < 1e-15);
+        // Curve over the 4 labelled cases with confidence: 0.9 R, 0.8 R, 0.4 W, 0.3 R.
+        let c: Vec<_> = m.risk_coverage.iter().map(|p| (p.threshold, p.accepted)).collect();
+        assert_eq!(c, vec![(0.9, 1), (0.8, 2), (0.4, 3), (0.3, 4)]);
+        assert_eq!(m.risk_coverage[3].accuracy, 0.75);
+        assert!((m.risk_coverage[3].coverage - 4.0 / 6.0).abs() < 1e-15);
+        // ECE exists for answered (all have confidence) but not for all (no-answers lack it).
+        assert!(a.ece.is_some());
+        assert!(m.all.ece.is_none());
+        assert!(m.all.notes.iter().any(|n| n.contains("ECE")));
+        assert_eq!(m.throughput_images_per_s, Some(3.0));
+        assert_eq!(m.latency_ms.unwrap().mean, 100.0);
+        assert!(m.tokens.is_none() && m.cost.is_none());
+    }
+
+    #[test]
+    fn tokens_cost_probabilities_and_round_trip() {
+        let mut ps = sample_preds();
+        for p in ps.iter_mut().take(3) {
+            p.tokens = Some(TokenUsage { prompt: 1000, completion: 20 });
+            p.cost_usd = Some(0.003);
+        }
+        for p in ps.iter_mut() {
+            let mut m = BTreeMap::new();
+            m.insert("glioma".to_string(), 0.5);
+            m.insert("meningioma".to_string(), 0.3);
+            m.insert("no_tumor".to_string(), 0.2);
+            p.probabilities = Some(m);
+        }
+        let m = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &ps, 0.0, &EvalOptions::default()).unwrap();
+        let t = m.tokens.unwrap();
+        assert_eq!((t.prompt, t.completion, t.total, t.images_with_tokens), (3000, 60, 3060, 3));
+        assert_eq!(t.total_per_image, 510.0);
+        let c = m.cost.unwrap();
+        assert!((c.per_image_usd - 0.0015).abs() < 1e-15);
+        assert_eq!(m.throughput_images_per_s, None);
+        assert!(m.all.roc_auc_macro.is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/metrics.json");
+        let mut m2 = m.clone();
+        m2.simulated = true;
+        m2.energy = Some(serde_json::json!({"joules": 12.5}));
+        m2.extra.insert("epochs".into(), serde_json::json!(3));
+        m2.write(&path).unwrap();
+        assert_eq!(RunMetrics::read(&path).unwrap(), m2);
+        std::fs::write(&path, "{}").unwrap();
+        let err = RunMetrics::read(&path).unwrap_err().to_string();
+        assert!(err.contains("metrics.json") && err.contains("not a mica metrics.json"), "{err}");
+    }
+
+    #[test]
+    fn bad_predictions_name_the_sample() {
+        let l = labels();
+        let o = EvalOptions::default();
+        let mut ps = sample_preds();
+        ps[1].predicted = Some("astrocytoma".into());
+        let e = RunMetrics::from_predictions("x", "d", "test", &l, &ps, 1.0, &o).unwrap_err().to_string();
+        assert!(e.contains("sample `2`") && e.contains("astrocytoma"), "{e}");
+
+        let mut ps = sample_preds();
+        ps[0].true_label = None;
+        let e = RunMetrics::from_predictions("x", "d", "test", &l, &ps, 1.0, &o).unwrap_err().to_string();
+        assert!(e.contains("sample `1`") && e.contains("no true label"), "{e}");
+
+        let mut ps = sample_preds();
+        ps.push(ps[0].clone());
+        let e = RunMetrics::from_predictions("x", "d", "test", &l, &ps, 1.0, &o).unwrap_err().to_string();
+        assert!(e.contains("more than one prediction"), "{e}");
+
+        let mut ps = sample_preds();
+        ps[2].predicted = None;
+        assert!(RunMetrics::from_predictions("x", "d", "test", &l, &ps, 1.0, &o).is_err());
+        assert!(RunMetrics::from_predictions("x", "d", "test", &l, &[], 1.0, &o).is_err());
+    }
+
+    #[test]
+    fn nothing_labelled_still_reports_all() {
+        let ps = vec![
+            pred("1", "glioma", None, Outcome::Failed, None),
+            pred("2", "no_tumor", None, Outcome::Unparseable, None),
+        ];
+        let m = RunMetrics::from_predictions("x", "d", "test", &labels(), &ps, 1.0, &EvalOptions::default()).unwrap();
+        assert_eq!(m.all.accuracy, 0.0);
+        assert!(m.answered.is_none() && m.accepted.is_none());
+        assert_eq!(m.coverage, 0.0);
+        assert!(m.risk_coverage.is_empty());
+    }
+}
