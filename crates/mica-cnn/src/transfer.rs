@@ -59,7 +59,7 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, RawTensor>, CnnError>
             Ok(out)
         }
         "pth" | "pt" | "bin" => {
-            let reader = std::panic::catch_unwind(|| burn::store::pytorch::PytorchReader::new(path))
+            let reader = std::panic::catch_unwind(|| burn_store::pytorch::PytorchReader::new(path))
                 .map_err(|_| err("not a readable PyTorch file".into()))?
                 .map_err(|e| err(format!("not a readable PyTorch file: {e}")))?;
             let mut out = HashMap::new();

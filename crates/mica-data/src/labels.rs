@@ -50,11 +50,12 @@ pub fn canonical_index(modality: Modality, name: &str) -> Option<usize> {
     if f.is_empty() {
         return None;
     }
-    labels.iter().position(|label| {
+    let found = labels.iter().position(|label| {
         spellings(modality, label)
             .iter()
             .any(|s| f == *s || (f.starts_with(s) && f.as_bytes().get(s.len()) == Some(&b'_')))
-    })
+    });
+    found
 }
 
 /// The study task whose canonical labels cover every given class name, if exactly one does.

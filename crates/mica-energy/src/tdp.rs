@@ -202,7 +202,8 @@ mod tests {
 
     #[test]
     fn table_is_complete() {
-        assert_eq!(table().len(), 4918);
+        // 4,918 rows, of which 4 old Celerons have malformed TDPs ("27.29.5") and are skipped.
+        assert_eq!(table().len(), 4914);
     }
 
     #[test]

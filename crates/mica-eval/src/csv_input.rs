@@ -395,10 +395,12 @@ mod tests {
     #[test]
     fn pairing_checks_rows_and_labels() {
         let a = parse("label,prediction\nx,x\ny,y\n").unwrap();
-        let b = PredictionsCsv::parse(Path::new("b.csv"), b"label,prediction\nx,z\ny,x\n").unwrap();
+        let b = PredictionsCsv::parse(Path::new("b.csv"), b"label,prediction,prob_x,prob_y,prob_z\nx,z,0.2,0.2,0.6\ny,x,0.5,0.4,0.1\n").unwrap();
         let (ea, eb) = PredictionsCsv::paired(&a, &b).unwrap();
+        // z is known only from b's prob_ column; both files share the union label set.
         assert_eq!(ea.labels.names(), ["x", "y", "z"]);
         assert_eq!(eb.y_pred, vec![2, 0]);
+        assert!(ea.probs.is_none() && eb.probs.is_some());
         let c = PredictionsCsv::parse(Path::new("c.csv"), b"label,prediction\nx,x\n").unwrap();
         let err = PredictionsCsv::paired(&a, &c).unwrap_err().to_string();
         assert!(err.starts_with("c.csv: 1 rows, but p.csv has 2"), "{err}");

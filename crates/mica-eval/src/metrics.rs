@@ -360,7 +360,7 @@ impl Counts {
                 let precision = ratio(tp[i], predicted[i]);
                 let recall = ratio(tp[i], support[i]);
                 // scikit-learn >= 1.3 computes F1 from counts: 2tp / (2tp + fp + fn).
-                let f1 = ratio(2 * tp[i], tp[i] + predicted[i] + support[i]);
+                let f1 = ratio(2 * tp[i], predicted[i] + support[i]);
                 ClassMetrics {
                     precision,
                     recall,

@@ -1,8 +1,26 @@
-//! Comparison reports of mica runs.
+//! Comparison reports of mica runs: reading run directories (and merging shards), the headline
+//! table with its uncertainty, plots, the plain-language summary, and the results store.
+//!
+//! Entry points:
+//! - [`render`]: `mica report RUN_DIR --format md|html|json|csv`;
+//! - [`load`] + [`headline_text`]: the table a terminal prints after `mica compare`/`mica demo`;
+//! - [`store::Store`]: the SQLite index behind `mica runs list|show`.
+//!
+//! The report never recomputes a metric that `metrics.json` holds; it reads and formats it,
+//! so a reviewer who opens `metrics.json` finds the same numbers.
 
+pub mod comparison;
 pub mod plots;
+pub mod render;
+pub mod rundir;
+pub mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+pub use comparison::{Comparison, Family, HeadlineRow, PairTest};
+pub use render::{headline_text, Format};
+pub use rundir::{merge_shards, parse_shard, shard_dir_name, ClassifierRun, MergeSummary, RunDir};
+pub use store::{default_store_path, Store};
 
 /// Errors of the report crate; each names the file or run at fault.
 #[derive(Debug, thiserror::Error)]
@@ -24,3 +42,33 @@ pub enum ReportError {
     #[error(transparent)]
     Core(#[from] mica_core::CoreError),
 }
+
+/// Merges shards if there are any, then reads the run directory and computes its comparison.
+pub fn load(run_dir: impl AsRef<Path>) -> Result<(RunDir, Comparison), ReportError> {
+    let root = run_dir.as_ref();
+    merge_shards(root, &eval_options(root))?;
+    let run = RunDir::open(root)?;
+    let cmp = Comparison::build(&run);
+    Ok((run, cmp))
+}
+
+/// The evaluation options a merge must reuse so merged metrics match unsharded ones: those
+/// recorded in the manifest's `config.eval`, else the defaults.
+pub fn eval_options(root: &Path) -> mica_eval::EvalOptions {
+    std::fs::read(root.join(rundir::MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<mica_core::RunManifest>(&b).ok())
+        .and_then(|m| m.config.get("eval").cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
+/// Writes `RUN_DIR/report.<ext>` (figures under `RUN_DIR/plots/` for md and html) and returns
+/// its path.
+pub fn render(run_dir: impl AsRef<Path>, format: Format) -> Result<PathBuf, ReportError> {
+    let (run, cmp) = load(run_dir)?;
+    render::write_report(&run, &cmp, format)
+}
+
+#[cfg(test)]
+mod tests;

@@ -432,7 +432,7 @@ mod tests {
         let plot = render("confusion-cnn", "Confusion", &chart).unwrap();
         assert!(plot.svg.starts_with("<svg"), "{}", &plot.svg[..40]);
         for n in ["7", "1", "2", "5", "3", "no answer"] {
-            assert!(plot.svg.contains(&format!(">{n}<")), "missing {n}");
+            assert!(plot.svg.contains(&format!(">\n{n}\n</text>")), "missing {n}");
         }
         let img = image::load_from_memory(&plot.png).unwrap();
         assert_eq!((img.width(), img.height()), chart.size());

@@ -1,0 +1,693 @@
+//! Recognising a dataset on disk and turning it into a [`Dataset`].
+//!
+//! Detection looks only at folder and file names (cheap); loading then probes every image's
+//! header so obviously broken files are listed as skipped up front instead of failing a
+//! training run half-way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use mica_core::{Dataset, ImageSource, LabelSet, Layout, Modality, Sample, SkippedFile, Split};
+use rayon::prelude::*;
+
+use crate::image::{extension, has_dicom_magic, probe, DICOM_EXTENSIONS, RASTER_EXTENSIONS};
+use crate::labels::{canonical_index, detect_modality, label_set_for};
+use crate::DataError;
+
+/// The top folder of the COVID-19 Radiography Database as Kaggle ships it.
+pub const COVID_TOP: &str = "COVID-19_Radiography_Dataset";
+/// Optional per-image clinical context next to the dataset root.
+pub const METADATA_FILE: &str = "metadata.csv";
+
+/// One folder whose images all have one class (and maybe one official split).
+#[derive(Debug, Clone)]
+struct ClassDir {
+    name: String,
+    dir: PathBuf,
+    split: Option<Split>,
+}
+
+#[derive(Debug)]
+enum Plan {
+    Folders {
+        layout: Layout,
+        classes: Vec<ClassDir>,
+        /// Sub-folders never descended into (segmentation masks next to the images).
+        skip_dirs: &'static [&'static str],
+    },
+    Csv(PathBuf),
+    Npz(PathBuf),
+}
+
+/// Which layout `path` is in, without reading any image.
+pub fn detect(path: &Path) -> Result<Layout, DataError> {
+    Ok(match plan(path)? {
+        Plan::Folders { layout, .. } => layout,
+        Plan::Csv(_) => Layout::CsvManifest,
+        Plan::Npz(_) => Layout::MedMnistNpz,
+    })
+}
+
+/// Detects the layout of `path` and loads it: a dataset folder (ImageFolder, the three Kaggle
+/// layouts, a folder of DICOM class folders), a CSV manifest file or a MedMNIST `.npz`.
+///
+/// Samples come sorted by id. Classes get the canonical labels when the class names belong to
+/// one of the study tasks; samples keep the layout's official split, if any. Files that cannot
+/// be used are listed in `skipped`, never fatal.
+pub fn load(path: &Path) -> Result<Dataset, DataError> {
+    let root = path.to_path_buf();
+    let mut ds = match plan(path)? {
+        Plan::Folders {
+            layout,
+            classes,
+            skip_dirs,
+        } => load_folders(&root, layout, classes, skip_dirs)?,
+        Plan::Csv(p) => load_csv_manifest(&p)?,
+        Plan::Npz(p) => load_npz(&p)?,
+    };
+    ds.samples.sort_by(|a, b| a.id.cmp(&b.id));
+    ds.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    attach_metadata(&mut ds)?;
+    Ok(ds)
+}
+
+fn is_hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with("__")
+}
+
+/// Sorted (name, path) of the non-hidden sub-folders and files of `dir`.
+fn list(dir: &Path) -> Result<(Vec<(String, PathBuf)>, Vec<(String, PathBuf)>), DataError> {
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_hidden(&name) {
+            continue;
+        }
+        let p = entry.path();
+        if p.is_dir() {
+            dirs.push((name, p));
+        } else {
+            files.push((name, p));
+        }
+    }
+    dirs.sort();
+    files.sort();
+    Ok((dirs, files))
+}
+
+fn find_dir<'a>(dirs: &'a [(String, PathBuf)], name: &str) -> Option<&'a PathBuf> {
+    dirs.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, p)| p)
+}
+
+fn plan(path: &Path) -> Result<Plan, DataError> {
+    if !path.exists() {
+        return Err(DataError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.is_file() {
+        return match extension(path).as_deref() {
+            Some("csv") => Ok(Plan::Csv(path.to_path_buf())),
+            Some("npz") => Ok(Plan::Npz(path.to_path_buf())),
+            _ => Err(DataError::usage(
+                path,
+                "is a file, not a dataset; expected a dataset folder, a CSV manifest (.csv) or a MedMNIST .npz file",
+            )),
+        };
+    }
+    let (dirs, files) = list(path)?;
+
+    // COVID-19 Radiography: <top>/<Class>/images/*.png (masks/ beside images/ is not data).
+    let covid_base = match find_dir(&dirs, COVID_TOP) {
+        Some(top) => Some(top.clone()),
+        None if !dirs.is_empty() && dirs.iter().all(|(_, d)| d.join("images").is_dir()) => {
+            Some(path.to_path_buf())
+        }
+        None => None,
+    };
+    if let Some(base) = covid_base {
+        let (cdirs, _) = list(&base)?;
+        let classes: Vec<ClassDir> = cdirs
+            .into_iter()
+            .map(|(name, dir)| {
+                let images = dir.join("images");
+                ClassDir {
+                    name,
+                    dir: if images.is_dir() { images } else { dir },
+                    split: None,
+                }
+            })
+            .collect();
+        if classes.is_empty() {
+            return Err(DataError::invalid(&base, "no class folders inside"));
+        }
+        let names: Vec<&str> = classes.iter().map(|c| c.name.as_str()).collect();
+        let layout = if detect_modality(names.iter().copied()) == Some(Modality::Xray) {
+            Layout::CovidRadiography
+        } else {
+            Layout::ImageFolder
+        };
+        return Ok(Plan::Folders {
+            layout,
+            classes,
+            skip_dirs: &["masks"],
+        });
+    }
+
+    // Official splits: <root>[/Data]/{Training,Testing,train,valid,test}/<class>/.
+    let split_base = match find_dir(&dirs, "Data") {
+        Some(d) if dirs.len() == 1 => d.clone(),
+        _ => path.to_path_buf(),
+    };
+    let (sdirs, _) = if split_base == path {
+        (dirs.clone(), Vec::new())
+    } else {
+        list(&split_base)?
+    };
+    let split_dirs: Vec<(Split, &String, &PathBuf)> = sdirs
+        .iter()
+        .filter_map(|(n, p)| n.parse::<Split>().ok().map(|s| (s, n, p)))
+        .collect();
+    if !split_dirs.is_empty() && split_dirs.len() == sdirs.len() {
+        let mut classes = Vec::new();
+        for (split, _, dir) in &split_dirs {
+            let (cdirs, _) = list(dir)?;
+            if cdirs.is_empty() {
+                return Err(DataError::invalid(*dir, "split folder has no class folders"));
+            }
+            classes.extend(cdirs.into_iter().map(|(name, d)| ClassDir {
+                name,
+                dir: d,
+                split: Some(*split),
+            }));
+        }
+        let names: Vec<&str> = classes.iter().map(|c| c.name.as_str()).collect();
+        let training_testing = split_dirs
+            .iter()
+            .any(|(_, n, _)| n.eq_ignore_ascii_case("training") || n.eq_ignore_ascii_case("testing"));
+        let layout = match detect_modality(names.iter().copied()) {
+            Some(Modality::Mri) if training_testing => Layout::BrainTumorMri,
+            Some(Modality::Ct) => Layout::ChestCt,
+            Some(Modality::Mri) => Layout::BrainTumorMri,
+            _ => Layout::ImageFolder,
+        };
+        return Ok(Plan::Folders {
+            layout,
+            classes,
+            skip_dirs: &[],
+        });
+    }
+
+    // Generic ImageFolder: <root>/<class>/* (DICOM when the files are DICOM).
+    if !dirs.is_empty() {
+        let classes: Vec<ClassDir> = dirs
+            .iter()
+            .map(|(name, dir)| ClassDir {
+                name: name.clone(),
+                dir: dir.clone(),
+                split: None,
+            })
+            .collect();
+        let any_dicom = classes.iter().any(|c| first_file_is_dicom(&c.dir));
+        return Ok(Plan::Folders {
+            layout: if any_dicom { Layout::Dicom } else { Layout::ImageFolder },
+            classes,
+            skip_dirs: &[],
+        });
+    }
+
+    // A folder holding just a manifest or an archive.
+    let npz: Vec<&PathBuf> = files
+        .iter()
+        .filter(|(_, p)| extension(p).as_deref() == Some("npz"))
+        .map(|(_, p)| p)
+        .collect();
+    if npz.len() == 1 {
+        return Ok(Plan::Npz(npz[0].clone()));
+    }
+    let csv: Vec<&PathBuf> = files
+        .iter()
+        .filter(|(n, p)| extension(p).as_deref() == Some("csv") && n != METADATA_FILE)
+        .map(|(_, p)| p)
+        .collect();
+    if csv.len() == 1 {
+        return Ok(Plan::Csv(csv[0].clone()));
+    }
+    Err(DataError::invalid(
+        path,
+        "unknown dataset layout: expected class folders (<root>/<class>/*), split folders \
+         (Training/Testing or train/valid/test with class folders), COVID-19_Radiography_Dataset/, \
+         or exactly one .csv manifest or .npz file",
+    ))
+}
+
+fn first_file_is_dicom(dir: &Path) -> bool {
+    let Ok((_, files)) = list(dir) else {
+        return false;
+    };
+    files.first().is_some_and(|(_, p)| match extension(p) {
+        Some(e) => DICOM_EXTENSIONS.contains(&e.as_str()),
+        None => has_dicom_magic(p),
+    })
+}
+
+/// Relative id with `/` separators, stable across machines and mount points.
+fn rel_id(root: &Path, p: &Path) -> String {
+    let rel = p.strip_prefix(root).unwrap_or(p);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Candidate image files under `dir` (recursively), and files that are plainly not images.
+fn collect_files(
+    dir: &Path,
+    skip_dirs: &[&str],
+    out: &mut Vec<PathBuf>,
+    not_images: &mut Vec<PathBuf>,
+) -> Result<(), DataError> {
+    let (dirs, files) = list(dir)?;
+    for (_, p) in files {
+        match extension(&p) {
+            Some(e) if RASTER_EXTENSIONS.contains(&e.as_str()) || DICOM_EXTENSIONS.contains(&e.as_str()) => {
+                out.push(p)
+            }
+            None if has_dicom_magic(&p) => out.push(p),
+            _ => not_images.push(p),
+        }
+    }
+    for (name, d) in dirs {
+        if skip_dirs.iter().any(|s| name.eq_ignore_ascii_case(s)) {
+            continue;
+        }
+        collect_files(&d, skip_dirs, out, not_images)?;
+    }
+    Ok(())
+}
+
+fn load_folders(
+    root: &Path,
+    layout: Layout,
+    classes: Vec<ClassDir>,
+    skip_dirs: &[&str],
+) -> Result<Dataset, DataError> {
+    let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+    let (modality, labels, index) = label_set_for(&names);
+    let mut candidates: Vec<(PathBuf, usize, Option<Split>)> = Vec::new();
+    let mut skipped = Vec::new();
+    for (c, label) in classes.iter().zip(index) {
+        let mut files = Vec::new();
+        let mut not_images = Vec::new();
+        collect_files(&c.dir, skip_dirs, &mut files, &mut not_images)?;
+        if files.is_empty() {
+            return Err(DataError::invalid(
+                &c.dir,
+                format!(
+                    "class folder `{}` contains no images (PNG, JPEG, BMP, TIFF or DICOM)",
+                    c.name
+                ),
+            ));
+        }
+        skipped.extend(not_images.into_iter().map(|p| SkippedFile {
+            reason: format!(
+                "not an image file (extension `{}`)",
+                extension(&p).unwrap_or_default()
+            ),
+            path: p,
+        }));
+        candidates.extend(files.into_iter().map(|f| (f, label, c.split)));
+    }
+    let probed: Vec<Result<Sample, SkippedFile>> = candidates
+        .into_par_iter()
+        .map(|(path, label, split)| {
+            let source = ImageSource::file(&path);
+            match probe(&source) {
+                Ok(_) => Ok(Sample {
+                    id: rel_id(root, &path),
+                    source,
+                    label,
+                    split,
+                    context: None,
+                }),
+                Err(e) => Err(SkippedFile {
+                    reason: e.reason(),
+                    path,
+                }),
+            }
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for r in probed {
+        match r {
+            Ok(s) => samples.push(s),
+            Err(s) => skipped.push(s),
+        }
+    }
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        layout,
+        modality,
+        labels,
+        samples,
+        skipped,
+    })
+}
+
+/// Columns that may hold the image path in a manifest or metadata file (folded names).
+const PATH_COLUMNS: [&str; 7] = ["path", "id", "file", "filename", "file_name", "image", "image_id"];
+
+fn header_index(headers: &csv::StringRecord, names: &[&str]) -> Option<usize> {
+    headers
+        .iter()
+        .position(|h| names.contains(&crate::labels::fold(h).as_str()))
+}
+
+fn csv_reader(path: &Path) -> Result<csv::Reader<std::fs::File>, DataError> {
+    let f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    Ok(csv::ReaderBuilder::new().flexible(false).trim(csv::Trim::All).from_reader(f))
+}
+
+fn csv_err(path: &Path, e: csv::Error) -> DataError {
+    let line = e.position().map(|p| format!("line {}: ", p.line())).unwrap_or_default();
+    DataError::invalid(path, format!("{line}malformed CSV: {e}"))
+}
+
+/// A CSV manifest `path,label[,split][,context]`; paths relative to the manifest's folder.
+fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
+    let root = manifest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut rdr = csv_reader(manifest)?;
+    let headers = rdr.headers().map_err(|e| csv_err(manifest, e))?.clone();
+    let shown = headers.iter().collect::<Vec<_>>().join(",");
+    let col_path = header_index(&headers, &["path", "file", "filename", "image"]).ok_or_else(|| {
+        DataError::invalid(manifest, format!("missing column `path` (header: {shown})"))
+    })?;
+    let col_label = header_index(&headers, &["label", "class", "diagnosis"]).ok_or_else(|| {
+        DataError::invalid(manifest, format!("missing column `label` (header: {shown})"))
+    })?;
+    let col_split = header_index(&headers, &["split"]);
+    let col_context = header_index(&headers, &["context"]);
+
+    struct Row {
+        line: u64,
+        path: String,
+        label: String,
+        split: Option<Split>,
+        context: Option<String>,
+    }
+    let mut rows = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| csv_err(manifest, e))?;
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let get = |i: usize| rec.get(i).unwrap_or("").to_string();
+        let path = get(col_path);
+        let label = get(col_label);
+        if path.is_empty() {
+            return Err(DataError::invalid(manifest, format!("line {line}: empty path")));
+        }
+        if label.is_empty() {
+            return Err(DataError::invalid(manifest, format!("line {line}: empty label for `{path}`")));
+        }
+        let split = match col_split.map(get).filter(|s| !s.is_empty()) {
+            Some(s) => Some(
+                s.parse::<Split>()
+                    .map_err(|e| DataError::invalid(manifest, format!("line {line}: {e}")))?,
+            ),
+            None => None,
+        };
+        let context = col_context.map(get).filter(|s| !s.is_empty());
+        rows.push(Row {
+            line,
+            path,
+            label,
+            split,
+            context,
+        });
+    }
+    if rows.is_empty() {
+        return Err(DataError::invalid(manifest, "manifest has a header but no rows"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for r in &rows {
+        if !names.contains(&r.label) {
+            names.push(r.label.clone());
+        }
+    }
+    let (modality, labels, index) = label_set_for(&names);
+    let label_of: HashMap<&str, usize> = names.iter().map(|n| n.as_str()).zip(index).collect();
+    let results: Vec<Result<Sample, SkippedFile>> = rows
+        .par_iter()
+        .map(|r| {
+            let rel = r.path.replace('\\', "/");
+            let rel = rel.trim_start_matches("./").to_string();
+            let full = if Path::new(&rel).is_absolute() {
+                PathBuf::from(&rel)
+            } else {
+                root.join(&rel)
+            };
+            let source = ImageSource::file(&full);
+            if !full.is_file() {
+                return Err(SkippedFile {
+                    path: full,
+                    reason: format!("listed on line {} of the manifest but not found", r.line),
+                });
+            }
+            match probe(&source) {
+                Ok(_) => Ok(Sample {
+                    id: rel,
+                    source,
+                    label: label_of[r.label.as_str()],
+                    split: r.split,
+                    context: r.context.clone(),
+                }),
+                Err(e) => Err(SkippedFile {
+                    path: full,
+                    reason: e.reason(),
+                }),
+            }
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => samples.push(s),
+            Err(s) => skipped.push(s),
+        }
+    }
+    Ok(Dataset {
+        root,
+        layout: Layout::CsvManifest,
+        modality,
+        labels,
+        samples,
+        skipped,
+    })
+}
+
+/// Reads a label array of any integer dtype MedMNIST (or a user) may have saved.
+fn read_labels(path: &Path, name: &str) -> Result<Vec<i64>, DataError> {
+    fn try_read<T: ndarray_npy::ReadableElement + Copy + Into<i64>>(
+        path: &Path,
+        name: &str,
+    ) -> Option<(Vec<usize>, Vec<i64>)> {
+        let f = std::fs::File::open(path).ok()?;
+        let mut npz = ndarray_npy::NpzReader::new(f).ok()?;
+        let a: ndarray::ArrayD<T> = npz.by_name(name).ok()?;
+        Some((a.shape().to_vec(), a.iter().map(|&v| v.into()).collect()))
+    }
+    let got = try_read::<u8>(path, name)
+        .or_else(|| try_read::<i64>(path, name))
+        .or_else(|| try_read::<i32>(path, name))
+        .or_else(|| try_read::<u16>(path, name))
+        .or_else(|| try_read::<i16>(path, name))
+        .or_else(|| try_read::<u32>(path, name))
+        .or_else(|| try_read::<i8>(path, name));
+    let (shape, values) = got.ok_or_else(|| {
+        DataError::invalid(path, format!("array `{name}` is not an integer label array"))
+    })?;
+    match shape.as_slice() {
+        [_] | [_, 1] => {}
+        [_, k] => {
+            return Err(DataError::invalid(
+                path,
+                format!("array `{name}` has {k} labels per image (multi-label, like ChestMNIST); only single-label classification is supported"),
+            ))
+        }
+        other => {
+            return Err(DataError::invalid(
+                path,
+                format!("array `{name}` has shape {other:?}; expected [N] or [N,1]"),
+            ))
+        }
+    }
+    if let Some(v) = values.iter().find(|&&v| v < 0) {
+        return Err(DataError::invalid(path, format!("array `{name}` has a negative label {v}")));
+    }
+    Ok(values)
+}
+
+/// MedMNIST `.npz`: `{train,val,test}_images` (uint8 `[N,H,W]` or `[N,H,W,3]`) with matching
+/// `{split}_labels`. The file carries no class names, so classes are named by their index.
+fn load_npz(path: &Path) -> Result<Dataset, DataError> {
+    let f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut npz = ndarray_npy::NpzReader::new(f)
+        .map_err(|e| DataError::invalid(path, format!("not a readable .npz archive: {e}")))?;
+    let keys = npz
+        .names()
+        .map_err(|e| DataError::invalid(path, format!("not a readable .npz archive: {e}")))?;
+    let keys: Vec<String> = keys.into_iter().map(|k| k.trim_end_matches(".npy").to_string()).collect();
+    let has = |k: &str| keys.iter().any(|x| x == k);
+    let mut parts = Vec::new();
+    for (split, prefix) in [(Split::Train, "train"), (Split::Val, "val"), (Split::Test, "test")] {
+        let (ik, lk) = (format!("{prefix}_images"), format!("{prefix}_labels"));
+        match (has(&ik), has(&lk)) {
+            (true, true) => parts.push((split, ik, lk)),
+            (false, false) => {}
+            (true, false) => {
+                return Err(DataError::invalid(path, format!("has `{ik}` but no `{lk}` (found: {})", keys.join(", "))))
+            }
+            (false, true) => {
+                return Err(DataError::invalid(path, format!("has `{lk}` but no `{ik}` (found: {})", keys.join(", "))))
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "missing MedMNIST arrays `train_images`/`train_labels` (or val_/test_); found: {}",
+                if keys.is_empty() { "nothing".to_string() } else { keys.join(", ") }
+            ),
+        ));
+    }
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut raw = Vec::new();
+    let mut max_label = 0i64;
+    for (split, ik, lk) in &parts {
+        let images = crate::image::npz_array(path, ik)?;
+        let labels = read_labels(path, lk)?;
+        if labels.len() != images.shape()[0] {
+            return Err(DataError::invalid(
+                path,
+                format!("`{ik}` has {} images but `{lk}` has {} labels", images.shape()[0], labels.len()),
+            ));
+        }
+        for (i, &l) in labels.iter().enumerate() {
+            max_label = max_label.max(l);
+            raw.push((format!("{file}:{ik}[{i}]"), ik.clone(), i, l as usize, *split));
+        }
+    }
+    let labels = LabelSet::new((0..=max_label).map(|i| i.to_string()).collect())
+        .expect("distinct numeric names");
+    let samples = raw
+        .into_iter()
+        .map(|(id, array, index, label, split)| Sample {
+            id,
+            source: ImageSource::Npz {
+                path: path.to_path_buf(),
+                array,
+                index,
+            },
+            label,
+            split: Some(split),
+            context: None,
+        })
+        .collect();
+    Ok(Dataset {
+        root: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        layout: Layout::MedMnistNpz,
+        modality: Modality::Other,
+        labels,
+        samples,
+        skipped: Vec::new(),
+    })
+}
+
+/// Fills `context` from `metadata.csv` next to the dataset (matched by id, file name or file
+/// stem, since public metadata sheets name images in all three ways).
+fn attach_metadata(ds: &mut Dataset) -> Result<(), DataError> {
+    let base = if ds.root.is_dir() { ds.root.clone() } else { return Ok(()) };
+    let meta = base.join(METADATA_FILE);
+    if !meta.is_file() || ds.layout == Layout::CsvManifest && ds.samples.iter().any(|s| s.context.is_some()) {
+        return Ok(());
+    }
+    let table = read_metadata(&meta)?;
+    for s in &mut ds.samples {
+        if s.context.is_some() {
+            continue;
+        }
+        let name = s.id.rsplit('/').next().unwrap_or(&s.id);
+        let stem = name.rsplit_once('.').map(|(a, _)| a).unwrap_or(name);
+        if let Some(c) = table.get(&s.id).or_else(|| table.get(name)).or_else(|| table.get(stem)) {
+            s.context = Some(c.clone());
+        }
+    }
+    Ok(())
+}
+
+/// `metadata.csv` → key (path, file name and stem) → context text. A `context` column is used
+/// as is; otherwise the other columns are joined as `name: value; ...`.
+pub fn read_metadata(meta: &Path) -> Result<HashMap<String, String>, DataError> {
+    let mut rdr = csv_reader(meta)?;
+    let headers = rdr.headers().map_err(|e| csv_err(meta, e))?.clone();
+    let col_path = header_index(&headers, &PATH_COLUMNS).ok_or_else(|| {
+        DataError::invalid(
+            meta,
+            format!(
+                "missing a path column (one of {}; header: {})",
+                PATH_COLUMNS.join(", "),
+                headers.iter().collect::<Vec<_>>().join(",")
+            ),
+        )
+    })?;
+    let col_context = header_index(&headers, &["context"]);
+    let mut out = HashMap::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| csv_err(meta, e))?;
+        let key = rec.get(col_path).unwrap_or("").replace('\\', "/");
+        if key.is_empty() {
+            continue;
+        }
+        let text = match col_context {
+            Some(c) => rec.get(c).unwrap_or("").to_string(),
+            None => {
+                let parts: BTreeMap<usize, String> = headers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != col_path)
+                    .filter_map(|(i, h)| {
+                        let v = rec.get(i).unwrap_or("");
+                        (!v.is_empty()).then(|| (i, format!("{h}: {v}")))
+                    })
+                    .collect();
+                parts.into_values().collect::<Vec<_>>().join("; ")
+            }
+        };
+        if text.is_empty() {
+            continue;
+        }
+        let name = key.rsplit('/').next().unwrap_or(&key).to_string();
+        let stem = name.rsplit_once('.').map(|(a, _)| a.to_string()).unwrap_or(name.clone());
+        out.insert(stem, text.clone());
+        out.insert(name, text.clone());
+        out.insert(key, text);
+    }
+    Ok(out)
+}
+
+/// Index of `name` in a study task's canonical labels (re-exported for manifest readers).
+pub fn canonical_label(modality: Modality, name: &str) -> Option<usize> {
+    canonical_index(modality, name)
+}

@@ -1,0 +1,1 @@
+//! Synthetic phantoms (in progress).

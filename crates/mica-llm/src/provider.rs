@@ -1,0 +1,592 @@
+//! The provider trait and its two wire protocols: OpenAI-compatible chat completions and
+//! Ollama's native `/api/chat`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mica_core::TokenUsage;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ProviderKind;
+
+/// The response header by which `mica llm-sim` identifies itself, so its answers are stamped
+/// SIMULATED and can never pass for a real model's.
+pub const SIM_HEADER: &str = "x-mica-simulator";
+/// The `system_fingerprint` the simulator puts in OpenAI-format responses.
+pub const SIM_FINGERPRINT: &str = "mica-llm-sim";
+
+/// OpenAI's image detail: `low` is a fixed 512x512 view at a small fixed token cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Detail {
+    Low,
+    High,
+    Auto,
+}
+
+impl std::str::FromStr for Detail {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "low" => Ok(Detail::Low),
+            "high" => Ok(Detail::High),
+            "auto" => Ok(Detail::Auto),
+            o => Err(format!("unknown image detail `{o}` (expected low, high or auto)")),
+        }
+    }
+}
+
+/// Generation parameters; all of them are part of the cache key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenParams {
+    pub temperature: f64,
+    pub seed: Option<u64>,
+    pub max_tokens: u32,
+    pub detail: Detail,
+    /// Ask for token log-probabilities (OpenAI format only; not every server has them).
+    pub logprobs: bool,
+    /// Send the JSON schema (`response_format` / `format`). Off for servers that reject it.
+    pub structured: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        GenParams {
+            temperature: 0.0,
+            seed: Some(42),
+            max_tokens: 200,
+            detail: Detail::Low,
+            logprobs: false,
+            structured: true,
+        }
+    }
+}
+
+/// One chat request: a system text, a user text and at most one image (Llama 3.2 Vision takes
+/// one image per message, so mica never sends more).
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: String,
+    pub system: String,
+    pub user: String,
+    /// Base64 of the PNG (no `data:` prefix); shared between the k samples of one image.
+    pub image_b64: Option<Arc<str>>,
+    /// The allowed labels: the `enum` of the answer schema.
+    pub labels: Vec<String>,
+    pub params: GenParams,
+}
+
+/// Ollama's timings, in milliseconds, so model-load time is reported apart from inference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerTimings {
+    pub total_ms: f64,
+    pub load_ms: f64,
+    pub prompt_eval_ms: f64,
+    pub eval_ms: f64,
+}
+
+/// A successful HTTP exchange. Whether the text means anything is decided by parsing later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    /// The assistant's text (empty when the model refused).
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+    /// True when the server identified itself as `mica llm-sim`.
+    #[serde(default)]
+    pub simulated: bool,
+    /// exp(sum of the log-probabilities of the label's tokens), when logprobs were returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob_confidence: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<ServerTimings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+}
+
+/// Why a request failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderError {
+    pub retryable: bool,
+    pub status: Option<u16>,
+    /// From `retry-after-ms` or `Retry-After` (seconds).
+    pub retry_after: Option<Duration>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A chat backend. Object-safe so a run can hold `Arc<dyn LlmProvider>`.
+pub trait LlmProvider: Send + Sync {
+    fn kind(&self) -> ProviderKind;
+    fn base_url(&self) -> &str;
+    /// The exact JSON body `chat` sends for `req`.
+    fn request_body(&self, req: &ChatRequest) -> Value;
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+}
+
+/// The structured answer: `label` restricted to the label set, a confidence and a rationale.
+/// Written for OpenAI's strict mode: every property required, no additional properties, and
+/// no `minimum`/`maximum` (not accepted by every strict-mode server).
+pub fn answer_schema(labels: &[String]) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "enum": labels},
+            "confidence": {"type": "number", "description": "confidence in the label, from 0 to 1"},
+            "rationale": {"type": "string", "description": "one short sentence"}
+        },
+        "required": ["label", "confidence", "rationale"],
+        "additionalProperties": false
+    })
+}
+
+/// Builds an HTTP client for one run: connection pooling across the run's requests.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        .build()
+        .expect("building an HTTP client without custom TLS roots cannot fail")
+}
+
+/// OpenAI `POST {base}/v1/chat/completions`: OpenAI, vLLM, llama-server, Ollama `/v1`, llm-sim.
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    kind: ProviderKind,
+    base_url: String,
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl OpenAiClient {
+    /// `api_key` is held in memory only: never logged, cached, or written.
+    pub fn new(
+        http: reqwest::Client,
+        kind: ProviderKind,
+        base_url: &str,
+        api_key: Option<String>,
+    ) -> Self {
+        OpenAiClient {
+            http,
+            kind,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key: api_key.filter(|k| !k.is_empty()),
+        }
+    }
+
+    fn redact(&self, mut e: ProviderError) -> ProviderError {
+        if let Some(k) = &self.api_key {
+            e.message = e.message.replace(k.as_str(), "<redacted>");
+        }
+        e
+    }
+}
+
+impl LlmProvider for OpenAiClient {
+    fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+    fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    fn request_body(&self, req: &ChatRequest) -> Value {
+        let mut user_parts = vec![json!({"type": "text", "text": req.user})];
+        if let Some(b64) = &req.image_b64 {
+            user_parts.push(json!({
+                "type": "image_url",
+                "image_url": {"url": format!("data:image/png;base64,{b64}"), "detail": req.params.detail}
+            }));
+        }
+        let mut body = json!({
+            "model": req.model,
+            "messages": [
+                {"role": "system", "content": req.system},
+                {"role": "user", "content": user_parts}
+            ],
+            "temperature": req.params.temperature,
+            "max_tokens": req.params.max_tokens,
+        });
+        let m = body.as_object_mut().expect("object");
+        if let Some(seed) = req.params.seed {
+            m.insert("seed".into(), json!(seed));
+        }
+        if req.params.structured {
+            m.insert(
+                "response_format".into(),
+                json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": "classification", "strict": true, "schema": answer_schema(&req.labels)}
+                }),
+            );
+        }
+        if req.params.logprobs {
+            m.insert("logprobs".into(), json!(true));
+            m.insert("top_logprobs".into(), json!(5));
+        }
+        body
+    }
+
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        Box::pin(async move {
+            let url = format!("{}/v1/chat/completions", self.base_url);
+            let mut rb = self.http.post(&url).json(&self.request_body(req));
+            if let Some(k) = &self.api_key {
+                rb = rb.bearer_auth(k);
+            }
+            let (simulated, v) = send(rb, timeout, &url).await.map_err(|e| self.redact(e))?;
+            parse_openai(&v, simulated).map_err(|e| self.redact(e))
+        })
+    }
+}
+
+fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderError> {
+    let bad = |m: &str| ProviderError {
+        retryable: true,
+        status: None,
+        retry_after: None,
+        message: format!("malformed chat completion: {m}"),
+    };
+    if let Some(err) = v.get("error") {
+        return Err(ProviderError {
+            retryable: false,
+            status: None,
+            retry_after: None,
+            message: format!("server error: {}", short(&err.to_string())),
+        });
+    }
+    let choice = v
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| bad("no choices"))?;
+    let msg = choice.get("message").ok_or_else(|| bad("no message"))?;
+    let content = match msg.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        // Some servers return content parts even in responses.
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        Some(other) => other.to_string(),
+    };
+    let refusal = msg
+        .get("refusal")
+        .and_then(|r| r.as_str())
+        .map(|s| s.to_string());
+    let usage = v.get("usage").map(|u| TokenUsage {
+        prompt: u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+        completion: u.get("completion_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+    });
+    let tokens: Vec<(String, f64)> = choice
+        .get("logprobs")
+        .and_then(|l| l.get("content"))
+        .and_then(|c| c.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| {
+                    Some((
+                        t.get("token")?.as_str()?.to_string(),
+                        t.get("logprob")?.as_f64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let simulated = sim_header
+        || v.get("system_fingerprint").and_then(|s| s.as_str()) == Some(SIM_FINGERPRINT);
+    Ok(ChatResponse {
+        content,
+        refusal,
+        usage,
+        simulated,
+        logprob_confidence: label_logprob_confidence(&tokens),
+        timings: None,
+        finish_reason: choice
+            .get("finish_reason")
+            .and_then(|f| f.as_str())
+            .map(|s| s.to_string()),
+    })
+}
+
+/// The probability the model gave its label: exp(sum of logprobs of the tokens that spell
+/// the value of `"label"` in the JSON answer). `None` without logprobs or a label value.
+pub fn label_logprob_confidence(tokens: &[(String, f64)]) -> Option<f64> {
+    if tokens.is_empty() {
+        return None;
+    }
+    let text: String = tokens.iter().map(|(t, _)| t.as_str()).collect();
+    let key = text.find("\"label\"")?;
+    let after = &text[key + 7..];
+    let colon = after.find(':')?;
+    let rest = &after[colon + 1..];
+    let q1 = rest.find('"')?;
+    let start = key + 7 + colon + 1 + q1 + 1;
+    let len = text[start..].find('"')?;
+    let end = start + len;
+    if end == start {
+        return None;
+    }
+    let mut pos = 0;
+    let mut sum = 0.0;
+    for (t, lp) in tokens {
+        let (a, b) = (pos, pos + t.len());
+        if b > start && a < end {
+            sum += lp;
+        }
+        pos = b;
+    }
+    Some(sum.exp().clamp(0.0, 1.0))
+}
+
+/// Ollama native `POST {base}/api/chat` with `"stream": false`.
+#[derive(Debug)]
+pub struct OllamaClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+impl OllamaClient {
+    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
+        OllamaClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+impl LlmProvider for OllamaClient {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Ollama
+    }
+    fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    fn request_body(&self, req: &ChatRequest) -> Value {
+        let mut user = json!({"role": "user", "content": req.user});
+        if let Some(b64) = &req.image_b64 {
+            user["images"] = json!([b64.as_ref()]);
+        }
+        let mut options = json!({"temperature": req.params.temperature, "num_predict": req.params.max_tokens});
+        if let Some(seed) = req.params.seed {
+            options["seed"] = json!(seed);
+        }
+        let mut body = json!({
+            "model": req.model,
+            "stream": false,
+            "messages": [{"role": "system", "content": req.system}, user],
+            "options": options,
+        });
+        if req.params.structured {
+            body["format"] = answer_schema(&req.labels);
+        }
+        body
+    }
+
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        Box::pin(async move {
+            let url = format!("{}/api/chat", self.base_url);
+            let rb = self.http.post(&url).json(&self.request_body(req));
+            let (simulated, v) = send(rb, timeout, &url).await?;
+            if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+                return Err(ProviderError {
+                    retryable: false,
+                    status: None,
+                    retry_after: None,
+                    message: format!("ollama error: {}", short(err)),
+                });
+            }
+            let content = v
+                .get("message")
+                .and_then(|m| m.get("content"))
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| ProviderError {
+                    retryable: true,
+                    status: None,
+                    retry_after: None,
+                    message: "malformed ollama response: no message.content".into(),
+                })?
+                .to_string();
+            let ns = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0) / 1e6;
+            let count = |k: &str| v.get(k).and_then(|x| x.as_u64());
+            let usage = match (count("prompt_eval_count"), count("eval_count")) {
+                (None, None) => None,
+                (p, c) => Some(TokenUsage {
+                    prompt: p.unwrap_or(0),
+                    completion: c.unwrap_or(0),
+                }),
+            };
+            Ok(ChatResponse {
+                content,
+                refusal: None,
+                usage,
+                simulated,
+                logprob_confidence: None,
+                timings: Some(ServerTimings {
+                    total_ms: ns("total_duration"),
+                    load_ms: ns("load_duration"),
+                    prompt_eval_ms: ns("prompt_eval_duration"),
+                    eval_ms: ns("eval_duration"),
+                }),
+                finish_reason: v
+                    .get("done_reason")
+                    .and_then(|f| f.as_str())
+                    .map(|s| s.to_string()),
+            })
+        })
+    }
+}
+
+fn short(s: &str) -> String {
+    let t: String = s.chars().take(300).collect();
+    t.replace('\n', " ")
+}
+
+/// Sends one request; classifies every failure as retryable or not. Returns whether the
+/// server identified itself as the simulator, and the JSON body.
+async fn send(
+    rb: reqwest::RequestBuilder,
+    timeout: Duration,
+    url: &str,
+) -> Result<(bool, Value), ProviderError> {
+    let resp = rb.timeout(timeout).send().await.map_err(|e| ProviderError {
+        retryable: true,
+        status: None,
+        retry_after: None,
+        message: if e.is_timeout() {
+            format!("{url}: no answer within {:.1} s", timeout.as_secs_f64())
+        } else if e.is_connect() {
+            format!("{url}: cannot connect: {}", root_cause(&e))
+        } else {
+            format!("{url}: {}", root_cause(&e))
+        },
+    })?;
+    let status = resp.status();
+    let simulated = resp.headers().contains_key(SIM_HEADER);
+    let retry_after = retry_after(resp.headers());
+    let bytes = resp.bytes().await.map_err(|e| ProviderError {
+        retryable: true,
+        status: Some(status.as_u16()),
+        retry_after,
+        message: if e.is_timeout() {
+            format!("{url}: no answer within {:.1} s", timeout.as_secs_f64())
+        } else {
+            format!("{url}: reading the response: {}", root_cause(&e))
+        },
+    })?;
+    if !status.is_success() {
+        let code = status.as_u16();
+        return Err(ProviderError {
+            retryable: matches!(code, 408 | 409 | 425 | 429) || status.is_server_error(),
+            status: Some(code),
+            retry_after,
+            message: format!(
+                "{url}: HTTP {code}: {}",
+                short(&String::from_utf8_lossy(&bytes))
+            ),
+        });
+    }
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ProviderError {
+        retryable: true,
+        status: Some(status.as_u16()),
+        retry_after: None,
+        message: format!("{url}: response is not JSON ({e})"),
+    })?;
+    Ok((simulated, v))
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// `retry-after-ms` (OpenAI) wins over `Retry-After` in seconds. An HTTP-date `Retry-After`
+/// is ignored (the exponential backoff applies instead).
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|x| x.is_finite() && *x >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    h.get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|x| x.is_finite() && *x >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprob_confidence_covers_the_label_tokens_only() {
+        let toks: Vec<(String, f64)> = [
+            ("{\"", -0.01),
+            ("label", 0.0),
+            ("\":\"", 0.0),
+            ("cov", (0.5f64).ln()),
+            ("id", (0.8f64).ln()),
+            ("\",\"", -0.2),
+            ("confidence\":0.9}", -1.0),
+        ]
+        .iter()
+        .map(|(t, l)| (t.to_string(), *l))
+        .collect();
+        let c = label_logprob_confidence(&toks).unwrap();
+        assert!((c - 0.4).abs() < 1e-9, "{c}");
+        assert_eq!(label_logprob_confidence(&[]), None);
+    }
+
+    #[test]
+    fn openai_response_parsing_reads_usage_refusal_and_fingerprint() {
+        let v = json!({"choices":[{"message":{"content":null,"refusal":"I can't"},"finish_reason":"stop"}],
+                       "usage":{"prompt_tokens":90,"completion_tokens":3},"system_fingerprint":"mica-llm-sim"});
+        let r = parse_openai(&v, false).unwrap();
+        assert_eq!(r.content, "");
+        assert_eq!(r.refusal.as_deref(), Some("I can't"));
+        assert_eq!(r.usage, Some(TokenUsage { prompt: 90, completion: 3 }));
+        assert!(r.simulated);
+        assert!(parse_openai(&json!({"choices": []}), false).unwrap_err().retryable);
+    }
+}

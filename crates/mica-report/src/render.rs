@@ -1,0 +1,662 @@
+//! Markdown, HTML, JSON and CSV renderings of a [`Comparison`], and its figures.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use mica_core::write_atomic;
+
+use crate::comparison::{Comparison, HeadlineRow};
+use crate::plots::{self, ConfusionChart, LineChart, Plot, ScatterChart};
+use crate::rundir::RunDir;
+use crate::ReportError;
+
+/// Output formats of `mica report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Markdown,
+    Html,
+    Json,
+    Csv,
+}
+
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Markdown => "md",
+            Format::Html => "html",
+            Format::Json => "json",
+            Format::Csv => "csv",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "md" | "markdown" => Ok(Format::Markdown),
+            "html" => Ok(Format::Html),
+            "json" => Ok(Format::Json),
+            "csv" => Ok(Format::Csv),
+            other => Err(format!("unknown report format `{other}` (expected md, html, json or csv)")),
+        }
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "–".into(),
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}", x * 100.0)
+}
+
+fn pct_ci(x: f64, ci: Option<mica_eval::ConfidenceInterval>) -> String {
+    match ci {
+        Some(c) => format!("{} ({}–{})", pct(x), pct(c.lower), pct(c.upper)),
+        None => pct(x),
+    }
+}
+
+fn f1_ci(x: f64, ci: Option<mica_eval::ConfidenceInterval>) -> String {
+    match ci {
+        Some(c) => format!("{x:.3} ({:.3}–{:.3})", c.lower, c.upper),
+        None => format!("{x:.3}"),
+    }
+}
+
+/// Energy figures are shown with enough significant digits for tiny CNN numbers.
+fn sig(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => {
+            let a = x.abs();
+            if a == 0.0 {
+                "0".into()
+            } else if a >= 100.0 {
+                format!("{x:.0}")
+            } else if a >= 1.0 {
+                format!("{x:.2}")
+            } else if a >= 0.001 {
+                format!("{x:.4}")
+            } else {
+                format!("{x:.2e}")
+            }
+        }
+        _ => "–".into(),
+    }
+}
+
+/// Column headers and cells of the headline table, shared by every format.
+pub const HEADLINE_COLUMNS: [&str; 12] = [
+    "Classifier",
+    "Accuracy % (95 % CI)",
+    "Macro F1 (95 % CI)",
+    "Weighted F1",
+    "Coverage % (acc. on accepted)",
+    "No answer %",
+    "Latency p50 / p90 ms",
+    "Images/s",
+    "Wh / 1k img",
+    "gCO2e / 1k img",
+    "Energy method",
+    "$ / 1k img",
+];
+
+pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
+    let name = if r.simulated {
+        format!("{} [SIMULATED]", r.classifier)
+    } else {
+        r.classifier.clone()
+    };
+    vec![
+        name,
+        pct_ci(r.accuracy, r.accuracy_ci),
+        f1_ci(r.macro_f1, r.macro_f1_ci),
+        format!("{:.3}", r.weighted_f1),
+        match (r.coverage, r.accepted_accuracy) {
+            (Some(c), Some(a)) => format!("{} ({})", pct(c), pct(a)),
+            (Some(c), None) => pct(c),
+            _ => "100 (no filter)".into(),
+        },
+        pct(r.no_answer_share),
+        format!("{} / {}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
+        opt(r.images_per_s, 1),
+        sig(r.wh_per_1000),
+        sig(r.gco2e_per_1000),
+        r.energy_method.clone().unwrap_or_else(|| "not measured".into()),
+        match r.usd_per_1000 {
+            Some(c) => format!("{c:.2}"),
+            None => "0 (local)".into(),
+        },
+    ]
+}
+
+/// The headline table as aligned plain text, for the terminal.
+pub fn headline_text(cmp: &Comparison) -> String {
+    let cols: [usize; 9] = [0, 1, 2, 4, 5, 6, 7, 8, 11];
+    let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
+    let header: Vec<String> = cols.iter().map(|&c| HEADLINE_COLUMNS[c].to_string()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (i, &c) in cols.iter().enumerate() {
+            widths[i] = widths[i].max(r[c].chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            l.push_str(&" ".repeat(widths[i].saturating_sub(c.chars().count())));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|s| s.as_str()).collect(), &mut out);
+    for r in &rows {
+        line(cols.iter().map(|&c| r[c].as_str()).collect(), &mut out);
+    }
+    if cmp.simulated {
+        out.push_str("SIMULATED: some rows come from the LLM simulator, not a model.\n");
+    }
+    out
+}
+
+/// Every figure of the report.
+pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportError> {
+    let mut out = Vec::new();
+    let energy_points: Vec<(String, f64, f64)> = cmp
+        .headline
+        .iter()
+        .filter_map(|r| r.wh_per_1000.filter(|w| *w > 0.0).map(|w| (r.classifier.clone(), w, r.accuracy * 100.0)))
+        .collect();
+    if !energy_points.is_empty() {
+        out.push(plots::render(
+            "accuracy-vs-energy",
+            "Accuracy vs energy",
+            &ScatterChart {
+                title: "Accuracy vs energy (log scale)".into(),
+                x_label: "Wh per 1,000 images".into(),
+                y_label: "accuracy %".into(),
+                points: energy_points,
+                log_x: true,
+            },
+        )?);
+    }
+    let cost_points: Vec<(String, f64, f64)> = cmp
+        .headline
+        .iter()
+        .map(|r| (r.classifier.clone(), r.usd_per_1000.unwrap_or(0.0), r.accuracy * 100.0))
+        .collect();
+    out.push(plots::render(
+        "accuracy-vs-cost",
+        "Accuracy vs cost",
+        &ScatterChart {
+            title: "Accuracy vs API cost (local models at $0)".into(),
+            x_label: "$ per 1,000 images".into(),
+            y_label: "accuracy %".into(),
+            points: cost_points,
+            log_x: false,
+        },
+    )?);
+    let latency: Vec<(String, Vec<(f64, f64)>)> = run
+        .classifiers
+        .iter()
+        .filter(|c| !c.predictions.is_empty())
+        .map(|c| {
+            let mut l: Vec<f64> = c
+                .predictions
+                .iter()
+                .map(|p| p.latency_ms.max(1e-3))
+                .filter(|v| v.is_finite())
+                .collect();
+            l.sort_by(f64::total_cmp);
+            let n = l.len() as f64;
+            let pts = l.iter().enumerate().map(|(i, &v)| (v, (i + 1) as f64 / n)).collect();
+            (c.metrics.classifier.clone(), pts)
+        })
+        .collect();
+    if !latency.is_empty() {
+        out.push(plots::render(
+            "latency",
+            "Latency distribution",
+            &LineChart {
+                title: "Latency per image (cumulative share)".into(),
+                x_label: "ms per image (log scale)".into(),
+                y_label: "share of images".into(),
+                series: latency,
+                x_range: None,
+                y_range: Some((0.0, 1.0)),
+                log_x: true,
+                diagonal: false,
+                markers: false,
+            },
+        )?);
+    }
+    let rc: Vec<(String, Vec<(f64, f64)>)> = run
+        .classifiers
+        .iter()
+        .filter(|c| c.metrics.risk_coverage.len() > 1)
+        .map(|c| {
+            (
+                c.metrics.classifier.clone(),
+                c.metrics.risk_coverage.iter().map(|p| (p.coverage, p.accuracy)).collect(),
+            )
+        })
+        .collect();
+    if !rc.is_empty() {
+        out.push(plots::render(
+            "risk-coverage",
+            "Risk-coverage",
+            &LineChart {
+                title: "Accuracy on accepted cases vs coverage (confidence threshold)".into(),
+                x_label: "coverage (share of all images accepted)".into(),
+                y_label: "accuracy on accepted".into(),
+                series: rc,
+                x_range: Some((0.0, 1.0)),
+                y_range: Some((0.0, 1.02)),
+                log_x: false,
+                diagonal: false,
+                markers: false,
+            },
+        )?);
+    }
+    let rel: Vec<(String, Vec<(f64, f64)>)> = run
+        .classifiers
+        .iter()
+        .map(|c| {
+            (
+                c.metrics.classifier.clone(),
+                c.metrics
+                    .all
+                    .reliability
+                    .iter()
+                    .filter(|b| b.count > 0)
+                    .map(|b| (b.confidence, b.accuracy))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if !rel.is_empty() {
+        out.push(plots::render(
+            "reliability",
+            "Reliability diagram",
+            &LineChart {
+                title: "Reliability: accuracy vs stated confidence".into(),
+                x_label: "mean confidence in bin".into(),
+                y_label: "accuracy in bin".into(),
+                series: rel,
+                x_range: Some((0.0, 1.0)),
+                y_range: Some((0.0, 1.02)),
+                log_x: false,
+                diagonal: true,
+                markers: true,
+            },
+        )?);
+    }
+    for c in &run.classifiers {
+        let cm = &c.metrics.all.confusion;
+        out.push(plots::render(
+            &format!("confusion-{}", c.slug),
+            &format!("Confusion matrix: {}", c.metrics.classifier),
+            &ConfusionChart {
+                title: format!("{} ({} images)", c.metrics.classifier, c.metrics.images),
+                labels: cm.labels.clone(),
+                matrix: cm.matrix.clone(),
+                no_answer: cm.no_answer.clone(),
+            },
+        )?);
+    }
+    Ok(out)
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| {} |", header.join(" | "));
+    let _ = writeln!(s, "|{}", header.iter().map(|_| "---|").collect::<String>());
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| md_escape(c)).collect();
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
+    }
+    s
+}
+
+fn mcnemar_rows(cmp: &Comparison) -> Vec<Vec<String>> {
+    cmp.mcnemar
+        .iter()
+        .map(|t| {
+            vec![
+                format!("{} vs {}", t.a, t.b),
+                t.n.to_string(),
+                format!("{:+.1}", t.difference_points),
+                format!("{} / {}", t.a_only, t.b_only),
+                format!("{:.4}{}", t.p_value, if t.exact { " (exact)" } else { "" }),
+                if t.significant { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect()
+}
+
+const MCNEMAR_HEADER: [&str; 6] = [
+    "Pair (A vs B)",
+    "Images",
+    "A − B (points)",
+    "Only A right / only B right",
+    "p",
+    "Significant (p < 0.05)",
+];
+
+fn provenance_lines(cmp: &Comparison) -> Vec<(String, String)> {
+    let p = &cmp.provenance;
+    let mut v = vec![
+        ("Run".to_string(), cmp.run.clone()),
+        ("Dataset".into(), p.dataset.clone().unwrap_or_else(|| "–".into())),
+        ("Split".into(), p.split.join(", ")),
+        ("Split manifest".into(), p.split_manifest.clone().unwrap_or_else(|| "–".into())),
+        ("Split manifest SHA-256".into(), p.split_hash.clone().unwrap_or_else(|| "–".into())),
+        ("Seed".into(), p.seed.map(|s| s.to_string()).unwrap_or_else(|| "–".into())),
+        ("mica version".into(), p.mica_version.clone().unwrap_or_else(|| "–".into())),
+        ("Command".into(), p.command.clone().unwrap_or_else(|| "–".into())),
+        ("Created (Unix time)".into(), p.created_unix.map(|s| s.to_string()).unwrap_or_else(|| "–".into())),
+    ];
+    for (k, val) in &p.machine {
+        v.push((format!("Machine: {k}"), val.clone()));
+    }
+    for e in &p.energy {
+        v.push(("Energy".into(), e.clone()));
+    }
+    for w in &p.energy_warnings {
+        v.push(("Energy warning".into(), w.clone()));
+    }
+    if !p.simulated_classifiers.is_empty() {
+        v.push((
+            "SIMULATED".into(),
+            format!("{} answered from the LLM simulator", p.simulated_classifiers.join(", ")),
+        ));
+    }
+    v
+}
+
+const DISCLAIMER: &str = "Decision support only: these are model predictions with confidence, not diagnoses. Low-confidence and deferred cases are flagged for a physician, who has the final say.";
+
+pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# mica comparison: {}\n", cmp.run);
+    if cmp.simulated {
+        let _ = writeln!(
+            s,
+            "> **SIMULATED**: {} answered from the LLM simulator. Those rows are not model results.\n",
+            cmp.provenance.simulated_classifiers.join(", ")
+        );
+    }
+    let _ = writeln!(s, "> {DISCLAIMER}\n");
+    let _ = writeln!(s, "## Summary\n");
+    for line in &cmp.summary {
+        let _ = writeln!(s, "- {line}");
+    }
+    let _ = writeln!(s, "\n## Headline\n");
+    let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
+    s.push_str(&md_table(&HEADLINE_COLUMNS, &rows));
+    let _ = writeln!(
+        s,
+        "\nAccuracy and F1 count unparseable and failed answers as wrong. Coverage is the share the filter accepted; the rest goes to a physician.\n"
+    );
+    let _ = writeln!(s, "## Per-class results\n");
+    for t in &cmp.per_class {
+        let _ = writeln!(s, "### {}\n", t.classifier);
+        let rows: Vec<Vec<String>> = t
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.clone(),
+                    format!("{:.3}", r.precision),
+                    format!("{:.3}", r.recall),
+                    format!("{:.3}", r.f1),
+                    r.support.to_string(),
+                ]
+            })
+            .collect();
+        s.push_str(&md_table(&["Class", "Precision", "Recall", "F1", "Support"], &rows));
+        if let Some(p) = plots.iter().find(|p| p.stem == format!("confusion-{}", t.slug)) {
+            let _ = writeln!(s, "\n![{}](plots/{}.png)\n", p.title, p.stem);
+        }
+    }
+    let _ = writeln!(s, "## Figures\n");
+    for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
+        let _ = writeln!(s, "![{}](plots/{}.png)\n", p.title, p.stem);
+    }
+    let _ = writeln!(s, "## Pairwise McNemar tests\n");
+    if cmp.mcnemar.is_empty() {
+        let _ = writeln!(s, "Only one classifier: nothing to compare.\n");
+    } else {
+        s.push_str(&md_table(&MCNEMAR_HEADER, &mcnemar_rows(cmp)));
+        s.push('\n');
+    }
+    let _ = writeln!(s, "## Provenance\n");
+    let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
+    s.push_str(&md_table(&["Item", "Value"], &rows));
+    if !cmp.skipped.is_empty() {
+        let _ = writeln!(s, "\nNot in this report (unfinished): {}", cmp.skipped.join("; "));
+    }
+    s
+}
+
+fn h(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn html_table(header: &[&str], rows: &[Vec<String>], class: &str) -> String {
+    let mut s = format!("<table class=\"{class}\"><thead><tr>");
+    for c in header {
+        let _ = write!(s, "<th>{}</th>", h(c));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for r in rows {
+        s.push_str("<tr>");
+        for c in r {
+            let _ = write!(s, "<td>{}</td>", h(c));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table>\n");
+    s
+}
+
+/// Strips the XML prolog-free plotters SVG of its fixed size so it scales with the page.
+fn inline_svg(svg: &str) -> String {
+    match svg.find('>') {
+        Some(end) if svg.starts_with("<svg") => {
+            let open = &svg[..end];
+            let open = open
+                .split(' ')
+                .filter(|a| !a.starts_with("width=") && !a.starts_with("height="))
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!("{open} role=\"img\" style=\"width:100%;max-width:720px;height:auto\"{}", &svg[end..])
+        }
+        _ => svg.to_string(),
+    }
+}
+
+const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
+h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f2f4f7}table.headline td:not(:first-child){text-align:right;white-space:nowrap}
+.banner{background:#fff3cd;border:2px solid #d39e00;padding:.6rem 1rem;font-weight:bold;margin:1rem 0}
+.note{background:#eef6fb;border-left:4px solid #0072b2;padding:.5rem 1rem;margin:1rem 0}
+.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0;flex:1 1 520px}figcaption{font-size:.85rem;color:#555}";
+
+pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>mica comparison: {}</title><style>{CSS}</style></head><body>\n",
+        h(&cmp.run)
+    );
+    let _ = writeln!(s, "<h1>mica comparison: {}</h1>", h(&cmp.run));
+    if cmp.simulated {
+        let _ = writeln!(
+            s,
+            "<div class=\"banner\" id=\"simulated\">SIMULATED: {} answered from the LLM simulator. Those rows are not model results.</div>",
+            h(&cmp.provenance.simulated_classifiers.join(", "))
+        );
+    }
+    let _ = writeln!(s, "<div class=\"note\">{}</div>", h(DISCLAIMER));
+    let _ = writeln!(s, "<h2 id=\"summary\">Summary</h2><ul>");
+    for line in &cmp.summary {
+        let _ = writeln!(s, "<li>{}</li>", h(line));
+    }
+    s.push_str("</ul>\n<h2 id=\"headline\">Headline</h2>\n");
+    let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
+    s.push_str(&html_table(&HEADLINE_COLUMNS, &rows, "headline"));
+    s.push_str("<p>Accuracy and F1 count unparseable and failed answers as wrong. Coverage is the share the filter accepted; the rest goes to a physician.</p>\n");
+    s.push_str("<h2 id=\"figures\">Accuracy, energy, cost, latency, selective prediction, calibration</h2><div class=\"figs\">\n");
+    for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
+        let _ = writeln!(
+            s,
+            "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
+            h(&p.stem),
+            inline_svg(&p.svg),
+            h(&p.title)
+        );
+    }
+    s.push_str("</div>\n<h2 id=\"per-class\">Per-class results and confusion matrices</h2>\n");
+    for t in &cmp.per_class {
+        let _ = writeln!(s, "<h3>{}</h3><div class=\"figs\"><div>", h(&t.classifier));
+        let rows: Vec<Vec<String>> = t
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.label.clone(),
+                    format!("{:.3}", r.precision),
+                    format!("{:.3}", r.recall),
+                    format!("{:.3}", r.f1),
+                    r.support.to_string(),
+                ]
+            })
+            .collect();
+        s.push_str(&html_table(&["Class", "Precision", "Recall", "F1", "Support"], &rows, "per-class"));
+        s.push_str("</div>");
+        if let Some(p) = plots.iter().find(|p| p.stem == format!("confusion-{}", t.slug)) {
+            let _ = write!(
+                s,
+                "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
+                h(&p.stem),
+                inline_svg(&p.svg),
+                h(&p.title)
+            );
+        }
+        s.push_str("</div>\n");
+    }
+    s.push_str("<h2 id=\"mcnemar\">Pairwise McNemar tests</h2>\n");
+    if cmp.mcnemar.is_empty() {
+        s.push_str("<p>Only one classifier: nothing to compare.</p>\n");
+    } else {
+        s.push_str(&html_table(&MCNEMAR_HEADER, &mcnemar_rows(cmp), "mcnemar"));
+    }
+    s.push_str("<h2 id=\"provenance\">Provenance</h2>\n");
+    let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
+    s.push_str(&html_table(&["Item", "Value"], &rows, "provenance"));
+    if !cmp.skipped.is_empty() {
+        let _ = writeln!(s, "<p>Not in this report (unfinished): {}</p>", h(&cmp.skipped.join("; ")));
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The headline table as machine-readable CSV (raw numbers, not formatted cells).
+pub fn csv(cmp: &Comparison) -> String {
+    let mut s = String::from(
+        "classifier,slug,family,images,accuracy,accuracy_ci_lower,accuracy_ci_upper,macro_f1,macro_f1_ci_lower,macro_f1_ci_upper,weighted_f1,coverage,accepted_accuracy,no_answer_share,latency_p50_ms,latency_p90_ms,latency_p99_ms,images_per_s,wh_per_1000,gco2e_per_1000,energy_method,usd_per_1000,ece,simulated\n",
+    );
+    let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+    for r in &cmp.headline {
+        let fam = serde_json::to_value(r.family).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let fields = [
+            csv_field(&r.classifier),
+            csv_field(&r.slug),
+            fam,
+            r.images.to_string(),
+            r.accuracy.to_string(),
+            o(r.accuracy_ci.map(|c| c.lower)),
+            o(r.accuracy_ci.map(|c| c.upper)),
+            r.macro_f1.to_string(),
+            o(r.macro_f1_ci.map(|c| c.lower)),
+            o(r.macro_f1_ci.map(|c| c.upper)),
+            r.weighted_f1.to_string(),
+            o(r.coverage),
+            o(r.accepted_accuracy),
+            r.no_answer_share.to_string(),
+            o(r.latency_p50_ms),
+            o(r.latency_p90_ms),
+            o(r.latency_p99_ms),
+            o(r.images_per_s),
+            o(r.wh_per_1000),
+            o(r.gco2e_per_1000),
+            csv_field(r.energy_method.as_deref().unwrap_or("")),
+            o(r.usd_per_1000),
+            o(r.ece),
+            r.simulated.to_string(),
+        ];
+        s.push_str(&fields.join(","));
+        s.push('\n');
+    }
+    s
+}
+
+/// Writes `report.<ext>` (and, for md/html, the figures under `plots/`) into the run
+/// directory; returns the report's path.
+pub fn write_report(run: &RunDir, cmp: &Comparison, format: Format) -> Result<PathBuf, ReportError> {
+    let path = run.root.join(format!("report.{}", format.extension()));
+    let body = match format {
+        Format::Json => {
+            let mut b = serde_json::to_string_pretty(cmp).expect("comparison serialises");
+            b.push('\n');
+            b
+        }
+        Format::Csv => csv(cmp),
+        Format::Markdown | Format::Html => {
+            let plots = make_plots(run, cmp)?;
+            write_plots(&run.root.join("plots"), &plots)?;
+            if format == Format::Markdown {
+                markdown(cmp, &plots)
+            } else {
+                html(cmp, &plots)
+            }
+        }
+    };
+    write_atomic(&path, body.as_bytes())?;
+    Ok(path)
+}
+
+fn write_plots(dir: &Path, plots: &[Plot]) -> Result<(), ReportError> {
+    for p in plots {
+        write_atomic(dir.join(format!("{}.svg", p.stem)), p.svg.as_bytes())?;
+        write_atomic(dir.join(format!("{}.png", p.stem)), &p.png)?;
+    }
+    Ok(())
+}

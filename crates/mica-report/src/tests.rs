@@ -1,0 +1,284 @@
+//! Tests over small hand-made run directories.
+
+use std::path::Path;
+
+use mica_core::{LabelSet, Outcome, Prediction, RunManifest, TokenUsage};
+use mica_energy::{CarbonConfig, EnergyReport};
+use mica_eval::{EvalOptions, RunMetrics};
+
+use super::*;
+
+const LABELS: [&str; 4] = ["glioma", "meningioma", "pituitary", "no_tumor"];
+
+fn labels() -> LabelSet {
+    LabelSet::new(LABELS.iter().map(|s| s.to_string()).collect()).unwrap()
+}
+
+fn opts() -> EvalOptions {
+    EvalOptions {
+        bootstrap_resamples: 200,
+        ..EvalOptions::default()
+    }
+}
+
+/// 40 images; `wrong_every` decides how often the classifier errs, `defer_below` makes it an
+/// LLM whose filter defers low-confidence cases.
+fn predictions(name: &str, wrong_every: usize, llm: bool) -> Vec<Prediction> {
+    (0..40)
+        .map(|i| {
+            let truth = LABELS[i % 4];
+            let wrong = i % wrong_every == 0;
+            let pred = if wrong { LABELS[(i + 1) % 4] } else { truth };
+            let confidence = if wrong { 0.55 } else { 0.6 + (i % 7) as f64 * 0.05 };
+            let outcome = if llm && i == 39 {
+                Outcome::Unparseable
+            } else if llm && confidence < 0.6 {
+                Outcome::Deferred
+            } else {
+                Outcome::Answered
+            };
+            let mut p = Prediction::new(format!("img{i:03}.png"), name, outcome);
+            p.true_label = Some(truth.into());
+            if outcome != Outcome::Unparseable {
+                p.predicted = Some(pred.into());
+                p.confidence = Some(confidence);
+            }
+            p.latency_ms = if llm { 800.0 + i as f64 } else { 2.0 + (i % 3) as f64 };
+            if llm {
+                p.tokens = Some(TokenUsage {
+                    prompt: 900,
+                    completion: 40,
+                });
+                p.cost_usd = Some(0.0025);
+                p.raw_answer = Some(format!("{{\"label\":\"{pred}\"}}"));
+            }
+            p
+        })
+        .collect()
+}
+
+fn energy(wh: f64, images: usize) -> serde_json::Value {
+    let carbon = CarbonConfig::resolve(Some("FRA"), None, None).unwrap();
+    let mut e = EnergyReport {
+        project_name: "test".into(),
+        run_id: "r".into(),
+        timestamp: "2026-01-01T00:00:00Z".into(),
+        method: "estimated:cpu-time*tdp".into(),
+        duration_s: 3.0,
+        images,
+        components: vec![],
+        energy_wh: wh,
+        facility_energy_wh: wh,
+        co2e_g: carbon.co2e_g(wh * 3600.0),
+        per_image: None,
+        per_1000_images: None,
+        cpu: None,
+        gpu: None,
+        tracking_mode: "process".into(),
+        carbon,
+        remote: vec![],
+        unavailable: vec![],
+        warnings: vec!["CPU energy is an estimate".into()],
+    };
+    e.set_images(images);
+    serde_json::to_value(e).unwrap()
+}
+
+fn write_classifier(dir: &Path, name: &str, preds: &[Prediction], wh: f64, simulated: bool) -> RunMetrics {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = String::new();
+    for p in preds {
+        text.push_str(&serde_json::to_string(p).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(dir.join("predictions.jsonl"), text).unwrap();
+    let mut m = RunMetrics::from_predictions(name, "brain", "test", &labels(), preds, 2.0, &opts()).unwrap();
+    m.simulated = simulated;
+    m.energy = Some(energy(wh, preds.len()));
+    m.write(dir.join("metrics.json")).unwrap();
+    m
+}
+
+fn write_manifest(root: &Path, slugs: &[&str]) {
+    let m = RunManifest {
+        mica_version: "0.1.0".into(),
+        command: "mica compare --config exp.toml".into(),
+        dataset: "data/brain".into(),
+        split_manifest: Some("split.csv".into()),
+        seed: Some(42),
+        created_unix: 1_700_000_000,
+        machine: [("cpu".to_string(), "test cpu".to_string())].into_iter().collect(),
+        config: serde_json::json!({
+            "classifier_slugs": slugs,
+            "split_sha256": "abc123",
+            "eval": opts(),
+        }),
+    };
+    std::fs::write(root.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+fn fixture(root: &Path) -> (RunMetrics, RunMetrics) {
+    write_manifest(root, &["cnn-small", "llm-sim"]);
+    let a = write_classifier(&root.join("cnn-small"), "cnn:small", &predictions("cnn:small", 10, false), 0.02, false);
+    let b = write_classifier(&root.join("llm-sim"), "llm:sim/gpt-4o", &predictions("llm:sim/gpt-4o", 3, true), 4.0, true);
+    (a, b)
+}
+
+#[test]
+fn report_figures_equal_metrics_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cnn, llm) = fixture(dir.path());
+    let path = render(dir.path(), Format::Json).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let rows = v["headline"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, m) in rows.iter().zip([&cnn, &llm]) {
+        // Re-read metrics.json from disk so the comparison is with the file, not memory.
+        let slug = row["slug"].as_str().unwrap();
+        let file = RunMetrics::read(dir.path().join(slug).join("metrics.json")).unwrap();
+        assert_eq!(&file, m);
+        assert_eq!(row["accuracy"].as_f64().unwrap(), file.all.accuracy);
+        assert_eq!(row["macro_f1"].as_f64().unwrap(), file.all.macro_f1);
+        assert_eq!(row["weighted_f1"].as_f64().unwrap(), file.all.weighted_f1);
+        let ci = file.all.accuracy_ci.unwrap();
+        assert_eq!(row["accuracy_ci"]["lower"].as_f64().unwrap(), ci.lower);
+        assert_eq!(row["latency_p50_ms"].as_f64().unwrap(), file.latency_ms.unwrap().p50);
+        let e: EnergyReport = serde_json::from_value(file.energy.clone().unwrap()).unwrap();
+        assert_eq!(row["wh_per_1000"].as_f64().unwrap(), e.per_1000_images.unwrap().energy_wh);
+        let per_class = v["per_class"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["slug"] == slug)
+            .unwrap();
+        for (i, (label, cm)) in file.all.per_class.iter().enumerate() {
+            assert_eq!(per_class["rows"][i]["label"], label);
+            assert_eq!(per_class["rows"][i]["f1"].as_f64().unwrap(), cm.f1);
+        }
+    }
+    assert_eq!(rows[1]["coverage"].as_f64().unwrap(), llm.coverage);
+    assert_eq!(rows[1]["usd_per_1000"].as_f64().unwrap(), llm.cost.unwrap().per_image_usd * 1000.0);
+    assert!(rows[0]["coverage"].is_null(), "CNN without a filter has no coverage column value");
+
+    // The formatted HTML and Markdown show the same numbers, rounded.
+    let html = std::fs::read_to_string(render(dir.path(), Format::Html).unwrap()).unwrap();
+    let md = std::fs::read_to_string(render(dir.path(), Format::Markdown).unwrap()).unwrap();
+    for m in [&cnn, &llm] {
+        let acc = format!("{:.1} (", m.all.accuracy * 100.0);
+        assert!(html.contains(&acc) && md.contains(&acc), "accuracy {acc} missing");
+        let f1 = format!("{:.3} (", m.all.macro_f1);
+        assert!(html.contains(&f1) && md.contains(&f1), "macro F1 {f1} missing");
+    }
+    let csv = std::fs::read_to_string(render(dir.path(), Format::Csv).unwrap()).unwrap();
+    let line = csv.lines().nth(1).unwrap();
+    assert!(line.starts_with(&format!("cnn:small,cnn-small,cnn,40,{},", cnn.all.accuracy)), "{line}");
+}
+
+#[test]
+fn html_is_self_contained_with_inline_plots_and_simulated_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let html = std::fs::read_to_string(render(dir.path(), Format::Html).unwrap()).unwrap();
+    assert!(html.contains("id=\"simulated\""), "SIMULATED banner missing");
+    assert!(!html.contains("http://") || !html.contains("src=\"http"), "no network references");
+    assert!(!html.contains("<script"), "no scripts");
+    assert!(!html.contains("<img"), "figures are inline, not linked");
+    for fig in ["accuracy-vs-energy", "accuracy-vs-cost", "latency", "risk-coverage", "reliability", "confusion-cnn-small", "confusion-llm-sim"] {
+        assert!(html.contains(&format!("id=\"fig-{fig}\"><svg")), "figure {fig} missing");
+        assert!(dir.path().join("plots").join(format!("{fig}.png")).is_file());
+    }
+    assert!(html.contains("abc123"), "split hash in provenance");
+    assert!(html.contains("Pairwise McNemar"));
+    assert!(html.contains("decision support") || html.contains("Decision support"));
+}
+
+#[test]
+fn summary_sentences_follow_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cnn, llm) = fixture(dir.path());
+    let (_, cmp) = load(dir.path()).unwrap();
+    let diff = (cnn.all.accuracy - llm.all.accuracy) * 100.0;
+    let s = cmp.summary.join("\n");
+    assert!(s.contains(&format!("{diff:.1} points more accurate than llm:sim/gpt-4o")), "{s}");
+    let ratio = 4.0 / 0.02;
+    assert!(s.contains(&format!("uses {ratio:.0} times less energy")), "{s}");
+    let acc = llm.accepted.as_ref().unwrap().accuracy;
+    assert!(
+        s.contains(&format!("to {:.1} % accuracy on the {:.1} % of cases it accepts", acc * 100.0, llm.coverage * 100.0)),
+        "{s}"
+    );
+    assert!(s.contains("SIMULATED"));
+    let pair = &cmp.mcnemar[0];
+    assert_eq!(pair.n, 40);
+    assert!((pair.difference_points - diff).abs() < 1e-9, "paired difference equals the headline difference here");
+    let text = headline_text(&cmp);
+    assert!(text.lines().count() >= 3 && text.contains("cnn:small"), "{text}");
+}
+
+#[test]
+fn shards_merge_into_the_same_metrics_as_one_run() {
+    let whole = tempfile::tempdir().unwrap();
+    write_manifest(whole.path(), &["cnn-small"]);
+    let preds = predictions("cnn:small", 4, false);
+    let full = write_classifier(&whole.path().join("cnn-small"), "cnn:small", &preds, 0.04, false);
+
+    let sharded = tempfile::tempdir().unwrap();
+    write_manifest(sharded.path(), &["cnn-small"]);
+    let (a, b): (Vec<_>, Vec<_>) = preds.iter().cloned().enumerate().partition(|(i, _)| i % 3 == 0);
+    let a: Vec<Prediction> = a.into_iter().map(|x| x.1).collect();
+    let b: Vec<Prediction> = b.into_iter().map(|x| x.1).collect();
+    let s1 = sharded.path().join("shards").join(shard_dir_name(1, 2));
+    write_classifier(&s1.join("cnn-small"), "cnn:small", &a, 0.01, false);
+    // Only one of two shards: the report refuses to merge a subset.
+    let err = load(sharded.path()).unwrap_err().to_string();
+    assert!(err.contains("2-of-2") && err.contains("not present"), "{err}");
+    let s2 = sharded.path().join("shards").join(shard_dir_name(2, 2));
+    write_classifier(&s2.join("cnn-small"), "cnn:small", &b, 0.03, false);
+    let (run, _) = load(sharded.path()).unwrap();
+    let merged = &run.classifiers[0].metrics;
+    assert_eq!(merged.images, 40);
+    assert_eq!(merged.all, full.all, "same confusion, F1 and bootstrap CIs as the unsharded run");
+    let e = run.classifiers[0].energy.as_ref().unwrap();
+    assert!((e.energy_wh - 0.04).abs() < 1e-12);
+    assert!((e.per_1000_images.unwrap().energy_wh - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn store_indexes_lists_and_reindexes_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("brain");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let (cnn, _) = fixture(&run_dir);
+    let (run, cmp) = load(&run_dir).unwrap();
+    let mut store = Store::open(dir.path().join("db/runs.sqlite")).unwrap();
+    let id = store.index(&run, &cmp).unwrap();
+    assert_eq!(store.index(&run, &cmp).unwrap(), id, "same directory, same id");
+    let list = store.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].name, "brain");
+    assert_eq!(list[0].classifiers, 2);
+    assert!(list[0].simulated);
+    assert_eq!(list[0].best_classifier.as_deref(), Some("cnn:small"));
+    let found = store.find("brain").unwrap().unwrap();
+    assert_eq!(found.id, id);
+    assert!(store.find("nope").unwrap().is_none());
+    let results = store.results(id).unwrap();
+    assert_eq!(results[0].accuracy, cnn.all.accuracy);
+    assert!(store.report_json(id).unwrap().is_some());
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = RunDir::open(dir.path().join("missing")).unwrap_err().to_string();
+    assert!(err.contains("missing") && err.contains("no such folder"), "{err}");
+    let err = RunDir::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("no finished classifier"), "{err}");
+    std::fs::create_dir_all(dir.path().join("x")).unwrap();
+    std::fs::write(dir.path().join("x/metrics.json"), "{not json").unwrap();
+    let err = RunDir::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("x/metrics.json") && err.contains("not a mica metrics.json"), "{err}");
+    assert!(!err.contains('\n'));
+    assert!(parse_shard("3/2").is_err() && parse_shard("0/2").is_err() && parse_shard("a").is_err());
+    assert_eq!(parse_shard("2/8").unwrap(), (2, 8));
+}
