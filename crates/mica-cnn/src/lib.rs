@@ -65,3 +65,6 @@ pub enum CnnError {
     #[error(transparent)]
     Core(#[from] mica_core::CoreError),
 }
+
+#[cfg(test)]
+mod tests;

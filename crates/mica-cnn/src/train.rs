@@ -53,6 +53,10 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Cap the number of images used per split (quick runs and tests); `None` = all.
     pub limit: Option<usize>,
+    /// End this invocation after this many epochs without ending the run: the schedule still
+    /// spans `epochs`, and `resume` continues. For time-boxed sessions (and resume tests).
+    #[serde(default)]
+    pub stop_after_epochs: Option<usize>,
 }
 
 impl TrainConfig {
@@ -74,6 +78,7 @@ impl TrainConfig {
             pretrained: None,
             resume: false,
             limit: None,
+            stop_after_epochs: None,
         }
     }
 
@@ -593,7 +598,11 @@ fn train_on<B: AutodiffBackend>(
     let mut train_seconds = 0.0;
     let mut images_seen = 0usize;
     let mut epoch = start_epoch;
-    while epoch <= cfg.epochs && !stopped_early {
+    let last_epoch = match cfg.stop_after_epochs {
+        Some(n) => cfg.epochs.min(start_epoch + n.max(1) - 1),
+        None => cfg.epochs,
+    };
+    while epoch <= last_epoch && !stopped_early {
         let t0 = Instant::now();
         progress(Progress::EpochStart { epoch, epochs: cfg.epochs, steps: steps_per_epoch });
         let mut order: Vec<usize> = (0..train.len()).collect();

@@ -691,3 +691,215 @@ pub fn read_metadata(meta: &Path) -> Result<HashMap<String, String>, DataError> 
 pub fn canonical_label(modality: Modality, name: &str) -> Option<usize> {
     canonical_index(modality, name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::GrayImage;
+
+    pub(crate) fn png(path: &Path, seed: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        GrayImage::from_fn(24, 20, |x, y| image::Luma([(x as u8).wrapping_mul(seed).wrapping_add(y as u8)]))
+            .save(path)
+            .unwrap();
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    #[test]
+    fn image_folder_with_other_labels_and_skipped_files() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("dogs/a.png"), 3);
+        png(&d.path().join("dogs/sub/b.png"), 4);
+        png(&d.path().join("cats/c.png"), 5);
+        std::fs::write(d.path().join("cats/notes.txt"), "x").unwrap();
+        std::fs::write(d.path().join("cats/fake.png"), "not a png").unwrap();
+        std::fs::write(d.path().join("cats/.DS_Store"), "x").unwrap();
+        let ds = load(d.path()).unwrap();
+        assert_eq!(ds.layout, Layout::ImageFolder);
+        assert_eq!(ds.modality, Modality::Other);
+        assert_eq!(ds.labels.names(), ["cats", "dogs"]);
+        let ids: Vec<_> = ds.samples.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["cats/c.png", "dogs/a.png", "dogs/sub/b.png"]);
+        assert_eq!(ds.samples[1].label, 1);
+        assert!(ds.samples.iter().all(|s| s.split.is_none()));
+        assert_eq!(ds.skipped.len(), 2, "{:?}", ds.skipped);
+        assert!(ds.skipped.iter().any(|s| s.path.ends_with("fake.png") && s.reason.contains("not an image")));
+        assert!(ds.skipped.iter().any(|s| s.path.ends_with("notes.txt")));
+    }
+
+    #[test]
+    fn covid_layout_folds_names_and_ignores_masks() {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path().join(COVID_TOP);
+        for (class, file) in [("COVID", "COVID-1"), ("Lung_Opacity", "Lung_Opacity-1"), ("Normal", "Normal-1"), ("Viral Pneumonia", "Viral Pneumonia-1")] {
+            png(&top.join(class).join("images").join(format!("{file}.png")), 2);
+            png(&top.join(class).join("masks").join(format!("{file}.png")), 9);
+        }
+        std::fs::write(top.join("COVID.metadata.xlsx"), "x").unwrap();
+        let ds = load(d.path()).unwrap();
+        assert_eq!(ds.layout, Layout::CovidRadiography);
+        assert_eq!(ds.modality, Modality::Xray);
+        assert_eq!(ds.samples.len(), 4);
+        let vp = ds.samples.iter().find(|s| s.id.contains("Viral")).unwrap();
+        assert_eq!(ds.labels.name(vp.label), "viral_pneumonia");
+        assert_eq!(vp.id, "COVID-19_Radiography_Dataset/Viral Pneumonia/images/Viral Pneumonia-1.png");
+        // The folder itself is also recognised.
+        assert_eq!(detect(&top).unwrap(), Layout::CovidRadiography);
+    }
+
+    #[test]
+    fn brain_and_chest_ct_layouts_keep_official_splits() {
+        let d = tempfile::tempdir().unwrap();
+        let mri = d.path().join("mri");
+        for class in ["glioma", "meningioma", "notumor", "pituitary"] {
+            png(&mri.join("Training").join(class).join("Tr-1.png"), 1);
+            png(&mri.join("Testing").join(class).join("Te-1.png"), 2);
+        }
+        let ds = load(&mri).unwrap();
+        assert_eq!(ds.layout, Layout::BrainTumorMri);
+        assert_eq!(ds.count(Some(Split::Test), 3), 1);
+        let nt = ds.samples.iter().find(|s| s.id == "Training/notumor/Tr-1.png").unwrap();
+        assert_eq!((ds.labels.name(nt.label), nt.split), ("no_tumor", Some(Split::Train)));
+
+        let ct = d.path().join("ct");
+        let train = ["adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib", "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa", "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa", "normal"];
+        let test = ["adenocarcinoma", "large.cell.carcinoma", "squamous.cell.carcinoma", "normal"];
+        for (split, names) in [("train", train), ("valid", train), ("test", test)] {
+            for n in names {
+                png(&ct.join("Data").join(split).join(n).join("1.png"), 3);
+            }
+        }
+        let ds = load(&ct).unwrap();
+        assert_eq!(ds.layout, Layout::ChestCt);
+        assert_eq!(ds.labels.names(), ["adenocarcinoma", "large_cell_carcinoma", "squamous_cell_carcinoma", "normal"]);
+        for l in 0..4 {
+            assert_eq!(Split::ALL.map(|s| ds.count(Some(s), l)), [1, 1, 1]);
+        }
+    }
+
+    #[test]
+    fn bad_paths_and_layouts_give_clear_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let e = load(&d.path().join("nope")).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("no such file"), "{e}");
+
+        let f = d.path().join("x.png");
+        png(&f, 1);
+        let e = load(&f).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("is a file, not a dataset"), "{e}");
+
+        let odd = d.path().join("odd");
+        std::fs::create_dir_all(&odd).unwrap();
+        std::fs::write(odd.join("readme.txt"), "x").unwrap();
+        let e = load(&odd).unwrap_err();
+        assert!(!e.is_usage() && e.to_string().contains("unknown dataset layout"), "{e}");
+
+        let empty = d.path().join("withempty");
+        png(&empty.join("a/1.png"), 1);
+        std::fs::create_dir_all(empty.join("b")).unwrap();
+        let e = load(&empty).unwrap_err().to_string();
+        assert!(e.contains("withempty/b") && e.contains("class folder `b` contains no images"), "{e}");
+    }
+
+    #[test]
+    fn csv_manifest_loads_relative_paths_and_lists_missing_files() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("img/1.png"), 1);
+        png(&d.path().join("img/2.png"), 2);
+        let m = d.path().join("labels.csv");
+        std::fs::write(&m, "path,label,split,context\nimg/1.png,Glioma,train,age 40\nimg/2.png,notumor,test,\nimg/3.png,pituitary,,\n").unwrap();
+        let ds = load(&m).unwrap();
+        assert_eq!(ds.layout, Layout::CsvManifest);
+        assert_eq!(ds.modality, Modality::Mri);
+        assert_eq!(ds.samples.len(), 2);
+        assert_eq!(ds.samples[0].context.as_deref(), Some("age 40"));
+        assert_eq!(ds.samples[1].split, Some(Split::Test));
+        assert_eq!(ds.skipped.len(), 1);
+        assert!(ds.skipped[0].reason.contains("line 4"), "{:?}", ds.skipped);
+
+        std::fs::write(&m, "file,class_name\nimg/1.png,a\n").unwrap();
+        let e = load(&m).unwrap_err().to_string();
+        assert!(e.contains("labels.csv") && e.contains("missing column `label`"), "{e}");
+        std::fs::write(&m, "path,label,split\nimg/1.png,a,holdout\n").unwrap();
+        let e = load(&m).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("unknown split"), "{e}");
+    }
+
+    #[test]
+    fn medmnist_npz_loads_and_missing_keys_are_named() {
+        use ndarray::{Array2, Array3, Array4};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bloodmnist.npz");
+        let mut w = ndarray_npy::NpzWriter::new_compressed(std::fs::File::create(&p).unwrap());
+        let imgs = Array3::<u8>::from_shape_fn((5, 8, 8), |(n, y, x)| (n * 10 + y + x) as u8);
+        w.add_array("train_images", &imgs).unwrap();
+        w.add_array("train_labels", &Array2::<u8>::from_shape_vec((5, 1), vec![0, 1, 2, 1, 0]).unwrap()).unwrap();
+        let rgb = Array4::<u8>::from_elem((2, 8, 8, 3), 200);
+        w.add_array("test_images", &rgb).unwrap();
+        w.add_array("test_labels", &Array2::<u8>::from_shape_vec((2, 1), vec![2, 2]).unwrap()).unwrap();
+        w.finish().unwrap();
+        let ds = load(&p).unwrap();
+        assert_eq!(ds.layout, Layout::MedMnistNpz);
+        assert_eq!(ds.labels.names(), ["0", "1", "2"]);
+        assert_eq!(ds.samples.len(), 7);
+        let s = ds.samples.iter().find(|s| s.id == "bloodmnist.npz:train_images[3]").unwrap();
+        assert_eq!((s.label, s.split), (1, Some(Split::Train)));
+        let g = crate::image::load_gray(&s.source).unwrap();
+        assert_eq!((g.width(), g.get_pixel(2, 1)[0]), (8, 33));
+        let t = ds.samples.iter().find(|s| s.split == Some(Split::Test)).unwrap();
+        assert_eq!(crate::image::load_gray(&t.source).unwrap().get_pixel(0, 0)[0], 200);
+
+        let bad = d.path().join("bad.npz");
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&bad).unwrap());
+        w.add_array("x", &imgs).unwrap();
+        w.finish().unwrap();
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.npz") && e.contains("missing MedMNIST arrays") && e.contains("found: x"), "{e}");
+    }
+
+    #[test]
+    fn dicom_class_folders_load_and_pixelless_dicom_is_skipped() {
+        use dicom_dictionary_std::tags;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("ct")).unwrap();
+        std::fs::create_dir_all(d.path().join("mr")).unwrap();
+        std::fs::copy(fixture("CT_small.dcm"), d.path().join("ct/CT_small.dcm")).unwrap();
+        std::fs::copy(fixture("MR_small.dcm"), d.path().join("mr/MR_small.dcm")).unwrap();
+        let mut obj = dicom_object::open_file(fixture("CT_small.dcm")).unwrap();
+        obj.remove_element(tags::PIXEL_DATA);
+        obj.write_to_file(d.path().join("ct/no_pixels.dcm")).unwrap();
+        let ds = load(d.path()).unwrap();
+        assert_eq!(ds.layout, Layout::Dicom);
+        assert_eq!(ds.samples.len(), 2);
+        assert_eq!(ds.skipped.len(), 1);
+        assert!(ds.skipped[0].reason.contains("no pixel data"), "{:?}", ds.skipped);
+        let g = crate::image::load_gray(&ds.samples[0].source).unwrap();
+        assert_eq!((g.width(), g.height()), (128, 128));
+        // Windowed to the full 8-bit range, not a flat image.
+        let (lo, hi) = g.as_raw().iter().fold((255u8, 0u8), |(l, h), &v| (l.min(v), h.max(v)));
+        assert!(lo < 30 && hi > 220, "range {lo}..{hi}");
+        let e = crate::image::load_gray(&ImageSource::file(d.path().join("ct/no_pixels.dcm"))).unwrap_err().to_string();
+        assert!(e.contains("no_pixels.dcm") && e.contains("no pixel data"), "{e}");
+    }
+
+    #[test]
+    fn multi_frame_dicom_uses_first_frame_and_says_so() {
+        let (g, frames) = crate::image::load_gray_with_frames(&ImageSource::file(fixture("SC_rgb_rle_2frame.dcm"))).unwrap();
+        assert_eq!(frames, 2);
+        assert!(g.width() > 0 && g.height() > 0);
+    }
+
+    #[test]
+    fn metadata_csv_adds_context_by_file_name() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("a/x1.png"), 1);
+        png(&d.path().join("b/x2.png"), 2);
+        std::fs::write(d.path().join(METADATA_FILE), "FILE NAME,age,sex\nx1,61,F\n").unwrap();
+        let ds = load(d.path()).unwrap();
+        assert_eq!(ds.samples[0].context.as_deref(), Some("age: 61; sex: F"));
+        assert_eq!(ds.samples[1].context, None);
+    }
+}

@@ -9,6 +9,7 @@ pub mod imgenc;
 pub mod parse;
 pub mod prompt;
 pub mod provider;
+pub mod sim;
 pub mod spec;
 
 pub use cache::ResponseCache;

@@ -121,6 +121,15 @@ impl SynonymTable {
         t
     }
 
+    /// The (normalised) phrases recorded for a label.
+    pub fn phrases_for(&self, label: &str) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(_, l)| l == label)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     pub fn add(&mut self, label: &str, phrase: &str) {
         let n = normalize(phrase);
         if !n.is_empty() && !self.entries.iter().any(|(p, l)| *p == n && l == label) {
