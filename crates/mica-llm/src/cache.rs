@@ -130,6 +130,7 @@ mod tests {
             logprob_confidence: None,
             timings: None,
             finish_reason: None,
+            latency_ms: 3.0,
         };
         c.put(&k, "m", &resp).unwrap();
         assert_eq!(c.get(&k), Some(resp));

@@ -9,6 +9,7 @@ pub mod imgenc;
 pub mod parse;
 pub mod prompt;
 pub mod provider;
+pub mod runner;
 pub mod sim;
 pub mod spec;
 
@@ -20,4 +21,5 @@ pub use findings::Findings;
 pub use parse::{parse_answer, ParseOptions, ParseStage, ParsedAnswer, SynonymTable};
 pub use prompt::{ContextMode, PromptSet};
 pub use provider::{ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, OllamaClient, OpenAiClient, ProviderError};
+pub use runner::{ConfidenceSource, ImageLoader, Limits, LlmClassifier, LlmConfig, LlmRunner, RunStats, WorkItem};
 pub use spec::{ProviderKind, ProviderSpec};

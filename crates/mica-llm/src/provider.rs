@@ -107,6 +107,10 @@ pub struct ChatResponse {
     pub timings: Option<ServerTimings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// Round-trip time of the request that produced this answer (kept in the cache, so a
+    /// cached answer still reports the latency it had).
+    #[serde(default)]
+    pub latency_ms: f64,
 }
 
 /// Why a request failed, and whether trying again can help.
@@ -335,6 +339,7 @@ fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderErr
             .get("finish_reason")
             .and_then(|f| f.as_str())
             .map(|s| s.to_string()),
+        latency_ms: 0.0,
     })
 }
 
@@ -466,6 +471,7 @@ impl LlmProvider for OllamaClient {
                     .get("done_reason")
                     .and_then(|f| f.as_str())
                     .map(|s| s.to_string()),
+                latency_ms: 0.0,
             })
         })
     }

@@ -1,13 +1,255 @@
-//! `mica compare` (owned by the compare/report work).
+//! `mica compare`: every classifier of an experiment on one split, one table.
+//!
+//! All logic lives in `mica-compare` (the run) and `mica-report` (the report); this module
+//! turns flags into an [`Experiment`], draws progress bars and prints the headline table.
 use std::path::PathBuf;
 
-#[derive(clap::Args)]
+use indicatif::{ProgressBar, ProgressStyle};
+use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Event, Experiment, RunOptions};
+
+use crate::exit::usage;
+
+#[derive(clap::Args, Debug)]
 pub struct CompareArgs {
-    /// Experiment TOML file.
+    /// Experiment TOML file (see experiments/). Flags below override or replace it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Quick use without a file: the dataset folder.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Quick use: a classifier (repeatable): cnn:RUN_DIR, cnn-train:ARCH, llm:PROVIDER/MODEL,
+    /// baseline.
+    #[arg(long = "classifier", value_name = "SPEC")]
+    pub classifiers: Vec<String>,
+    /// Filter for the --classifier LLMs (none, default, or a stage list).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Context mode for the --classifier LLMs.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Epochs for cnn-train: classifiers.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Run directory (default: the experiment's `output`, else runs/<dataset name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Split seed (quick use).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// At most N test images per class, for every classifier.
+    #[arg(long)]
+    pub limit_per_class: Option<usize>,
+    /// Input side in pixels for trained CNNs.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Process slice K of N of the test images (1-based), e.g. 2/8 for a Slurm array task;
+    /// `mica report RUN_DIR` merges the shards.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
+    /// Bootstrap resamples for the confidence intervals.
+    #[arg(long)]
+    pub bootstrap: Option<usize>,
+    /// Country of the grid (ISO 3166-1 alpha-3) for CO2.
+    #[arg(long, value_name = "ISO3")]
+    pub country: Option<String>,
+    /// Grid carbon intensity in gCO2e/kWh.
+    #[arg(long, value_name = "G")]
+    pub grid_intensity: Option<f64>,
+    #[arg(long, value_name = "P")]
+    pub pue: Option<f64>,
+    /// CPU TDP in watts for the CPU-time energy estimate.
+    #[arg(long, value_name = "W")]
+    pub tdp: Option<f64>,
+    /// Results store (SQLite); default $MICA_STORE or ~/.local/share/mica/runs.sqlite.
+    #[arg(long, value_name = "PATH")]
+    pub store: Option<PathBuf>,
+    /// Do not index the run in the results store.
+    #[arg(long)]
+    pub no_store: bool,
+    /// Do not write report.html / report.md at the end.
+    #[arg(long)]
+    pub no_report: bool,
 }
 
-pub fn run(_args: CompareArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`mica compare` is not built yet")
+/// Builds the experiment from `--config` and the quick flags.
+pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
+    let mut exp = match &args.config {
+        Some(p) => {
+            if !p.is_file() {
+                return Err(usage(format!("{}: experiment file not found", p.display())));
+            }
+            Experiment::load(p).map_err(|e| usage(e.to_string()))?
+        }
+        None => {
+            let Some(ds) = &args.dataset else {
+                return Err(usage(
+                    "give --config EXPERIMENT.toml, or --dataset DIR with one or more --classifier SPEC",
+                ));
+            };
+            Experiment {
+                name: None,
+                output: None,
+                dataset: DatasetSpec {
+                    path: ds.clone(),
+                    seed: 42,
+                    train: 0.7,
+                    val: 0.1,
+                    test: 0.2,
+                    image_size: None,
+                    limit_per_class: None,
+                    split_manifest: None,
+                },
+                classifiers: Vec::new(),
+                energy: EnergySpec::default(),
+                eval: EvalSpec::default(),
+            }
+        }
+    };
+    if args.config.is_some() {
+        if let Some(ds) = &args.dataset {
+            exp.dataset.path = ds.clone();
+        }
+    }
+    if !args.classifiers.is_empty() {
+        let mut specs: Vec<ClassifierSpec> = Vec::new();
+        for c in &args.classifiers {
+            let mut s = Experiment::classifier_from_flag(c).map_err(usage)?;
+            if s.kind == mica_compare::Kind::Llm {
+                s.filter = args.filter.clone();
+                s.context = args.context.clone();
+            }
+            if s.kind == mica_compare::Kind::Cnn {
+                s.epochs = args.epochs;
+            }
+            specs.push(s);
+        }
+        exp.classifiers = specs;
+    }
+    if let Some(o) = &args.out {
+        exp.output = Some(o.clone());
+    }
+    if let Some(s) = args.seed {
+        exp.dataset.seed = s;
+    }
+    if let Some(l) = args.limit_per_class {
+        exp.dataset.limit_per_class = Some(l);
+    }
+    if let Some(s) = args.image_size {
+        exp.dataset.image_size = Some(s);
+    }
+    if let Some(b) = args.bootstrap {
+        exp.eval.bootstrap_resamples = b;
+    }
+    if args.country.is_some() {
+        exp.energy.country = args.country.clone();
+    }
+    if args.grid_intensity.is_some() {
+        exp.energy.grid_intensity = args.grid_intensity;
+    }
+    if args.pue.is_some() {
+        exp.energy.pue = args.pue;
+    }
+    if args.tdp.is_some() {
+        exp.energy.tdp_w = args.tdp;
+    }
+    if !exp.dataset.path.exists() {
+        return Err(usage(format!("{}: dataset folder not found", exp.dataset.path.display())));
+    }
+    exp.validate().map_err(|m| match &args.config {
+        Some(p) => usage(format!("{}: {m}", p.display())),
+        None => usage(m),
+    })?;
+    Ok(exp)
+}
+
+/// Runs an experiment with progress bars on stderr; shared with `mica demo`.
+pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_compare::RunOutcome> {
+    let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let mut bar: Option<ProgressBar> = None;
+    let result = mica_compare::run_experiment(exp, opts, &mut |e| match e {
+        Event::Notice(m) => {
+            if let Some(b) = &bar {
+                b.suspend(|| eprintln!("note: {m}"));
+            } else {
+                eprintln!("note: {m}");
+            }
+        }
+        Event::Start { slug, total, todo, .. } => {
+            if todo < total {
+                eprintln!("{slug}: resuming, {} of {total} images already done", total - todo);
+            }
+            let b = ProgressBar::new(total as u64);
+            b.set_style(style.clone());
+            b.set_prefix(slug);
+            b.set_position((total - todo) as u64);
+            bar = Some(b);
+        }
+        Event::Progress { done, .. } => {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        }
+        Event::Done { slug, reused } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            if reused {
+                eprintln!("{slug}: finished in an earlier run, reused");
+            } else {
+                eprintln!("{slug}: done");
+            }
+        }
+    });
+    if let Some(b) = bar.take() {
+        b.abandon();
+    }
+    result.map_err(|e| {
+        if e.is_usage() {
+            usage(e.to_string())
+        } else {
+            anyhow::anyhow!(e.to_string())
+        }
+    })
+}
+
+pub fn run(args: CompareArgs) -> anyhow::Result<()> {
+    let exp = experiment(&args)?;
+    let shard = match &args.shard {
+        Some(s) => Some(mica_report::parse_shard(s).map_err(usage)?),
+        None => None,
+    };
+    let store = if args.no_store {
+        None
+    } else {
+        args.store.clone().or_else(mica_report::default_store_path)
+    };
+    let opts = RunOptions {
+        shard,
+        report: !args.no_report,
+        store,
+        command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
+        batch: None,
+    };
+    let outcome = run_with_progress(&exp, &opts)?;
+    if let Some((k, n)) = shard {
+        println!(
+            "shard {k}/{n}: {} test images done in {}; when every shard is done, run `mica report {}`",
+            outcome.test_images,
+            outcome.work_dir.display(),
+            outcome.dir.display()
+        );
+        return Ok(());
+    }
+    let (_, cmp) = mica_report::load(&outcome.dir)?;
+    print!("{}", mica_report::headline_text(&cmp));
+    if let Some(id) = outcome.store_id {
+        println!("indexed as run {id} in the results store (mica runs show {id})");
+    }
+    match &outcome.report {
+        Some(r) => println!("report: {}", r.display()),
+        None => println!("run directory: {} (mica report {} --format html)", outcome.dir.display(), outcome.dir.display()),
+    }
+    Ok(())
 }

@@ -1,0 +1,662 @@
+//! Running a vision LLM over a dataset robustly: bounded concurrency, RPM/TPM limits,
+//! exponential backoff with jitter that honours `Retry-After`, a per-request timeout, a
+//! maximum number of attempts after which the image is `failed` with the last error (never an
+//! empty "wrong" answer), the response cache, and the append-only prediction log.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::GrayImage;
+use mica_core::{
+    ClassifyError, ImageSource, LabelSet, Modality, Outcome, Prediction, PredictionLog, Sample,
+    TokenUsage,
+};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::filter::{self, FilterSpec};
+use crate::imgenc::{base64, encode_png, sha256_hex};
+use crate::provider::{ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, ProviderError, ServerTimings};
+use crate::{
+    parse_answer, ContextMode, Findings, LlmError, PriceEntry, PriceTable, PromptSet, ProviderSpec,
+    ResponseCache, SynonymTable,
+};
+
+/// Where a prediction's confidence comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfidenceSource {
+    /// The confidence the model states in its JSON answer.
+    Stated,
+    /// exp(logprob of the label tokens), falling back to the stated one when absent.
+    Logprobs,
+}
+
+impl std::str::FromStr for ConfidenceSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stated" => Ok(ConfidenceSource::Stated),
+            "logprobs" => Ok(ConfidenceSource::Logprobs),
+            o => Err(format!("unknown confidence source `{o}` (expected stated or logprobs)")),
+        }
+    }
+}
+
+/// Request-pacing and failure-handling knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Maximum requests in flight.
+    pub concurrency: usize,
+    /// Requests per minute (None: unlimited).
+    pub rpm: Option<u32>,
+    /// Tokens per minute, estimated before sending (None: unlimited).
+    pub tpm: Option<u64>,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Longest `Retry-After` honoured (the OpenAI SDK's cap is 60 s).
+    pub max_retry_after: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            concurrency: 4,
+            rpm: None,
+            tpm: None,
+            max_attempts: 5,
+            timeout: Duration::from_secs(120),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Limits {
+    /// Delay before attempt `attempt + 1`: the server's `Retry-After` when given, else
+    /// base * 2^(attempt-1) capped, with "equal jitter" (half fixed, half random) so a burst of
+    /// rate-limited requests does not come back in lockstep.
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(ra) = retry_after {
+            return ra.min(self.max_retry_after);
+        }
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20))
+            .min(self.backoff_max);
+        let j: f64 = rand::rng().random_range(0.5..=1.0);
+        exp.mul_f64(j)
+    }
+}
+
+/// Token bucket: `capacity` tokens, refilled at `per_sec`.
+struct Bucket {
+    capacity: f64,
+    per_sec: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    /// A per-minute budget with a 10-second burst.
+    fn per_minute(per_min: f64) -> Self {
+        let capacity = (per_min / 6.0).max(1.0);
+        Bucket {
+            capacity,
+            per_sec: per_min / 60.0,
+            state: Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    async fn acquire(&self, n: f64) {
+        let n = n.min(self.capacity);
+        loop {
+            let wait = {
+                let mut s = self.state.lock().await;
+                let now = Instant::now();
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity);
+                s.1 = now;
+                if s.0 >= n {
+                    s.0 -= n;
+                    return;
+                }
+                (n - s.0) / self.per_sec
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// Reads an image's pixels. The CLI passes `mica_data::image::load_gray` (all layouts,
+/// DICOM, npz); [`default_loader`] reads plain image files.
+pub type ImageLoader = Arc<dyn Fn(&ImageSource) -> Result<GrayImage, String> + Send + Sync>;
+
+pub fn default_loader() -> ImageLoader {
+    Arc::new(|src: &ImageSource| match src {
+        ImageSource::File { path } => image::open(path)
+            .map(|i| i.to_luma8())
+            .map_err(|e| format!("{}: {e}", path.display())),
+        other => Err(format!("{}: this image source needs mica-data's loader", other.path().display())),
+    })
+}
+
+/// The configuration that decides what is asked; recorded in the run directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmConfig {
+    pub spec: ProviderSpec,
+    pub modality: Modality,
+    pub labels: LabelSet,
+    pub context: ContextMode,
+    pub params: GenParams,
+    pub filter: FilterSpec,
+    /// Longest image side sent (pixels).
+    pub image_max_side: u32,
+    pub confidence_source: ConfidenceSource,
+}
+
+impl LlmConfig {
+    pub fn new(spec: ProviderSpec, modality: Modality, labels: LabelSet) -> Self {
+        LlmConfig {
+            spec,
+            modality,
+            labels,
+            context: ContextMode::Image,
+            params: GenParams::default(),
+            filter: FilterSpec::default(),
+            image_max_side: 512,
+            confidence_source: ConfidenceSource::Stated,
+        }
+    }
+}
+
+/// One image to classify.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub sample: Sample,
+    pub true_label: Option<String>,
+}
+
+impl WorkItem {
+    pub fn from_sample(sample: &Sample, labels: &LabelSet) -> Self {
+        WorkItem {
+            true_label: (sample.label < labels.len()).then(|| labels.name(sample.label).to_string()),
+            sample: sample.clone(),
+        }
+    }
+}
+
+/// Counters of one `run`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStats {
+    /// Images classified in this invocation.
+    pub classified: usize,
+    /// Images already in the log (a resumed run).
+    pub resumed: usize,
+    pub http_requests: u64,
+    pub cache_hits: u64,
+    pub retries: u64,
+    pub wall_seconds: f64,
+}
+
+/// Runs one LLM configuration over images. Cheap to share (`Arc`); all state is internal.
+pub struct LlmRunner {
+    pub config: LlmConfig,
+    name: String,
+    provider: Arc<dyn LlmProvider>,
+    prompts: PromptSet,
+    synonyms: SynonymTable,
+    price: Option<(String, PriceEntry)>,
+    limits: Limits,
+    cache: Option<ResponseCache>,
+    crosscheck: Option<HashMap<String, String>>,
+    loader: ImageLoader,
+    sem: Arc<Semaphore>,
+    rpm: Option<Bucket>,
+    tpm: Option<Bucket>,
+    http_requests: AtomicU64,
+    cache_hits: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl LlmRunner {
+    pub fn new(config: LlmConfig, provider: Arc<dyn LlmProvider>) -> Self {
+        let name = config.spec.canonical();
+        let price = PriceTable::builtin().lookup(&config.spec);
+        let mut r = LlmRunner {
+            config,
+            name,
+            provider,
+            prompts: PromptSet::builtin(),
+            synonyms: SynonymTable::builtin(),
+            price,
+            limits: Limits::default(),
+            cache: None,
+            crosscheck: None,
+            loader: default_loader(),
+            sem: Arc::new(Semaphore::new(1)),
+            rpm: None,
+            tpm: None,
+            http_requests: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        };
+        r = r.with_limits(Limits::default());
+        r
+    }
+
+    /// The classifier name written into predictions (default: the canonical spec).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.sem = Arc::new(Semaphore::new(limits.concurrency.max(1)));
+        self.rpm = limits.rpm.filter(|r| *r > 0).map(|r| Bucket::per_minute(r as f64));
+        self.tpm = limits.tpm.filter(|t| *t > 0).map(|t| Bucket::per_minute(t as f64));
+        self.limits = limits;
+        self
+    }
+    pub fn with_prompts(mut self, prompts: PromptSet) -> Self {
+        for (label, phrases) in &prompts.synonyms {
+            for p in phrases {
+                self.synonyms.add(label, p);
+            }
+        }
+        self.prompts = prompts;
+        self
+    }
+    pub fn with_prices(mut self, table: &PriceTable) -> Self {
+        self.price = table.lookup(&self.config.spec);
+        self
+    }
+    pub fn with_cache(mut self, cache: Option<ResponseCache>) -> Self {
+        self.cache = cache;
+        self
+    }
+    pub fn with_loader(mut self, loader: ImageLoader) -> Self {
+        self.loader = loader;
+        self
+    }
+    /// Loads the CNN predictions named by the filter's `crosscheck` stage, if any.
+    pub fn with_crosscheck_from_filter(mut self) -> Result<Self, LlmError> {
+        if let Some(p) = self.config.filter.crosscheck.clone() {
+            self.crosscheck = Some(filter::load_crosscheck(&p)?);
+        }
+        Ok(self)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn price(&self) -> Option<&(String, PriceEntry)> {
+        self.price.as_ref()
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Classifies the items not yet in `log`, appending each answer as soon as it is known.
+    /// `progress` is called after every appended prediction.
+    pub async fn run(
+        self: &Arc<Self>,
+        items: Vec<WorkItem>,
+        log: &mut PredictionLog,
+        progress: Option<&(dyn Fn(&Prediction) + Send + Sync)>,
+    ) -> Result<RunStats, LlmError> {
+        let t0 = Instant::now();
+        let before = (
+            self.http_requests.load(Ordering::SeqCst),
+            self.cache_hits.load(Ordering::SeqCst),
+            self.retries.load(Ordering::SeqCst),
+        );
+        let mut stats = RunStats::default();
+        let todo: Vec<WorkItem> = items
+            .into_iter()
+            .filter(|it| {
+                let done = log.is_done(&self.name, &it.sample.id);
+                stats.resumed += usize::from(done);
+                !done
+            })
+            .collect();
+        // Backpressure: only a few images beyond the request limit are prepared at a time, so
+        // a 20,000-image run never holds 20,000 decoded images.
+        let window = self.limits.concurrency.max(1) * 2 + 2;
+        let mut set = tokio::task::JoinSet::new();
+        let mut queue = todo.into_iter();
+        loop {
+            while set.len() < window {
+                match queue.next() {
+                    Some(item) => {
+                        let me = self.clone();
+                        set.spawn(async move { me.classify_one(&item).await });
+                    }
+                    None => break,
+                }
+            }
+            let Some(res) = set.join_next().await else { break };
+            let pred = res.map_err(|e| LlmError::Config(format!("classification task panicked: {e}")))?;
+            log.append(&pred)?;
+            stats.classified += 1;
+            if let Some(cb) = progress {
+                cb(&pred);
+            }
+        }
+        stats.http_requests = self.http_requests.load(Ordering::SeqCst) - before.0;
+        stats.cache_hits = self.cache_hits.load(Ordering::SeqCst) - before.1;
+        stats.retries = self.retries.load(Ordering::SeqCst) - before.2;
+        stats.wall_seconds = t0.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// One image, start to finish. Never fails: problems become the outcome.
+    pub async fn classify_one(&self, item: &WorkItem) -> Prediction {
+        let t_all = Instant::now();
+        let cfg = &self.config;
+        let mut p = Prediction::new(&item.sample.id, &self.name, Outcome::Failed);
+        p.true_label = item.true_label.clone();
+        p.extra.insert("context".into(), json!(cfg.context.as_str()));
+
+        // Decode, measure and encode off the async threads.
+        let loader = self.loader.clone();
+        let src = item.sample.source.clone();
+        let (mode, max_side) = (cfg.context, cfg.image_max_side);
+        let prepared = tokio::task::spawn_blocking(move || {
+            let img = loader(&src)?;
+            let findings = mode.needs_findings().then(|| Findings::measure(&img).to_text());
+            let image = mode.sends_image().then(|| {
+                let png = encode_png(&img, max_side);
+                (sha256_hex(&png), Arc::<str>::from(base64(&png)))
+            });
+            Ok::<_, String>((findings, image))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("image task failed: {e}")));
+        let (findings, image) = match prepared {
+            Ok(x) => x,
+            Err(e) => {
+                p.error = Some(format!("cannot read image: {e}"));
+                p.latency_ms = t_all.elapsed().as_secs_f64() * 1e3;
+                return p;
+            }
+        };
+        if let Some(f) = &findings {
+            p.extra.insert("findings".into(), json!(f));
+        }
+        let image_sha = image.as_ref().map(|(h, _)| h.clone());
+        if let Some(h) = &image_sha {
+            p.extra.insert("image_sha256".into(), json!(h));
+        }
+
+        let k = cfg.filter.k();
+        let parse_opts = cfg.filter.parse_options();
+        let mut answers = Vec::with_capacity(k);
+        let mut confidences = Vec::with_capacity(k);
+        let mut raws = Vec::with_capacity(k);
+        let mut usage = TokenUsage::default();
+        let mut have_usage = false;
+        let (mut latency, mut attempts, mut cached, mut simulated) = (0.0, 0u32, 0usize, false);
+        let mut timings = ServerTimings::default();
+        let mut have_timings = false;
+        for i in 0..k {
+            let mut params = cfg.params.clone();
+            let mut variant = 0;
+            if let Some(c) = &cfg.filter.consistency {
+                if c.variants {
+                    variant = i;
+                } else {
+                    params.temperature = c.temperature;
+                    params.seed = Some(params.seed.unwrap_or(0).wrapping_add(i as u64));
+                }
+            }
+            let (system, user) = self.prompts.render(
+                cfg.modality,
+                &cfg.labels,
+                cfg.context,
+                item.sample.context.as_deref(),
+                findings.as_deref(),
+                variant,
+            );
+            let req = ChatRequest {
+                model: cfg.spec.model.clone(),
+                system,
+                user,
+                image_b64: image.as_ref().map(|(_, b)| b.clone()),
+                labels: cfg.labels.names().to_vec(),
+                params,
+            };
+            let key = self
+                .cache
+                .as_ref()
+                .filter(|_| ResponseCache::cacheable(&req))
+                .map(|_| ResponseCache::key(cfg.spec.kind, &cfg.spec.base_url, &req, image_sha.as_deref()));
+            let hit = match (&self.cache, &key) {
+                (Some(c), Some(k)) => c.get(k),
+                _ => None,
+            };
+            let resp = match hit {
+                Some(r) => {
+                    self.cache_hits.fetch_add(1, Ordering::SeqCst);
+                    cached += 1;
+                    r
+                }
+                None => match self.call(&req).await {
+                    Ok((r, n)) => {
+                        attempts += n;
+                        if let (Some(c), Some(k)) = (&self.cache, &key) {
+                            if let Err(e) = c.put(k, &req.model, &r) {
+                                tracing::warn!("response cache: {e}");
+                            }
+                        }
+                        r
+                    }
+                    Err((e, n)) => {
+                        attempts += n;
+                        p.error = Some(e.message.clone());
+                        p.extra.insert("attempts".into(), json!(attempts));
+                        if let Some(s) = e.status {
+                            p.extra.insert("http_status".into(), json!(s));
+                        }
+                        p.latency_ms = t_all.elapsed().as_secs_f64() * 1e3;
+                        return p;
+                    }
+                },
+            };
+            latency += resp.latency_ms;
+            simulated |= resp.simulated;
+            if let Some(u) = resp.usage {
+                usage.prompt += u.prompt;
+                usage.completion += u.completion;
+                have_usage = true;
+            }
+            if let Some(t) = resp.timings {
+                timings.total_ms += t.total_ms;
+                timings.load_ms += t.load_ms;
+                timings.prompt_eval_ms += t.prompt_eval_ms;
+                timings.eval_ms += t.eval_ms;
+                have_timings = true;
+            }
+            let text = if resp.content.is_empty() {
+                resp.refusal.clone().unwrap_or_default()
+            } else {
+                resp.content.clone()
+            };
+            let parsed = parse_answer(&text, &cfg.labels, &self.synonyms, &parse_opts);
+            let conf = match cfg.confidence_source {
+                ConfidenceSource::Logprobs => resp.logprob_confidence.or(parsed.confidence),
+                ConfidenceSource::Stated => parsed.confidence,
+            };
+            if let Some(lc) = resp.logprob_confidence {
+                p.extra.insert("logprob_confidence".into(), json!(lc));
+            }
+            confidences.push(conf);
+            raws.push(text);
+            answers.push(parsed);
+        }
+
+        let cnn = self
+            .crosscheck
+            .as_ref()
+            .map(|m| m.get(&item.sample.id).map(|s| s.as_str()));
+        let d = filter::decide(&cfg.filter, &answers, &confidences, cnn);
+        p.outcome = d.outcome;
+        p.predicted = d.predicted.clone();
+        p.confidence = d.confidence;
+        p.filter = d.stages;
+        let lead = d
+            .predicted
+            .as_ref()
+            .and_then(|l| answers.iter().position(|a| a.label.as_ref() == Some(l)))
+            .unwrap_or(0);
+        p.raw_answer = raws.get(lead).cloned();
+        p.parse_stage = answers[lead].stage.map(|s| s.as_str().to_string());
+        p.rationale = answers[lead].rationale.clone();
+        if d.outcome == Outcome::Unparseable {
+            p.error = answers[lead].note.clone();
+        }
+        p.latency_ms = latency;
+        if have_usage {
+            p.tokens = Some(usage);
+            p.cost_usd = self.price.as_ref().map(|(_, e)| e.cost(&usage));
+        }
+        if let Some(a) = d.agreement {
+            p.extra.insert("agreement".into(), json!(a));
+        }
+        if k > 1 {
+            p.extra.insert(
+                "answers".into(),
+                json!(answers.iter().zip(&raws).map(|(a, r)| json!({"label": a.label, "stage": a.stage, "confidence": a.confidence, "raw": r})).collect::<Vec<_>>()),
+            );
+        }
+        p.extra.insert("attempts".into(), json!(attempts));
+        p.extra.insert("cached".into(), json!(cached == k));
+        p.extra.insert("wall_ms".into(), json!(t_all.elapsed().as_secs_f64() * 1e3));
+        if have_timings {
+            p.extra.insert("server_timings".into(), json!(timings));
+        }
+        if simulated {
+            p.extra.insert("simulated".into(), json!(true));
+        }
+        p
+    }
+
+    /// One request with retries. Returns the response and the attempts it took, or the last
+    /// error and the attempts made.
+    async fn call(&self, req: &ChatRequest) -> Result<(ChatResponse, u32), (ProviderError, u32)> {
+        let est = estimate_tokens(req);
+        let max = self.limits.max_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            if let Some(b) = &self.rpm {
+                b.acquire(1.0).await;
+            }
+            if let Some(b) = &self.tpm {
+                b.acquire(est).await;
+            }
+            let permit = self.sem.acquire().await.expect("semaphore is never closed");
+            self.http_requests.fetch_add(1, Ordering::SeqCst);
+            let t0 = Instant::now();
+            let r = self.provider.chat(req, self.limits.timeout).await;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            drop(permit);
+            match r {
+                Ok(mut resp) => {
+                    resp.latency_ms = ms;
+                    return Ok((resp, attempt));
+                }
+                Err(e) if e.retryable && attempt < max => {
+                    let wait = self.limits.backoff(attempt, e.retry_after);
+                    tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, "retrying: {}", e.message);
+                    self.retries.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(mut e) => {
+                    if e.retryable {
+                        e.message = format!("gave up after {attempt} attempts: {}", e.message);
+                    }
+                    return Err((e, attempt));
+                }
+            }
+        }
+    }
+}
+
+/// Tokens a request may use, for the TPM limiter: text/4 + image + max completion.
+fn estimate_tokens(req: &ChatRequest) -> f64 {
+    let text = (req.system.len() + req.user.len()) as f64 / 4.0;
+    let image = match (&req.image_b64, req.params.detail) {
+        (None, _) => 0.0,
+        (Some(_), Detail::Low) => 85.0,
+        (Some(_), _) => 765.0,
+    };
+    text + image + req.params.max_tokens as f64
+}
+
+/// The [`mica_core::Classifier`] face of a runner, for callers outside an async runtime (it
+/// owns a small tokio runtime; inside a runtime call [`LlmRunner::classify_one`] instead).
+pub struct LlmClassifier {
+    runner: Arc<LlmRunner>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl LlmClassifier {
+    pub fn new(runner: LlmRunner) -> Result<Self, LlmError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| LlmError::Config(format!("cannot start the async runtime: {e}")))?;
+        Ok(LlmClassifier {
+            runner: Arc::new(runner),
+            rt,
+        })
+    }
+}
+
+impl mica_core::Classifier for LlmClassifier {
+    fn name(&self) -> &str {
+        self.runner.name()
+    }
+    fn labels(&self) -> &LabelSet {
+        &self.runner.config.labels
+    }
+    fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
+        let labels = self.runner.config.labels.clone();
+        let runner = self.runner.clone();
+        let items: Vec<WorkItem> = batch.iter().map(|s| WorkItem::from_sample(s, &labels)).collect();
+        self.rt.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, it) in items.into_iter().enumerate() {
+                let r = runner.clone();
+                set.spawn(async move { (i, r.classify_one(&it).await) });
+            }
+            let mut out: Vec<Option<Prediction>> = vec![None; set.len()];
+            while let Some(res) = set.join_next().await {
+                if let Ok((i, p)) = res {
+                    out[i] = Some(p);
+                }
+            }
+            out.into_iter()
+                .zip(batch)
+                .map(|(p, s)| {
+                    p.ok_or_else(|| ClassifyError {
+                        sample_id: s.id.clone(),
+                        message: "classification task panicked".into(),
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+/// Opens (or resumes) `predictions.jsonl` in `out_dir`.
+pub fn open_log(out_dir: &Path) -> Result<(PredictionLog, Vec<Prediction>), LlmError> {
+    Ok(PredictionLog::open(out_dir.join("predictions.jsonl"))?)
+}
