@@ -447,6 +447,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_experiments_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "toml") {
+                let exp = Experiment::load(e.path()).unwrap_or_else(|err| panic!("{err}"));
+                assert!(!exp.classifiers.is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "one experiment per modality");
+    }
+
+    #[test]
     fn flag_forms_parse() {
         assert_eq!(Experiment::classifier_from_flag("cnn:runs/x").unwrap().slug(), "cnn-x");
         assert_eq!(Experiment::classifier_from_flag("cnn-train:resnet18").unwrap().slug(), "cnn-resnet18");

@@ -1,13 +1,253 @@
-//! `mica demo`: the README's first command.
-use std::path::PathBuf;
+//! `mica demo`: the README's first command. The whole main job on the built-in synthetic
+//! datasets: synthesise, train CNNs, run the LLM arm where one is configured, compare, report.
+//!
+//! Every step is a library call that `mica synth`, `mica compare` and `mica report` also make;
+//! the demo only chooses the experiments. Re-running it resumes: finished classifiers and
+//! trained models are reused.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Event, Experiment, Kind, RunOptions};
+use mica_core::Modality;
+
+use crate::exit::usage;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Where datasets, runs and the report go.
+    /// Where datasets, runs and reports go.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
+    /// xray, mri, ct or all.
+    #[arg(long, default_value = "all")]
+    pub modality: String,
+    /// An LLM to compare (`openai/gpt-4o`, `ollama/llama3.2-vision`,
+    /// `openai-compatible/<model>@http://host:port`), run with and without the filter.
+    #[arg(long, env = "MICA_DEMO_LLM")]
+    pub llm: Option<String>,
+    /// Run the LLM arm against mica's built-in simulator instead of a model. Every result from
+    /// it is stamped SIMULATED.
+    #[arg(long)]
+    pub simulated_llm: bool,
+    /// Country (ISO 3166-1 alpha-3) whose grid carbon intensity to use; without it the world
+    /// average is used, and the report says so.
+    #[arg(long)]
+    pub country: Option<String>,
+    /// A smoke run in well under a minute: few, small images and one epoch. Its figures mean
+    /// nothing; it checks that every stage works.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Results store to index the runs in (default: `$MICA_STORE` or the user data folder).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
 }
 
-pub fn run(_args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`mica demo` is not built yet")
+/// Sizes of the two demo flavours.
+struct Plan {
+    synth: mica_data::synth::SynthConfig,
+    small_epochs: usize,
+    second_epochs: usize,
+    llm_limit_per_class: usize,
+}
+
+fn plan(args: &DemoArgs) -> Plan {
+    if args.quick {
+        Plan {
+            synth: mica_data::synth::SynthConfig { per_class: 12, size: 32, seed: args.seed },
+            small_epochs: 1,
+            second_epochs: 1,
+            llm_limit_per_class: 3,
+        }
+    } else {
+        Plan {
+            synth: mica_data::synth::SynthConfig { seed: args.seed, ..Default::default() },
+            small_epochs: 12,
+            second_epochs: 6,
+            llm_limit_per_class: 25,
+        }
+    }
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let modalities: Vec<Modality> = match args.modality.as_str() {
+        "all" => Modality::STUDY.to_vec(),
+        m => vec![m.parse::<Modality>().map_err(usage)?],
+    };
+    if modalities.contains(&Modality::Other) {
+        return Err(usage("--modality must be xray, mri, ct or all"));
+    }
+    let plan = plan(&args);
+    let data_dir = args.out.join("data");
+    let llm = llm_choice(&args);
+    match &llm {
+        None => println!(
+            "LLM arm: not configured. To compare an LLM, pass --llm openai/gpt-4o (key from \
+             OPENAI_API_KEY), --llm ollama/llama3.2-vision, or --llm \
+             openai-compatible/<model>@http://host:port; --simulated-llm runs the built-in \
+             simulator (stamped SIMULATED)."
+        ),
+        Some((model, true)) => println!("LLM arm: {model} (SIMULATED: the built-in simulator, not a model)"),
+        Some((model, false)) => println!("LLM arm: {model}"),
+    }
+
+    let store = args.store.clone().or_else(mica_report::store::default_store_path);
+    let mut reports = Vec::new();
+    for m in &modalities {
+        let t = Instant::now();
+        let dataset = mica_data::synth::generate(&data_dir, *m, &plan.synth)
+            .with_context(|| format!("synthesising the {m} dataset"))?;
+        println!(
+            "\n== {m}: synthetic dataset {} ({} images per class, {} px, seed {}) in {:.1} s",
+            dataset.display(),
+            plan.synth.per_class,
+            plan.synth.size,
+            plan.synth.seed,
+            t.elapsed().as_secs_f64()
+        );
+        let exp = experiment(&args, &plan, *m, &dataset, llm.as_ref());
+        let opts = RunOptions {
+            report: true,
+            store: store.clone(),
+            command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
+            ..Default::default()
+        };
+        let outcome = run_with_progress(&exp, &opts)?;
+        let (_, cmp) = mica_report::load(&outcome.dir)
+            .with_context(|| format!("reading back {}", outcome.dir.display()))?;
+        println!("{}", mica_report::render::headline_text(&cmp));
+        if let Some(r) = outcome.report {
+            reports.push(r);
+        }
+    }
+    println!(
+        "\nDemo finished in {:.0} s. Figures on synthetic phantoms show that the pipeline works; \
+         they say nothing about performance on patients. Reports:",
+        started.elapsed().as_secs_f64()
+    );
+    for r in &reports {
+        println!("  {}", r.display());
+    }
+    Ok(())
+}
+
+/// The LLM to run, and whether it is the simulator.
+fn llm_choice(args: &DemoArgs) -> Option<(String, bool)> {
+    match (&args.llm, args.simulated_llm) {
+        (Some(m), _) => Some((m.clone(), false)),
+        (None, true) => Some(("openai-compatible/mica-llm-sim".into(), true)),
+        (None, false) => None,
+    }
+}
+
+fn experiment(
+    args: &DemoArgs,
+    plan: &Plan,
+    m: Modality,
+    dataset: &Path,
+    llm: Option<&(String, bool)>,
+) -> Experiment {
+    let blank = |kind| ClassifierSpec {
+        kind,
+        slug: None,
+        run: None,
+        train: None,
+        epochs: None,
+        batch: None,
+        model: None,
+        context: None,
+        template: None,
+        filter: None,
+        simulated: false,
+        limit_per_class: None,
+    };
+    let mut classifiers = vec![
+        ClassifierSpec {
+            train: Some("small".into()),
+            epochs: Some(plan.small_epochs),
+            ..blank(Kind::Cnn)
+        },
+        ClassifierSpec {
+            train: Some("mobilenet".into()),
+            epochs: Some(plan.second_epochs),
+            ..blank(Kind::Cnn)
+        },
+        blank(Kind::Baseline),
+    ];
+    if let Some((model, simulated)) = llm {
+        for filter in ["none", "default"] {
+            classifiers.push(ClassifierSpec {
+                model: Some(model.clone()),
+                context: Some("image+clinical".into()),
+                filter: Some(filter.into()),
+                simulated: *simulated,
+                limit_per_class: Some(plan.llm_limit_per_class),
+                ..blank(Kind::Llm)
+            });
+        }
+    }
+    Experiment {
+        name: Some(format!("demo-{m}")),
+        output: Some(args.out.join(m.as_str())),
+        dataset: DatasetSpec {
+            path: dataset.to_path_buf(),
+            seed: args.seed,
+            train: 0.7,
+            val: 0.1,
+            test: 0.2,
+            image_size: None,
+            limit_per_class: None,
+            split_manifest: None,
+        },
+        classifiers,
+        energy: EnergySpec {
+            country: args.country.clone(),
+            ..Default::default()
+        },
+        eval: EvalSpec::default(),
+    }
+}
+
+/// Runs one experiment with a progress bar per classifier and notices above the bars.
+fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_compare::RunOutcome> {
+    let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {per_sec} {eta}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let mut bar: Option<ProgressBar> = None;
+    let outcome = mica_compare::run_experiment(exp, opts, &mut |e| match e {
+        Event::Notice(n) => match &bar {
+            Some(b) => b.println(format!("  {n}")),
+            None => eprintln!("  {n}"),
+        },
+        Event::Start { name, total, todo, .. } => {
+            let b = ProgressBar::new(total as u64).with_style(style.clone()).with_prefix(name);
+            b.set_position((total - todo) as u64);
+            bar = Some(b);
+        }
+        Event::Progress { done, .. } => {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        }
+        Event::Done { slug, reused } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("  {slug}: {}", if reused { "reused from an earlier run" } else { "done" });
+        }
+    });
+    if let Some(b) = bar.take() {
+        b.abandon();
+    }
+    outcome.map_err(|e| {
+        if e.is_usage() {
+            usage(e.to_string())
+        } else {
+            anyhow::Error::new(e)
+        }
+    })
 }
