@@ -40,7 +40,15 @@ fn probe_finds_a_fake_rapl_tree() {
     zone(dir.path(), "intel-rapl:0:0", "dram", 1000);
     zone(dir.path(), "intel-rapl:1", "psys", 1000);
     let out = mica()
-        .args(["energy", "probe", "--json", "--no-nvml", "--country", "DEU", "--powercap-root"])
+        .args([
+            "energy",
+            "probe",
+            "--json",
+            "--no-nvml",
+            "--country",
+            "DEU",
+            "--powercap-root",
+        ])
         .arg(dir.path())
         .assert()
         .success()
@@ -77,8 +85,18 @@ fn burn_records_a_window_into_a_run_directory() {
     let run = dir.path().join("run");
     let out = mica()
         .args([
-            "energy", "burn", "--seconds", "0.3", "--tdp", "40", "--grid-intensity", "300",
-            "--no-nvml", "--powercap-root", "/nonexistent", "--out",
+            "energy",
+            "burn",
+            "--seconds",
+            "0.3",
+            "--tdp",
+            "40",
+            "--grid-intensity",
+            "300",
+            "--no-nvml",
+            "--powercap-root",
+            "/nonexistent",
+            "--out",
         ])
         .arg(&run)
         .assert()

@@ -240,7 +240,7 @@ fn missing_validation_split_is_held_out_from_train() {
 fn write_torchvision_resnet18(path: &Path, classes: usize) -> std::collections::HashMap<String, Vec<f32>> {
     use safetensors::{tensor::TensorView, Dtype};
     let mut shapes: Vec<(String, Vec<usize>)> = vec![("conv1.weight".into(), vec![64, 3, 7, 7])];
-    let mut bn = |name: &str, c: usize, v: &mut Vec<(String, Vec<usize>)>| {
+    let bn = |name: &str, c: usize, v: &mut Vec<(String, Vec<usize>)>| {
         for k in ["weight", "bias", "running_mean", "running_var"] {
             v.push((format!("{name}.{k}"), vec![c]));
         }

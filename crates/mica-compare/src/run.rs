@@ -502,7 +502,10 @@ fn run_classifier(
         &exp.eval.options(),
     )
     .map_err(|e| CompareError::Data(format!("{}: {e}", pred_path.display())))?;
-    metrics.simulated = simulated || spec.simulated;
+    metrics.simulated = simulated
+        || preds
+            .iter()
+            .any(|p| p.extra.get("simulated").and_then(|v| v.as_bool()) == Some(true));
     metrics.energy = combine_windows(&windows).map(|e| serde_json::to_value(e).expect("energy serialises"));
     if measured_images < preds.len() {
         extra.insert(

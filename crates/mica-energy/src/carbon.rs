@@ -209,7 +209,9 @@ mod tests {
         ] {
             assert!(CarbonConfig::resolve(country, g, pue).is_err());
         }
-        let e = CarbonConfig::resolve(Some("FR"), None, None).unwrap_err().to_string();
+        let e = CarbonConfig::resolve(Some("FR"), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("alpha-3"), "{e}");
     }
 }

@@ -84,7 +84,11 @@ fn row(r: &EnergyReport) -> Vec<String> {
         String::new(),
         f(r.duration_s),
         f(emissions_kg),
-        f(if r.duration_s > 0.0 { emissions_kg / r.duration_s } else { 0.0 }),
+        f(if r.duration_s > 0.0 {
+            emissions_kg / r.duration_s
+        } else {
+            0.0
+        }),
         f(watts(Component::Cpu)),
         f(watts(Component::Gpu)),
         f(watts(Component::Ram)),
@@ -220,7 +224,16 @@ mod tests {
         assert_eq!(lines.len(), 3);
         let header = split_csv_line(lines[0]);
         assert_eq!(header.len(), CSV_COLUMNS.len());
-        assert_eq!(&header[..5], ["timestamp", "project_name", "run_id", "experiment_id", "duration"]);
+        assert_eq!(
+            &header[..5],
+            [
+                "timestamp",
+                "project_name",
+                "run_id",
+                "experiment_id",
+                "duration"
+            ]
+        );
         assert!(header.contains(&"method".to_string()));
         let row = split_csv_line(lines[1]);
         assert_eq!(row.len(), header.len());
@@ -238,7 +251,10 @@ mod tests {
         assert_eq!(col("method"), "estimated:cpu-time*tdp");
         assert_eq!(col("country_iso_code"), "FRA");
         assert_eq!(col("images"), "10");
-        assert_eq!(split_csv_line(lines[2])[header.iter().position(|h| h == "images").unwrap()], "20");
+        assert_eq!(
+            split_csv_line(lines[2])[header.iter().position(|h| h == "images").unwrap()],
+            "20"
+        );
     }
 
     #[test]
@@ -246,8 +262,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("energy.csv");
         std::fs::write(&path, "a,b\n1,2\n").unwrap();
-        let err = append_energy_csv(&path, &report(1)).unwrap_err().to_string();
-        assert!(err.contains("energy.csv") && err.contains("different columns"), "{err}");
+        let err = append_energy_csv(&path, &report(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("energy.csv") && err.contains("different columns"),
+            "{err}"
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a,b\n1,2\n");
     }
 }

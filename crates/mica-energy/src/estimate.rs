@@ -6,7 +6,9 @@
 //! DIMM-count model (5 W per x86 DIMM, at least 2 DIMMs; 1.5 W per ARM DIMM, at least 3 W).
 //! Every figure is labelled `estimated:cpu-time*tdp` and the report names the TDP assumed.
 
-use crate::meter::{Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot};
+use crate::meter::{
+    Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot,
+};
 use crate::tdp::CpuSpec;
 use crate::EnergyError;
 
@@ -63,7 +65,10 @@ pub fn ram_power_w(memory_gb: f64, arm: bool) -> f64 {
     } else if dimms <= 16.0 {
         per_dimm * 4.0 + per_dimm * 0.9 * 4.0 + per_dimm * 0.8 * (dimms - 8.0)
     } else {
-        per_dimm * 4.0 + per_dimm * 0.9 * 4.0 + per_dimm * 0.8 * 8.0 + per_dimm * 0.7 * (dimms - 16.0)
+        per_dimm * 4.0
+            + per_dimm * 0.9 * 4.0
+            + per_dimm * 0.8 * 8.0
+            + per_dimm * 0.7 * (dimms - 16.0)
     };
     total.max(min_power)
 }
@@ -195,7 +200,9 @@ impl EnergyMeter for CpuTimeMeter {
                     self.cpu.model, self.cpu.tdp_w
                 ));
             }
-            if self.cpu.virtual_machine && matches!(self.cpu.tdp_source, crate::TdpSource::Table { .. }) {
+            if self.cpu.virtual_machine
+                && matches!(self.cpu.tdp_source, crate::TdpSource::Table { .. })
+            {
                 warnings.push(format!(
                     "virtual machine: the table TDP is the host chip's, shared here among only {} visible threads; the estimate may be too high. Pass --tdp with this VM's share",
                     self.cpu.threads

@@ -55,10 +55,7 @@ impl Method {
     }
 
     pub fn is_estimate(self) -> bool {
-        matches!(
-            self,
-            Method::EstimatedCpuTimeTdp | Method::EstimatedRamDimm
-        )
+        matches!(self, Method::EstimatedCpuTimeTdp | Method::EstimatedRamDimm)
     }
 
     /// Whether the figure enters energy and CO2 totals.

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use nvml_wrapper::Nvml;
 
-use crate::meter::{Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot};
+use crate::meter::{
+    Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot,
+};
 use crate::EnergyError;
 
 const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
@@ -104,10 +106,12 @@ impl NvmlMeter {
             return Err("NVML: no visible GPU exposes an energy counter or power reading".into());
         }
         let nvml = Arc::new(nvml);
-        let sampler = gpus
-            .iter()
-            .any(|g| !g.has_counter)
-            .then(|| start_sampler(nvml.clone(), gpus.iter().map(|g| (g.index, g.has_counter)).collect()));
+        let sampler = gpus.iter().any(|g| !g.has_counter).then(|| {
+            start_sampler(
+                nvml.clone(),
+                gpus.iter().map(|g| (g.index, g.has_counter)).collect(),
+            )
+        });
         Ok(NvmlMeter {
             nvml,
             gpus,
@@ -206,18 +210,21 @@ impl EnergyMeter for NvmlMeter {
 
     /// Values per GPU: cumulative mJ, then 1.0 if this process holds a context on it.
     fn read(&self) -> Result<Snapshot, EnergyError> {
-        let sampled = self
-            .sampler
-            .as_ref()
-            .map(|s| s.cumulative_mj.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let sampled = self.sampler.as_ref().map(|s| {
+            s.cumulative_mj
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
         let mut values = Vec::with_capacity(self.gpus.len() * 2);
         for (k, g) in self.gpus.iter().enumerate() {
             let mj = if g.has_counter {
                 self.nvml
                     .device_by_index(g.index)
                     .and_then(|d| d.total_energy_consumption())
-                    .map_err(|e| EnergyError::Read(format!("NVML gpu{} energy counter: {e}", g.index)))?
-                    as f64
+                    .map_err(|e| {
+                        EnergyError::Read(format!("NVML gpu{} energy counter: {e}", g.index))
+                    })? as f64
             } else {
                 sampled.as_ref().map(|v| v[k]).unwrap_or(0.0)
             };

@@ -18,7 +18,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::meter::{Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot};
+use crate::meter::{
+    Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot,
+};
 use crate::EnergyError;
 
 /// Reads a sysfs file; injectable so tests can simulate permission errors even as root.
@@ -105,7 +107,10 @@ impl RaplMeter {
 
     pub fn open_with_reader(root: &Path, reader: SysfsReader) -> Result<RaplMeter, String> {
         if !root.exists() {
-            return Err(format!("{} absent (no RAPL exposed, typical of VMs and containers)", root.display()));
+            return Err(format!(
+                "{} absent (no RAPL exposed, typical of VMs and containers)",
+                root.display()
+            ));
         }
         let mut dirs = BTreeMap::new();
         find_zone_dirs(root, 2, &mut dirs);
@@ -118,7 +123,10 @@ impl RaplMeter {
             let name = match reader(&dir.join("name")) {
                 Ok(n) => n.trim().to_string(),
                 Err(e) => {
-                    notes.push(format!("{}: unreadable name ({e}); zone skipped", dir.display()));
+                    notes.push(format!(
+                        "{}: unreadable name ({e}); zone skipped",
+                        dir.display()
+                    ));
                     continue;
                 }
             };
@@ -164,7 +172,11 @@ impl RaplMeter {
             if matches!(z.kind, Kind::Sub | Kind::Other) {
                 continue;
             }
-            let parent_name = if z.kind == Kind::Dram { name_of(&z.parent) } else { String::new() };
+            let parent_name = if z.kind == Kind::Dram {
+                name_of(&z.parent)
+            } else {
+                String::new()
+            };
             let key = (parent_name, z.name.to_lowercase());
             if let Some(first) = seen.get(&key) {
                 notes.push(format!(
@@ -182,9 +194,21 @@ impl RaplMeter {
             .into_iter()
             .filter(|z| !dropped.contains(&z.id))
             .collect();
-        let packages: Vec<&Zone> = kept.iter().copied().filter(|z| z.kind == Kind::Package).collect();
-        let psys: Vec<&Zone> = kept.iter().copied().filter(|z| z.kind == Kind::Psys).collect();
-        let drams: Vec<&Zone> = kept.iter().copied().filter(|z| z.kind == Kind::Dram).collect();
+        let packages: Vec<&Zone> = kept
+            .iter()
+            .copied()
+            .filter(|z| z.kind == Kind::Package)
+            .collect();
+        let psys: Vec<&Zone> = kept
+            .iter()
+            .copied()
+            .filter(|z| z.kind == Kind::Psys)
+            .collect();
+        let drams: Vec<&Zone> = kept
+            .iter()
+            .copied()
+            .filter(|z| z.kind == Kind::Dram)
+            .collect();
 
         let mut chosen: Vec<(Zone, Component, String)> = Vec::new();
         if !packages.is_empty() {
@@ -193,7 +217,11 @@ impl RaplMeter {
             }
             for d in &drams {
                 let owner = name_of(&d.parent);
-                let label = if owner.is_empty() { "dram".to_string() } else { format!("dram ({owner})") };
+                let label = if owner.is_empty() {
+                    "dram".to_string()
+                } else {
+                    format!("dram ({owner})")
+                };
                 chosen.push(((*d).clone(), Component::Ram, label));
             }
             if !psys.is_empty() {
@@ -203,7 +231,11 @@ impl RaplMeter {
             chosen.push(((*p).clone(), Component::Cpu, "psys (platform)".into()));
             notes.push("RAPL has no package zone; using psys, which covers the whole platform (CPU, chipset, DRAM on some systems), so no DRAM zone is added".into());
         } else {
-            return Err(format!("{}: no package or psys zone among {} RAPL zones", root.display(), dirs.len()));
+            return Err(format!(
+                "{}: no package or psys zone among {} RAPL zones",
+                root.display(),
+                dirs.len()
+            ));
         }
 
         // Readability, now rather than at the first window.
@@ -337,7 +369,10 @@ impl EnergyMeter for RaplMeter {
 
     fn details(&self) -> MeterDetails {
         let mut warnings = self.notes.clone();
-        warnings.push("RAPL counts the whole package, including other processes running at the same time".into());
+        warnings.push(
+            "RAPL counts the whole package, including other processes running at the same time"
+                .into(),
+        );
         MeterDetails {
             tracking_mode: Some("machine"),
             warnings,
@@ -399,8 +434,14 @@ mod tests {
             ],
         );
         let total: f64 = d.components.iter().map(|c| c.joules).sum();
-        assert_eq!(total, 13.0, "package 10 J + dram 3 J; core, uncore and psys not added");
-        assert!(d.components.iter().all(|c| c.method == Method::MeasuredRapl));
+        assert_eq!(
+            total, 13.0,
+            "package 10 J + dram 3 J; core, uncore and psys not added"
+        );
+        assert!(d
+            .components
+            .iter()
+            .all(|c| c.method == Method::MeasuredRapl));
     }
 
     #[test]
@@ -438,7 +479,13 @@ mod tests {
         zone(r, "intel-rapl:2:0", "dram", 0, MAX);
         let m = RaplMeter::open(r).unwrap();
         assert_eq!(m.zone_labels(), ["package-0", "package-1"]);
-        assert_eq!(m.notes().iter().filter(|n| n.contains("duplicates")).count(), 2);
+        assert_eq!(
+            m.notes()
+                .iter()
+                .filter(|n| n.contains("duplicates"))
+                .count(),
+            2
+        );
         let d = window(
             &m,
             r,
@@ -460,7 +507,11 @@ mod tests {
         zone(r, "intel-rapl:0", "package-0", 7_000, MAX);
         zone(r, "intel-rapl:1", "package-1", 7_000, MAX);
         let m = RaplMeter::open(r).unwrap();
-        let d = window(&m, r, &[("intel-rapl:0", 3_007_000), ("intel-rapl:1", 3_007_000)]);
+        let d = window(
+            &m,
+            r,
+            &[("intel-rapl:0", 3_007_000), ("intel-rapl:1", 3_007_000)],
+        );
         assert_eq!(d.components.len(), 1);
         assert_eq!(d.components[0].joules, 3.0);
         assert!(d.notes.iter().any(|n| n.contains("mirrored")));

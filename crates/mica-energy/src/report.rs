@@ -311,7 +311,11 @@ mod tests {
         });
         assert_eq!((r.energy_wh, r.co2e_g), before);
         assert_eq!(r.remote[0].estimated_energy_wh, Some(0.6));
-        assert!(r.remote[0].estimate_source.as_ref().unwrap().contains("Epoch AI"));
+        assert!(r.remote[0]
+            .estimate_source
+            .as_ref()
+            .unwrap()
+            .contains("Epoch AI"));
         assert!(r.method.ends_with("+not-measured:remote-api"));
         assert!(r.warnings.iter().any(|w| w.contains("NOT MEASURED")));
     }

@@ -155,7 +155,14 @@ pub fn resolve_cpu(model_override: Option<&str>, tdp_override: Option<f64>) -> C
     let model = model_override
         .map(str::to_string)
         .or(host.cpu_model.clone());
-    resolve_cpu_with(model, tdp_override, threads, host.sockets, host.hypervisor, host.mem_total_gb)
+    resolve_cpu_with(
+        model,
+        tdp_override,
+        threads,
+        host.sockets,
+        host.hypervisor,
+        host.mem_total_gb,
+    )
 }
 
 pub(crate) fn resolve_cpu_with(
@@ -211,7 +218,10 @@ mod tests {
         assert_eq!(lookup("AMD EPYC 9124"), Some(("AMD EPYC 9124", 200.0)));
         assert_eq!(lookup("amd epyc 9124"), Some(("AMD EPYC 9124", 200.0)));
         let intel = lookup("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz");
-        assert!(intel.is_some_and(|(n, w)| n.contains("6248") && w > 100.0), "{intel:?}");
+        assert!(
+            intel.is_some_and(|(n, w)| n.contains("6248") && w > 100.0),
+            "{intel:?}"
+        );
     }
 
     #[test]

@@ -74,7 +74,8 @@ pub(crate) fn run_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut x = nanos ^ ((std::process::id() as u64) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut x =
+        nanos ^ ((std::process::id() as u64) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut next = || {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = x;
@@ -169,7 +170,10 @@ mod tests {
             split_csv_line(r#""Intel EP80579 Integrated, 1066 MHz",18.0"#),
             ["Intel EP80579 Integrated, 1066 MHz", "18.0"]
         );
-        assert_eq!(split_csv_line(r#"a,"b ""c""",,d"#), ["a", r#"b "c""#, "", "d"]);
+        assert_eq!(
+            split_csv_line(r#"a,"b ""c""",,d"#),
+            ["a", r#"b "c""#, "", "d"]
+        );
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("plain"), "plain");
     }

@@ -12,6 +12,9 @@ pub mod provider;
 pub mod runner;
 pub mod sim;
 pub mod spec;
+pub mod summary;
+#[cfg(test)]
+mod tests;
 
 pub use cache::ResponseCache;
 pub use cost::{PriceEntry, PriceTable};
@@ -20,6 +23,19 @@ pub use filter::{FilterSpec};
 pub use findings::Findings;
 pub use parse::{parse_answer, ParseOptions, ParseStage, ParsedAnswer, SynonymTable};
 pub use prompt::{ContextMode, PromptSet};
-pub use provider::{ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, OllamaClient, OpenAiClient, ProviderError};
+pub use provider::{
+    build_provider, ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, OllamaClient,
+    OpenAiClient, ProviderError,
+};
 pub use runner::{ConfidenceSource, ImageLoader, Limits, LlmClassifier, LlmConfig, LlmRunner, RunStats, WorkItem};
+pub use summary::LlmSummary;
 pub use spec::{ProviderKind, ProviderSpec};
+
+/// A small multi-threaded tokio runtime for synchronous callers (the CLI).
+pub fn runtime() -> Result<tokio::runtime::Runtime, LlmError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| LlmError::Config(format!("cannot start the async runtime: {e}")))
+}

@@ -315,11 +315,27 @@ impl SimServer {
         }
     }
 
-    /// Serves until the task is cancelled (the CLI waits for Ctrl-C instead).
-    pub async fn wait(mut self) {
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+    /// Serves until Ctrl-C (or SIGTERM on Unix), then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term_fut = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term_fut => {}
+            }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        self.shutdown().await;
     }
 }
 

@@ -26,6 +26,8 @@ pub struct ClassifyArgs {
     pub cnn: super::classify_cnn::CnnArgs,
     #[command(flatten)]
     pub llm: super::classify_llm::LlmArgs,
+    #[command(flatten)]
+    pub energy: super::energy::EnergyOpts,
 }
 
 /// What a classification run produced, for the caller to wrap (energy) and print.
@@ -35,16 +37,23 @@ pub struct ClassifyOutcome {
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
-    let outcome = if let Some(dir) = args.classifier.strip_prefix("cnn:") {
-        super::classify_cnn::run(&args, std::path::Path::new(dir))?
-    } else if let Some(spec) = args.classifier.strip_prefix("llm:") {
-        super::classify_llm::run(&args, spec)?
-    } else {
+    if !args.classifier.starts_with("cnn:") && !args.classifier.starts_with("llm:") {
         return Err(usage(format!(
             "unknown classifier `{}`: expected cnn:RUN_DIR or llm:PROVIDER/MODEL",
             args.classifier
         )));
-    };
+    }
+    let project = format!("classify {}", args.classifier);
+    let outcome = super::energy::measured_dir(&args.energy, &project, || {
+        let outcome = if let Some(dir) = args.classifier.strip_prefix("cnn:") {
+            super::classify_cnn::run(&args, std::path::Path::new(dir))?
+        } else {
+            let spec = &args.classifier["llm:".len()..];
+            super::classify_llm::run(&args, spec)?
+        };
+        let (images, dir) = (outcome.images, outcome.out_dir.clone());
+        Ok((outcome, images, dir))
+    })?;
     println!(
         "classified {} images; results in {}",
         outcome.images,

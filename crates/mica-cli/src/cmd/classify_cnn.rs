@@ -20,17 +20,16 @@ pub struct CnnArgs {
     pub review_below: f64,
 }
 
-/// Loads a dataset and makes sure it has train/val/test splits (a seeded stratified split when
-/// the layout has none).
+/// Loads a dataset and gives every image a split (the layout's own where it has one, else a
+/// seeded stratified one), so train and classify see the same images in the same splits.
 pub fn load_split_dataset(path: &Path, seed: u64) -> anyhow::Result<Dataset> {
     if !path.exists() {
         return Err(usage(format!("{}: no such dataset folder", path.display())));
     }
     let mut ds = mica_data::load(path).map_err(data_err)?;
-    if ds.samples.iter().all(|s| s.split.is_none()) {
-        let cfg = mica_data::split::SplitConfig { seed, ..Default::default() };
-        mica_data::split::assign(&mut ds, &cfg).map_err(data_err)?;
-    }
+    // Keeps an official split (carving val out of train where it lacks one); splits the rest.
+    let cfg = mica_data::split::SplitConfig { seed, ..Default::default() };
+    mica_data::split::assign(&mut ds, &cfg).map_err(data_err)?;
     Ok(ds)
 }
 

@@ -1,5 +1,10 @@
-//! `mica dataset ...` (owned by the data work).
+//! `mica dataset ...`: dataset tools over `mica_data`.
 use std::path::PathBuf;
+
+use mica_data::inspect::{inspect, InspectOptions};
+use mica_data::split::SplitConfig;
+
+use super::synth::data_err;
 
 #[derive(clap::Subcommand)]
 pub enum DatasetCommand {
@@ -9,14 +14,42 @@ pub enum DatasetCommand {
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
+    /// A dataset folder, a CSV manifest (path,label[,split][,context]) or a MedMNIST .npz.
     pub path: PathBuf,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Perceptual-hash distance (0-64 bits) at or below which images are near-duplicates.
+    #[arg(long, default_value_t = 4)]
+    pub max_distance: u32,
+    /// Seed of the default split used when the layout has no official one.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 pub fn run(cmd: DatasetCommand) -> anyhow::Result<()> {
     match cmd {
-        DatasetCommand::Inspect(_a) => anyhow::bail!("`mica dataset inspect` is not built yet"),
+        DatasetCommand::Inspect(a) => {
+            if a.max_distance > 64 {
+                return Err(crate::exit::usage(format!(
+                    "--max-distance {} is more than the 64 bits of a hash",
+                    a.max_distance
+                )));
+            }
+            let opts = InspectOptions {
+                max_distance: a.max_distance,
+                split: SplitConfig {
+                    seed: a.seed,
+                    ..SplitConfig::default()
+                },
+            };
+            let r = inspect(&a.path, &opts).map_err(data_err)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.to_text());
+            }
+            Ok(())
+        }
     }
 }

@@ -37,7 +37,12 @@ pub struct EnergyOpts {
     #[arg(long, value_name = "NAME")]
     pub cpu_model: Option<String>,
     /// Root of the powercap sysfs tree (for tests with a fake RAPL tree).
-    #[arg(long, value_name = "DIR", hide = true, default_value = "/sys/class/powercap")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        hide = true,
+        default_value = "/sys/class/powercap"
+    )]
     pub powercap_root: PathBuf,
     /// Do not load NVML.
     #[arg(long, hide = true)]
@@ -54,7 +59,9 @@ impl EnergyOpts {
     pub fn meter_config(&self) -> anyhow::Result<MeterConfig> {
         if let Some(t) = self.tdp {
             if !t.is_finite() || t <= 0.0 || t > 10_000.0 {
-                return Err(usage(format!("--tdp {t}: must be a power in watts, above 0")));
+                return Err(usage(format!(
+                    "--tdp {t}: must be a power in watts, above 0"
+                )));
             }
         }
         let root = if self.powercap_root.as_os_str().is_empty() {
@@ -99,12 +106,45 @@ pub fn measured<T>(
     })
 }
 
+/// [`measured`] for work that decides its run directory itself (`mica classify` derives it
+/// from the classifier): `f` returns its value, the images processed and the run directory.
+pub fn measured_dir<T>(
+    opts: &EnergyOpts,
+    project_name: &str,
+    f: impl FnOnce() -> anyhow::Result<(T, usize, PathBuf)>,
+) -> anyhow::Result<T> {
+    let dir = std::cell::RefCell::new(PathBuf::new());
+    measured_with_remote_at(
+        opts,
+        project_name,
+        || {
+            let (value, images, run_dir) = f()?;
+            *dir.borrow_mut() = run_dir;
+            Ok(Measured {
+                value,
+                images,
+                remote: Vec::new(),
+            })
+        },
+        || dir.borrow().clone(),
+    )
+}
+
 /// [`measured`] for work that also calls remote APIs (the LLM arm).
 pub fn measured_with_remote<T>(
     opts: &EnergyOpts,
     run_dir: &Path,
     project_name: &str,
     f: impl FnOnce() -> anyhow::Result<Measured<T>>,
+) -> anyhow::Result<T> {
+    measured_with_remote_at(opts, project_name, f, || run_dir.to_path_buf())
+}
+
+fn measured_with_remote_at<T>(
+    opts: &EnergyOpts,
+    project_name: &str,
+    f: impl FnOnce() -> anyhow::Result<Measured<T>>,
+    run_dir: impl FnOnce() -> PathBuf,
 ) -> anyhow::Result<T> {
     // Settings are checked before the work, so a typo fails in a second, not after an hour.
     let carbon = opts.carbon()?;
@@ -131,7 +171,7 @@ pub fn measured_with_remote<T>(
     for r in out.remote {
         report.add_remote(r);
     }
-    record(run_dir, &report)?;
+    record(&run_dir(), &report)?;
     print_summary(&report);
     Ok(out.value)
 }
@@ -285,10 +325,16 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
 
 fn burn(args: BurnArgs) -> anyhow::Result<()> {
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
-        return Err(usage(format!("--seconds {}: must be in (0, 3600]", args.seconds)));
+        return Err(usage(format!(
+            "--seconds {}: must be in (0, 3600]",
+            args.seconds
+        )));
     }
     if args.threads == 0 || args.threads > 256 {
-        return Err(usage(format!("--threads {}: must be 1..=256", args.threads)));
+        return Err(usage(format!(
+            "--threads {}: must be 1..=256",
+            args.threads
+        )));
     }
     let carbon = args.energy.carbon()?;
     let meters = MeterSet::auto(&args.energy.meter_config()?);
@@ -366,7 +412,12 @@ mod tests {
         assert_eq!(metrics["accuracy"], 0.9);
         assert_eq!(metrics["energy"]["method"], "estimated:cpu-time*tdp");
         assert_eq!(metrics["energy"]["images"], 3);
-        assert!(metrics["energy"]["per_image"]["energy_wh"].as_f64().unwrap() > 0.0);
+        assert!(
+            metrics["energy"]["per_image"]["energy_wh"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
         let csv = std::fs::read_to_string(run.join("energy.csv")).unwrap();
         assert_eq!(csv.lines().count(), 2);
     }
@@ -385,6 +436,8 @@ mod tests {
         })
         .unwrap_err();
         assert!(!ran);
-        assert!(err.chain().any(|c| c.downcast_ref::<crate::UsageError>().is_some()));
+        assert!(err
+            .chain()
+            .any(|c| c.downcast_ref::<crate::UsageError>().is_some()));
     }
 }

@@ -1,0 +1,259 @@
+//! End-to-end tests of `mica llm-sim` and `mica classify --classifier llm:...` on a tiny
+//! synthetic dataset, against the simulator on 127.0.0.1 (no network).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Stdio};
+
+use assert_cmd::Command;
+
+const FAKE_KEY: &str = "sk-mica-cli-test-NEVER-WRITE-5e1d";
+
+fn mica() -> Command {
+    Command::cargo_bin("mica").unwrap()
+}
+
+fn synth(root: &Path) -> PathBuf {
+    mica()
+        .args(["synth", "--modality", "mri", "--per-class", "6", "--size", "32", "--out"])
+        .arg(root)
+        .assert()
+        .success();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}
+
+/// A running `mica llm-sim`; killed (by its own pid) when dropped.
+struct Sim {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sim(dataset: &Path, extra: &[&str]) -> Sim {
+    let bin = assert_cmd::cargo::cargo_bin("mica");
+    let mut child = StdCommand::new(bin)
+        .args(["llm-sim", "--port", "0", "--latency-ms", "1", "--dataset"])
+        .arg(dataset)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    Sim { child, url }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dry_run_against_the_simulator_then_cached_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let sim = start_sim(&ds, &["--accuracy", "0.8", "--prose-rate", "0.2"]);
+    let out = tmp.path().join("run");
+    let cache = tmp.path().join("cache");
+    let classify = |extra: &[&str]| {
+        let mut c = mica();
+        c.env("OPENAI_API_KEY", FAKE_KEY)
+            .args(["classify", "--split", "test", "--limit-per-class", "3", "--concurrency", "3"])
+            .arg("--dataset")
+            .arg(&ds)
+            .arg("--classifier")
+            .arg(format!("llm:openai-compatible/sim-vlm@{}", sim.url))
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra);
+        c
+    };
+    let first = classify(&[]).assert().success();
+    let stdout = String::from_utf8_lossy(&first.get_output().stdout).to_string();
+    assert!(stdout.contains("SIMULATED"), "{stdout}");
+    assert!(stdout.contains("filter label_validation"), "{stdout}");
+    let preds = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    let n = preds.lines().count();
+    assert!(n > 0 && n <= 12, "{n}");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["simulated"], true);
+    assert_eq!(m["images"], n);
+    let llm = &m["extra"]["llm"];
+    assert_eq!(llm["simulated"], true);
+    assert!(llm["filter_stages"].as_array().unwrap().iter().any(|s| s["stage"] == "confidence"));
+    assert!(llm["parse_stages"]["json"].as_u64().unwrap() > 0);
+    assert!(llm["prompt_tokens"].as_u64().unwrap() > 0);
+    // No price entry for a made-up model: cost unknown, never zero.
+    assert!(llm["cost_usd"].is_null());
+
+    // Same command again: everything is resumed from predictions.jsonl, nothing is asked.
+    let again = classify(&[]).assert().success();
+    let s = String::from_utf8_lossy(&again.get_output().stdout).to_string();
+    assert!(s.contains(" 0 requests"), "{s}");
+    assert_eq!(std::fs::read_to_string(out.join("predictions.jsonl")).unwrap(), preds);
+
+    // A fresh run directory with the same settings: served from the cache, zero calls.
+    let out2 = tmp.path().join("run2");
+    let cached = mica()
+        .env("OPENAI_API_KEY", FAKE_KEY)
+        .args(["classify", "--split", "test", "--limit-per-class", "3", "--concurrency", "3"])
+        .arg("--dataset")
+        .arg(&ds)
+        .arg("--classifier")
+        .arg(format!("llm:openai-compatible/sim-vlm@{}", sim.url))
+        .arg("--out")
+        .arg(&out2)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .assert()
+        .success();
+    let s = String::from_utf8_lossy(&cached.get_output().stdout).to_string();
+    assert!(s.contains(" 0 requests") && s.contains(&format!("{n} cache hits")), "{s}");
+
+    // Other settings into the same run directory are refused.
+    classify(&["--context", "image+findings"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("different settings"));
+
+    // The API key is in no file written.
+    let mut checked = 0;
+    for dir in [&out, &out2, &cache] {
+        for f in files_under(dir) {
+            let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string();
+            assert!(!text.contains(FAKE_KEY), "{} contains the API key", f.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4);
+}
+
+#[test]
+fn ollama_protocol_with_gpt4o_prices_and_findings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let sim = start_sim(&ds, &["--accuracy", "1.0"]);
+    let out = tmp.path().join("run");
+    mica()
+        .args(["classify", "--split", "test", "--limit-per-class", "2", "--no-cache", "--filter", "none"])
+        .args(["--context", "image+findings"])
+        .arg("--dataset")
+        .arg(&ds)
+        .arg("--classifier")
+        .arg(format!("llm:ollama/llama3.2-vision@{}", sim.url))
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["all"]["accuracy"], 1.0, "known images at accuracy 1.0");
+    assert!(m["extra"]["llm"]["server_timings_ms"]["eval_ms"].is_number());
+    assert_eq!(m["extra"]["llm"]["cost_usd"], 0.0);
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["extra"]["findings"].as_str().unwrap().contains("Texture"));
+
+    // openai/gpt-4o pointed at the simulator: priced with GPT-4o's dated list price.
+    let out = tmp.path().join("gpt");
+    let ok = mica()
+        .env("OPENAI_API_KEY", FAKE_KEY)
+        .args(["classify", "--split", "test", "--limit-per-class", "1", "--no-cache"])
+        .arg("--dataset")
+        .arg(&ds)
+        .args(["--classifier", "llm:openai/gpt-4o", "--base-url", &sim.url])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let s = String::from_utf8_lossy(&ok.get_output().stdout).to_string();
+    assert!(s.contains("gpt-4o at $2.5/$10 per 1M in/out tokens, as of 2024-10"), "{s}");
+}
+
+#[test]
+fn bad_llm_settings_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let base = |classifier: &str| {
+        let mut c = mica();
+        c.args(["classify", "--dataset"]).arg(&ds).args(["--classifier", classifier]);
+        c.arg("--out").arg(tmp.path().join("o"));
+        c
+    };
+    base("llm:openai-compatible/m@http://127.0.0.1:9")
+        .args(["--context", "telepathy"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("unknown context mode"));
+    base("llm:openai-compatible/m@http://127.0.0.1:9")
+        .args(["--filter", "confidence=7"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("invalid filter spec"));
+    base("llm:bard/x").assert().code(2).stderr(predicates::str::contains("unknown provider"));
+    base("llm:openai/gpt-4o")
+        .env_remove("OPENAI_API_KEY")
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("OPENAI_API_KEY is not set"));
+    base("llm:openai-compatible/m@http://127.0.0.1:9")
+        .args(["--filter", "crosscheck=/nonexistent/p.jsonl"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("/nonexistent/p.jsonl"));
+    mica()
+        .args(["llm-sim", "--port", "0", "--accuracy", "1.5"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("accuracy"));
+}
+
+#[test]
+fn unreachable_server_is_failed_after_retries_not_a_wrong_label() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    // Port 9 (discard) on localhost: connection refused at once.
+    mica()
+        .args(["classify", "--split", "test", "--limit-per-class", "1", "--no-cache", "--max-attempts", "2"])
+        .arg("--dataset")
+        .arg(&ds)
+        .args(["--classifier", "llm:openai-compatible/m@http://127.0.0.1:9"])
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("4 failed"));
+    for line in std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p["outcome"], "failed");
+        assert!(p["predicted"].is_null());
+        assert!(p["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{p}");
+    }
+}
