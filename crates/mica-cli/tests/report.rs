@@ -7,10 +7,8 @@ use assert_cmd::Command;
 use predicates::prelude::*;
 
 fn mica() -> Command {
-    let mut c = Command::cargo_bin("mica").unwrap();
-    // Never touch the user's real results store.
-    c.env("MICA_STORE", "/nonexistent-dir-for-tests/runs.sqlite");
-    c
+    // Every command below that indexes runs is given --store, so the user's store is untouched.
+    Command::cargo_bin("mica").unwrap()
 }
 
 const CLASSES: [&str; 4] = ["bright", "dark", "left", "top"];
