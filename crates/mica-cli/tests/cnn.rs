@@ -48,8 +48,15 @@ fn error_line(out: &std::process::Output) -> String {
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    mica()
-        .args(["train", "--model", "small", "--epochs", "3", "--batch", "8", "--dataset"])
+    let mut c = mica();
+    c.args(["train", "--batch", "8"]);
+    if !extra.contains(&"--model") {
+        c.args(["--model", "small"]);
+    }
+    if !extra.contains(&"--epochs") {
+        c.args(["--epochs", "3"]);
+    }
+    c.arg("--dataset")
         .arg(data)
         .arg("--out")
         .arg(out)

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
-use predicates::prelude::*;
 
 fn mica() -> Command {
     Command::cargo_bin("mica").unwrap()
@@ -135,7 +134,7 @@ fn dicom_class_folders_and_multi_frame_note() {
     let r = inspect_json(d.path());
     assert_eq!(r["layout"], "dicom");
     assert_eq!(r["images"], 3);
-    assert!(r["notes"][0].as_str().unwrap().contains("2 frames; only the first frame is used"), "{r}");
+    assert!(r["notes"][0].as_str().unwrap().contains("(2 frames); only the first frame is used"), "{r}");
 }
 
 #[test]

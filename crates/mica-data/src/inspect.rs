@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::image::load_gray_with_frames;
-use crate::phash::{near_pairs, phash};
+use crate::phash::{correlation, near_pairs, phash, thumbnail};
 use crate::split::{assign, SplitConfig};
 use crate::DataError;
 
@@ -21,6 +21,9 @@ pub struct InspectOptions {
     /// near-duplicates. 4 catches resized and re-encoded copies without flagging different
     /// patients whose scans merely look alike.
     pub max_distance: u32,
+    /// Pixel correlation (of 32x32 standardised thumbnails) a hash match must also reach.
+    /// 0.95 keeps resized, re-encoded and brightened copies and drops look-alike anatomy.
+    pub min_correlation: f32,
     /// Split used for counts and the cross-split check when the layout has no official split,
     /// so users see the leakage the default split would have.
     pub split: SplitConfig,
@@ -30,6 +33,7 @@ impl Default for InspectOptions {
     fn default() -> Self {
         InspectOptions {
             max_distance: 4,
+            min_correlation: 0.95,
             split: SplitConfig::default(),
         }
     }
@@ -79,6 +83,8 @@ pub struct DuplicateGroup {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inspection {
     pub root: PathBuf,
+    /// Written with the same names the CLI prints (`covid19-radiography`, ...).
+    #[serde(with = "layout_name")]
     pub layout: Layout,
     pub modality: Modality,
     pub labels: Vec<String>,
@@ -94,10 +100,37 @@ pub struct Inspection {
     /// Informational notes, e.g. multi-frame DICOM files of which only the first frame is used.
     pub notes: Vec<String>,
     pub duplicate_threshold: u32,
+    pub duplicate_min_correlation: f32,
     pub duplicates: Vec<DuplicateGroup>,
     /// Near-duplicate pairs whose two images are in the same split / in different splits.
     pub duplicate_pairs_within_split: usize,
     pub duplicate_pairs_across_splits: usize,
+}
+
+mod layout_name {
+    use mica_core::Layout;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const ALL: [Layout; 7] = [
+        Layout::ImageFolder,
+        Layout::CovidRadiography,
+        Layout::BrainTumorMri,
+        Layout::ChestCt,
+        Layout::CsvManifest,
+        Layout::MedMnistNpz,
+        Layout::Dicom,
+    ];
+
+    pub fn serialize<S: Serializer>(l: &Layout, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(l.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Layout, D::Error> {
+        let name = String::deserialize(d)?;
+        ALL.into_iter()
+            .find(|l| l.as_str() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown layout `{name}`")))
+    }
 }
 
 /// Loads, fully decodes and hashes every image of the dataset at `path`.
@@ -111,6 +144,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         h: u32,
         frames: u32,
         hash: u64,
+        thumb: Vec<f32>,
     }
     let decoded: Vec<Result<Decoded, DataError>> = ds
         .samples
@@ -122,6 +156,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
                 h: g.height(),
                 frames,
                 hash: phash(&g),
+                thumb: thumbnail(&g),
             })
         })
         .collect();
@@ -179,7 +214,10 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
     }
 
     let hashes: Vec<u64> = info.iter().map(|d| d.hash).collect();
-    let pairs = near_pairs(&hashes, opts.max_distance);
+    let pairs: Vec<(usize, usize, u32)> = near_pairs(&hashes, opts.max_distance)
+        .into_iter()
+        .filter(|&(i, j, _)| correlation(&info[i].thumb, &info[j].thumb) >= opts.min_correlation)
+        .collect();
     let (mut within, mut across) = (0, 0);
     let mut parent: Vec<usize> = (0..hashes.len()).collect();
     fn find(p: &mut [usize], mut x: usize) -> usize {
@@ -244,6 +282,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         unreadable,
         notes,
         duplicate_threshold: opts.max_distance,
+        duplicate_min_correlation: opts.min_correlation,
         duplicates,
         duplicate_pairs_within_split: within,
         duplicate_pairs_across_splits: across,
@@ -297,8 +336,9 @@ impl Inspection {
         }
         let _ = writeln!(
             o,
-            "\nnear-duplicates (pHash distance <= {}): {} groups; {} pairs within a split, {} pairs ACROSS splits",
+            "\nnear-duplicates (pHash distance <= {}, pixel correlation >= {}): {} groups; {} pairs within a split, {} pairs ACROSS splits",
             self.duplicate_threshold,
+            self.duplicate_min_correlation,
             self.duplicates.len(),
             self.duplicate_pairs_within_split,
             self.duplicate_pairs_across_splits

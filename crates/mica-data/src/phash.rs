@@ -47,6 +47,23 @@ pub fn phash(img: &GrayImage) -> u64 {
     h
 }
 
+/// A 32x32 thumbnail standardised to zero mean and unit variance: the second opinion on a
+/// pHash match. Scans of different patients share anatomy and can collide in 64 hash bits;
+/// a true copy (resized, re-encoded, brightened) still matches pixel for pixel.
+pub fn thumbnail(img: &GrayImage) -> Vec<f32> {
+    let small = resize_gray(img, 32, 32);
+    let v: Vec<f32> = small.as_raw().iter().map(|&x| x as f32).collect();
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
+    let sd = var.sqrt().max(1e-3);
+    v.iter().map(|x| (x - mean) / sd).collect()
+}
+
+/// Pearson correlation of two thumbnails from [`thumbnail`].
+pub fn correlation(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / a.len() as f32
+}
+
 pub fn distance(a: u64, b: u64) -> u32 {
     (a ^ b).count_ones()
 }

@@ -6,7 +6,8 @@
 //!   `failed` (any case) means the model gave no answer, which counts as wrong and gets its own
 //!   confusion-matrix column;
 //! - `prob_<class>` (optional): the probability of `<class>`, 0..=1; a row may leave all of
-//!   them empty (e.g. a failed call), which turns ROC AUC and ECE off for the file;
+//!   them empty (e.g. a failed call), which turns ROC AUC and ECE off for the file; they need
+//!   not sum to 1 (scikit-learn's multi-class AUC insists on it, mica ranks them as given);
 //! - other columns (ids, paths) are ignored. Column names are matched after trimming and
 //!   lower-casing; class names are case-sensitive.
 //!

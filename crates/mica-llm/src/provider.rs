@@ -561,6 +561,27 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// Builds the client for a spec. The API key is read from the environment variable named
+/// `api_key_env` (required for `openai`, optional for `openai-compatible`, unused by Ollama);
+/// it stays in memory and is never printed or written.
+pub fn build_provider(
+    spec: &crate::ProviderSpec,
+    api_key_env: &str,
+    http: reqwest::Client,
+) -> Result<Arc<dyn LlmProvider>, crate::LlmError> {
+    let key = std::env::var(api_key_env).ok().filter(|k| !k.trim().is_empty());
+    Ok(match spec.kind {
+        ProviderKind::Ollama => Arc::new(OllamaClient::new(http, &spec.base_url)),
+        ProviderKind::OpenAi if key.is_none() && spec.base_url == crate::spec::OPENAI_BASE_URL => {
+            return Err(crate::LlmError::Config(format!(
+                "environment variable {api_key_env} is not set: the OpenAI API needs a key \
+                 (or use --base-url to point at a compatible server)"
+            )))
+        }
+        kind => Arc::new(OpenAiClient::new(http, kind, &spec.base_url, key)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,25 +616,4 @@ mod tests {
         assert!(r.simulated);
         assert!(parse_openai(&json!({"choices": []}), false).unwrap_err().retryable);
     }
-}
-
-/// Builds the client for a spec. The API key is read from the environment variable named
-/// `api_key_env` (required for `openai`, optional for `openai-compatible`, unused by Ollama);
-/// it stays in memory and is never printed or written.
-pub fn build_provider(
-    spec: &crate::ProviderSpec,
-    api_key_env: &str,
-    http: reqwest::Client,
-) -> Result<Arc<dyn LlmProvider>, crate::LlmError> {
-    let key = std::env::var(api_key_env).ok().filter(|k| !k.trim().is_empty());
-    Ok(match spec.kind {
-        ProviderKind::Ollama => Arc::new(OllamaClient::new(http, &spec.base_url)),
-        ProviderKind::OpenAi if key.is_none() && spec.base_url == crate::spec::OPENAI_BASE_URL => {
-            return Err(crate::LlmError::Config(format!(
-                "environment variable {api_key_env} is not set: the OpenAI API needs a key \
-                 (or use --base-url to point at a compatible server)"
-            )))
-        }
-        kind => Arc::new(OpenAiClient::new(http, kind, &spec.base_url, key)),
-    })
 }

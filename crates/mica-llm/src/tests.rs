@@ -101,7 +101,7 @@ async fn openai_request_shape() {
     let f = fixture(1, SimConfig::default()).await;
     let r = Arc::new(openai_runner(&f, "default", None));
     let p = r.classify_one(&f.items[0]).await;
-    assert_eq!(p.outcome.as_str() == "failed", false, "{p:?}");
+    assert_eq!(p.outcome, Outcome::Answered, "{p:?}");
     let b = &f.sim.stats().bodies()[0];
     assert_eq!(b["model"], "test-vlm");
     assert_eq!(b["temperature"], 0.0);

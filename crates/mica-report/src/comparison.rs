@@ -385,9 +385,13 @@ fn summary(rows: &[HeadlineRow], tests: &[PairTest], run: &RunDir) -> Vec<String
         return out;
     }
     let n = rows.iter().map(|r| r.images).max().unwrap_or(0);
+    // The first of equally accurate classifiers (experiment order), not the last.
     let best = rows
         .iter()
-        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy))
+        .fold(None::<&HeadlineRow>, |b, r| match b {
+            Some(b) if b.accuracy >= r.accuracy => Some(b),
+            _ => Some(r),
+        })
         .expect("non-empty");
     let ci = best
         .accuracy_ci
@@ -421,9 +425,12 @@ fn summary(rows: &[HeadlineRow], tests: &[PairTest], run: &RunDir) -> Vec<String
                     }
                 })
                 .unwrap_or_default();
+            let remote = llm.energy_method.as_deref().is_some_and(|m| m.contains("remote"));
             let energy = match (cnn.wh_per_1000, llm.wh_per_1000) {
+                // The provider's servers did the work: local watts say nothing about it.
+                _ if remote => format!("; {}'s energy at the provider is not measured, so no energy ratio is given", llm.classifier),
                 (Some(a), Some(b)) => ratio_words(a, b)
-                    .map(|w| format!(" and {w} as measured on this machine"))
+                    .map(|w| format!(" and {w} on this machine"))
                     .unwrap_or_default(),
                 _ => String::new(),
             };

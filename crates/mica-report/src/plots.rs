@@ -249,15 +249,14 @@ impl Chart for ScatterChart {
                 .map_err(e2s)?;
             for (i, (name, x, y)) in self.points.iter().enumerate() {
                 let c = colour(i);
+                // Labels sit beside the point, staggered so near-identical points stay legible.
+                let dy = -18 + 14 * (i % 3) as i32;
                 chart
-                    .draw_series(std::iter::once(Circle::new((*x, *y), 7, c.filled())))
-                    .map_err(e2s)?;
-                chart
-                    .draw_series(std::iter::once(Text::new(
-                        name.clone(),
-                        (*x, *y),
-                        ("sans-serif", 13).into_font().color(&c),
-                    )))
+                    .draw_series(std::iter::once(
+                        EmptyElement::at((*x, *y))
+                            + Circle::new((0, 0), 7, c.filled())
+                            + Text::new(name.clone(), (10, dy), ("sans-serif", 13).into_font().color(&c)),
+                    ))
                     .map_err(e2s)?;
             }
         } else {
@@ -273,15 +272,14 @@ impl Chart for ScatterChart {
                 .map_err(e2s)?;
             for (i, (name, x, y)) in self.points.iter().enumerate() {
                 let c = colour(i);
+                // Labels sit beside the point, staggered so near-identical points stay legible.
+                let dy = -18 + 14 * (i % 3) as i32;
                 chart
-                    .draw_series(std::iter::once(Circle::new((*x, *y), 7, c.filled())))
-                    .map_err(e2s)?;
-                chart
-                    .draw_series(std::iter::once(Text::new(
-                        name.clone(),
-                        (*x, *y),
-                        ("sans-serif", 13).into_font().color(&c),
-                    )))
+                    .draw_series(std::iter::once(
+                        EmptyElement::at((*x, *y))
+                            + Circle::new((0, 0), 7, c.filled())
+                            + Text::new(name.clone(), (10, dy), ("sans-serif", 13).into_font().color(&c)),
+                    ))
                     .map_err(e2s)?;
             }
         }

@@ -22,6 +22,9 @@ pub struct InspectArgs {
     /// Perceptual-hash distance (0-64 bits) at or below which images are near-duplicates.
     #[arg(long, default_value_t = 4)]
     pub max_distance: u32,
+    /// Pixel correlation (-1 to 1) a hash match must also reach to count as a duplicate.
+    #[arg(long, default_value_t = 0.95)]
+    pub min_correlation: f32,
     /// Seed of the default split used when the layout has no official one.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -38,18 +41,29 @@ pub fn run(cmd: DatasetCommand) -> anyhow::Result<()> {
             }
             let opts = InspectOptions {
                 max_distance: a.max_distance,
+                min_correlation: a.min_correlation,
                 split: SplitConfig {
                     seed: a.seed,
                     ..SplitConfig::default()
                 },
             };
             let r = inspect(&a.path, &opts).map_err(data_err)?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+            let text = if a.json {
+                serde_json::to_string_pretty(&r)? + "\n"
             } else {
-                print!("{}", r.to_text());
-            }
-            Ok(())
+                r.to_text()
+            };
+            write_stdout(&text)
         }
+    }
+}
+
+/// Prints, treating a closed pipe (`| head`) as a normal end rather than a panic.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }

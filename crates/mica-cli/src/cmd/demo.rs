@@ -91,7 +91,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
              openai-compatible/<model>@http://host:port; --simulated-llm runs the built-in \
              simulator (stamped SIMULATED)."
         ),
-        Some((model, true)) => println!("LLM arm: {model} (SIMULATED: the built-in simulator, not a model)"),
+        Some((model, true)) => println!(
+            "LLM arm: SIMULATED stand-in for {model} (the built-in simulator answers; no model is asked)"
+        ),
         Some((model, false)) => println!("LLM arm: {model}"),
     }
 
@@ -139,7 +141,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn llm_choice(args: &DemoArgs) -> Option<(String, bool)> {
     match (&args.llm, args.simulated_llm) {
         (Some(m), _) => Some((m.clone(), false)),
-        (None, true) => Some(("openai-compatible/mica-llm-sim".into(), true)),
+        // The simulator stands in for GPT-4o so the dry run also exercises GPT-4o's price table.
+        (None, true) => Some(("openai/gpt-4o".into(), true)),
         (None, false) => None,
     }
 }

@@ -90,6 +90,7 @@ pub struct Measured<T> {
 /// `run_dir/energy.json`, merges an `energy` section into `run_dir/metrics.json` if it exists,
 /// and prints a one-line summary (method label, warnings) to stderr. `f` returns its value and
 /// the number of images it processed.
+#[allow(dead_code)] // The contract `mica train` wraps its work in.
 pub fn measured<T>(
     opts: &EnergyOpts,
     run_dir: &Path,
@@ -131,6 +132,7 @@ pub fn measured_dir<T>(
 }
 
 /// [`measured`] for work that also calls remote APIs (the LLM arm).
+#[allow(dead_code)] // The contract for LLM runs that report token usage.
 pub fn measured_with_remote<T>(
     opts: &EnergyOpts,
     run_dir: &Path,
@@ -271,10 +273,17 @@ pub fn run(cmd: EnergyCommand) -> anyhow::Result<()> {
 fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let carbon = args.energy.carbon()?;
     let meters = MeterSet::auto(&args.energy.meter_config()?);
-    // A zero-length window shows the method label and what one window's reads cost.
-    let t = Instant::now();
+    // A zero-length window shows the method label; the median of a few more shows what one
+    // window's reads cost once warm.
     let m = meters.start()?.stop()?;
-    let window_cost = t.elapsed();
+    let mut costs: Vec<Duration> = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            meters.start().and_then(|w| w.stop()).map(|_| t.elapsed())
+        })
+        .collect::<Result<_, _>>()?;
+    costs.sort();
+    let window_cost = costs[costs.len() / 2];
     let report = EnergyReport::new("probe", &m, &carbon, 0);
     if args.json {
         let v = serde_json::json!({

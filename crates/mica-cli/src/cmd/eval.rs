@@ -49,6 +49,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", render_report(&args.predictions, &report));
+                println!();
                 println!("{DISCLAIMER}");
             }
         }
@@ -71,6 +72,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 print!("{}", render_report(b_path, &rb));
                 println!();
                 print!("{}", render_mcnemar(&args.predictions, b_path, &m));
+                println!();
                 println!("{DISCLAIMER}");
             }
         }
@@ -192,7 +194,8 @@ fn render_mcnemar(a: &Path, b: &Path, m: &McNemar) -> String {
         "chi-squared with continuity correction"
     };
     let _ = writeln!(s, "  statistic          {:.4} ({method})", m.statistic);
-    let _ = writeln!(s, "  p-value            {:.6}", m.p_value);
+    let p = if m.p_value < 1e-4 { format!("{:.3e}", m.p_value) } else { format!("{:.4}", m.p_value) };
+    let _ = writeln!(s, "  p-value            {p}");
     let verdict = if m.p_value < 0.05 {
         "the two differ significantly at the 5% level"
     } else {
