@@ -49,7 +49,10 @@ fn error_line(out: &std::process::Output) -> String {
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut c = mica();
-    c.args(["train", "--batch", "8"]);
+    c.arg("train");
+    if !extra.contains(&"--batch") {
+        c.args(["--batch", "8"]);
+    }
     if !extra.contains(&"--model") {
         c.args(["--model", "small"]);
     }

@@ -15,7 +15,16 @@ fn mica() -> Command {
 
 fn synth(root: &Path) -> PathBuf {
     mica()
-        .args(["synth", "--modality", "mri", "--per-class", "6", "--size", "32", "--out"])
+        .args([
+            "synth",
+            "--modality",
+            "mri",
+            "--per-class",
+            "6",
+            "--size",
+            "32",
+            "--out",
+        ])
         .arg(root)
         .assert()
         .success();
@@ -52,7 +61,9 @@ fn start_sim(dataset: &Path, extra: &[&str]) -> Sim {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let url = line.trim().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     Sim { child, url }
@@ -83,7 +94,15 @@ fn dry_run_against_the_simulator_then_cached_rerun() {
     let classify = |extra: &[&str]| {
         let mut c = mica();
         c.env("OPENAI_API_KEY", FAKE_KEY)
-            .args(["classify", "--split", "test", "--limit-per-class", "3", "--concurrency", "3"])
+            .args([
+                "classify",
+                "--split",
+                "test",
+                "--limit-per-class",
+                "3",
+                "--concurrency",
+                "3",
+            ])
             .arg("--dataset")
             .arg(&ds)
             .arg("--classifier")
@@ -102,12 +121,17 @@ fn dry_run_against_the_simulator_then_cached_rerun() {
     let preds = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
     let n = preds.lines().count();
     assert!(n > 0 && n <= 12, "{n}");
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["simulated"], true);
     assert_eq!(m["images"], n);
     let llm = &m["extra"]["llm"];
     assert_eq!(llm["simulated"], true);
-    assert!(llm["filter_stages"].as_array().unwrap().iter().any(|s| s["stage"] == "confidence"));
+    assert!(llm["filter_stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["stage"] == "confidence"));
     assert!(llm["parse_stages"]["json"].as_u64().unwrap() > 0);
     assert!(llm["prompt_tokens"].as_u64().unwrap() > 0);
     // No price entry for a made-up model: cost unknown, never zero.
@@ -117,13 +141,24 @@ fn dry_run_against_the_simulator_then_cached_rerun() {
     let again = classify(&[]).assert().success();
     let s = String::from_utf8_lossy(&again.get_output().stdout).to_string();
     assert!(s.contains(" 0 requests"), "{s}");
-    assert_eq!(std::fs::read_to_string(out.join("predictions.jsonl")).unwrap(), preds);
+    assert_eq!(
+        std::fs::read_to_string(out.join("predictions.jsonl")).unwrap(),
+        preds
+    );
 
     // A fresh run directory with the same settings: served from the cache, zero calls.
     let out2 = tmp.path().join("run2");
     let cached = mica()
         .env("OPENAI_API_KEY", FAKE_KEY)
-        .args(["classify", "--split", "test", "--limit-per-class", "3", "--concurrency", "3"])
+        .args([
+            "classify",
+            "--split",
+            "test",
+            "--limit-per-class",
+            "3",
+            "--concurrency",
+            "3",
+        ])
         .arg("--dataset")
         .arg(&ds)
         .arg("--classifier")
@@ -135,7 +170,10 @@ fn dry_run_against_the_simulator_then_cached_rerun() {
         .assert()
         .success();
     let s = String::from_utf8_lossy(&cached.get_output().stdout).to_string();
-    assert!(s.contains(" 0 requests") && s.contains(&format!("{n} cache hits")), "{s}");
+    assert!(
+        s.contains(" 0 requests") && s.contains(&format!("{n} cache hits")),
+        "{s}"
+    );
 
     // Other settings into the same run directory are refused.
     classify(&["--context", "image+findings"])
@@ -148,7 +186,11 @@ fn dry_run_against_the_simulator_then_cached_rerun() {
     for dir in [&out, &out2, &cache] {
         for f in files_under(dir) {
             let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string();
-            assert!(!text.contains(FAKE_KEY), "{} contains the API key", f.display());
+            assert!(
+                !text.contains(FAKE_KEY),
+                "{} contains the API key",
+                f.display()
+            );
             checked += 1;
         }
     }
@@ -162,7 +204,16 @@ fn ollama_protocol_with_gpt4o_prices_and_findings() {
     let sim = start_sim(&ds, &["--accuracy", "1.0"]);
     let out = tmp.path().join("run");
     mica()
-        .args(["classify", "--split", "test", "--limit-per-class", "2", "--no-cache", "--filter", "none"])
+        .args([
+            "classify",
+            "--split",
+            "test",
+            "--limit-per-class",
+            "2",
+            "--no-cache",
+            "--filter",
+            "none",
+        ])
         .args(["--context", "image+findings"])
         .arg("--dataset")
         .arg(&ds)
@@ -172,19 +223,36 @@ fn ollama_protocol_with_gpt4o_prices_and_findings() {
         .arg(&out)
         .assert()
         .success();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["all"]["accuracy"], 1.0, "known images at accuracy 1.0");
     assert!(m["extra"]["llm"]["server_timings_ms"]["eval_ms"].is_number());
     assert_eq!(m["extra"]["llm"]["cost_usd"], 0.0);
-    let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines().next().unwrap()).unwrap();
-    assert!(first["extra"]["findings"].as_str().unwrap().contains("Texture"));
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["extra"]["findings"]
+        .as_str()
+        .unwrap()
+        .contains("Texture"));
 
     // openai/gpt-4o pointed at the simulator: priced with GPT-4o's dated list price.
     let out = tmp.path().join("gpt");
     let ok = mica()
         .env("OPENAI_API_KEY", FAKE_KEY)
-        .args(["classify", "--split", "test", "--limit-per-class", "1", "--no-cache"])
+        .args([
+            "classify",
+            "--split",
+            "test",
+            "--limit-per-class",
+            "1",
+            "--no-cache",
+        ])
         .arg("--dataset")
         .arg(&ds)
         .args(["--classifier", "llm:openai/gpt-4o", "--base-url", &sim.url])
@@ -193,7 +261,10 @@ fn ollama_protocol_with_gpt4o_prices_and_findings() {
         .assert()
         .success();
     let s = String::from_utf8_lossy(&ok.get_output().stdout).to_string();
-    assert!(s.contains("gpt-4o at $2.5/$10 per 1M in/out tokens, as of 2024-10"), "{s}");
+    assert!(
+        s.contains("gpt-4o at $2.5/$10 per 1M in/out tokens, as of 2024-10"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -202,7 +273,9 @@ fn bad_llm_settings_are_usage_errors() {
     let ds = synth(&tmp.path().join("data"));
     let base = |classifier: &str| {
         let mut c = mica();
-        c.args(["classify", "--dataset"]).arg(&ds).args(["--classifier", classifier]);
+        c.args(["classify", "--dataset"])
+            .arg(&ds)
+            .args(["--classifier", classifier]);
         c.arg("--out").arg(tmp.path().join("o"));
         c
     };
@@ -216,7 +289,10 @@ fn bad_llm_settings_are_usage_errors() {
         .assert()
         .code(2)
         .stderr(predicates::str::contains("invalid filter spec"));
-    base("llm:bard/x").assert().code(2).stderr(predicates::str::contains("unknown provider"));
+    base("llm:bard/x")
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("unknown provider"));
     base("llm:openai/gpt-4o")
         .env_remove("OPENAI_API_KEY")
         .assert()
@@ -241,7 +317,16 @@ fn unreachable_server_is_failed_after_retries_not_a_wrong_label() {
     let out = tmp.path().join("run");
     // Port 9 (discard) on localhost: connection refused at once.
     mica()
-        .args(["classify", "--split", "test", "--limit-per-class", "1", "--no-cache", "--max-attempts", "2"])
+        .args([
+            "classify",
+            "--split",
+            "test",
+            "--limit-per-class",
+            "1",
+            "--no-cache",
+            "--max-attempts",
+            "2",
+        ])
         .arg("--dataset")
         .arg(&ds)
         .args(["--classifier", "llm:openai-compatible/m@http://127.0.0.1:9"])
@@ -250,10 +335,19 @@ fn unreachable_server_is_failed_after_retries_not_a_wrong_label() {
         .assert()
         .success()
         .stdout(predicates::str::contains("4 failed"));
-    for line in std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines() {
+    for line in std::fs::read_to_string(out.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+    {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(p["outcome"], "failed");
         assert!(p["predicted"].is_null());
-        assert!(p["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{p}");
+        assert!(
+            p["error"]
+                .as_str()
+                .unwrap()
+                .contains("gave up after 2 attempts"),
+            "{p}"
+        );
     }
 }

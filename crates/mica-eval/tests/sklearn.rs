@@ -127,11 +127,14 @@ fn probs_for(rng: &mut ChaCha8Rng, y_true: &[usize], k: usize, round: bool) -> V
         .collect()
 }
 
+/// (name, k, n, skill, no-answer rate, class never predicted, class absent from truth, probs, ties)
+type Spec = (&'static str, usize, usize, f64, f64, Option<usize>, Option<usize>, bool, bool);
+
 fn cases() -> Vec<Case> {
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let mut out = Vec::new();
     // (name, k, n, skill, no-answer rate, class never predicted, class absent from truth, probs, ties)
-    let specs: &[(&str, usize, usize, f64, f64, Option<usize>, Option<usize>, bool, bool)] = &[
+    let specs: &[Spec] = &[
         ("4-class typical", 4, 300, 0.8, 0.0, None, None, true, false),
         ("4-class weak", 4, 120, 0.3, 0.0, None, None, true, false),
         ("3-class never predicts one class", 3, 60, 0.7, 0.0, Some(2), None, true, false),

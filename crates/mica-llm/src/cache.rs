@@ -55,7 +55,12 @@ impl ResponseCache {
         req.params.temperature == 0.0 || req.params.seed.is_some()
     }
 
-    pub fn key(kind: ProviderKind, base_url: &str, req: &ChatRequest, image_sha256: Option<&str>) -> String {
+    pub fn key(
+        kind: ProviderKind,
+        base_url: &str,
+        req: &ChatRequest,
+        image_sha256: Option<&str>,
+    ) -> String {
         let material = json!({
             "v": 1,
             "provider": kind.as_str(),
@@ -81,7 +86,12 @@ impl ResponseCache {
         (e.key == key).then_some(e.response)
     }
 
-    pub fn put(&self, key: &str, model: &str, resp: &ChatResponse) -> Result<(), mica_core::CoreError> {
+    pub fn put(
+        &self,
+        key: &str,
+        model: &str,
+        resp: &ChatResponse,
+    ) -> Result<(), mica_core::CoreError> {
         let e = Entry {
             key: key.to_string(),
             model: model.to_string(),
@@ -114,11 +124,20 @@ mod tests {
     fn keys_depend_on_every_input_and_entries_round_trip() {
         let r = req();
         let k = ResponseCache::key(ProviderKind::Ollama, "http://h", &r, Some("abc"));
-        assert_ne!(k, ResponseCache::key(ProviderKind::Ollama, "http://other", &r, Some("abc")));
-        assert_ne!(k, ResponseCache::key(ProviderKind::Ollama, "http://h", &r, Some("abd")));
+        assert_ne!(
+            k,
+            ResponseCache::key(ProviderKind::Ollama, "http://other", &r, Some("abc"))
+        );
+        assert_ne!(
+            k,
+            ResponseCache::key(ProviderKind::Ollama, "http://h", &r, Some("abd"))
+        );
         let mut r2 = r.clone();
         r2.params.seed = Some(43);
-        assert_ne!(k, ResponseCache::key(ProviderKind::Ollama, "http://h", &r2, Some("abc")));
+        assert_ne!(
+            k,
+            ResponseCache::key(ProviderKind::Ollama, "http://h", &r2, Some("abc"))
+        );
         let dir = tempfile::tempdir().unwrap();
         let c = ResponseCache::new(dir.path());
         assert!(c.get(&k).is_none());

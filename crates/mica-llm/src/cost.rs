@@ -64,15 +64,30 @@ impl PriceTable {
         };
         models.insert(
             "gpt-4o".into(),
-            e(2.50, 10.00, "2024-10", "OpenAI list price (gpt-4o-2024-08-06)"),
+            e(
+                2.50,
+                10.00,
+                "2024-10",
+                "OpenAI list price (gpt-4o-2024-08-06)",
+            ),
         );
         models.insert(
             "gpt-4o-mini".into(),
-            e(0.15, 0.60, "2024-10", "OpenAI list price (gpt-4o-mini-2024-07-18)"),
+            e(
+                0.15,
+                0.60,
+                "2024-10",
+                "OpenAI list price (gpt-4o-mini-2024-07-18)",
+            ),
         );
         models.insert(
             "ollama/*".into(),
-            e(0.0, 0.0, "2024-10", "local model: no per-token price; energy is metered separately"),
+            e(
+                0.0,
+                0.0,
+                "2024-10",
+                "local model: no per-token price; energy is metered separately",
+            ),
         );
         PriceTable { models }
     }
@@ -80,8 +95,8 @@ impl PriceTable {
     /// Reads a TOML price file and lays it over the built-in table (same keys are replaced).
     pub fn with_overrides_from(mut self, path: &Path) -> Result<Self, LlmError> {
         let text = std::fs::read_to_string(path).map_err(|e| LlmError::file(path, e))?;
-        let over: PriceTable =
-            toml::from_str(&text).map_err(|e| LlmError::file(path, format!("bad price table: {e}")))?;
+        let over: PriceTable = toml::from_str(&text)
+            .map_err(|e| LlmError::file(path, format!("bad price table: {e}")))?;
         for (k, v) in &over.models {
             if !(v.input_per_million >= 0.0 && v.output_per_million >= 0.0) {
                 return Err(LlmError::file(path, format!("price of `{k}` must be >= 0")));
@@ -142,9 +157,21 @@ mod tests {
             completion: 100_000,
         });
         assert!((c - 3.5).abs() < 1e-9, "{c}");
-        assert_eq!(t.lookup(&spec("openai/gpt-4o-2024-08-06")).unwrap().0, "gpt-4o");
-        assert_eq!(t.lookup(&spec("openai/gpt-4o-mini")).unwrap().0, "gpt-4o-mini");
-        assert_eq!(t.lookup(&spec("ollama/llama3.2-vision")).unwrap().1.input_per_million, 0.0);
+        assert_eq!(
+            t.lookup(&spec("openai/gpt-4o-2024-08-06")).unwrap().0,
+            "gpt-4o"
+        );
+        assert_eq!(
+            t.lookup(&spec("openai/gpt-4o-mini")).unwrap().0,
+            "gpt-4o-mini"
+        );
+        assert_eq!(
+            t.lookup(&spec("ollama/llama3.2-vision"))
+                .unwrap()
+                .1
+                .input_per_million,
+            0.0
+        );
         assert!(t.lookup(&spec("openai/o9-preview")).is_none());
     }
 
@@ -159,11 +186,23 @@ mod tests {
         )
         .unwrap();
         let t = PriceTable::builtin().with_overrides_from(&p).unwrap();
-        assert_eq!(t.lookup(&spec("openai/gpt-4o")).unwrap().1.input_per_million, 5.0);
+        assert_eq!(
+            t.lookup(&spec("openai/gpt-4o"))
+                .unwrap()
+                .1
+                .input_per_million,
+            5.0
+        );
         let q = spec("openai-compatible/qwen@http://h:1");
         assert_eq!(t.lookup(&q).unwrap().0, "openai-compatible/qwen");
         std::fs::write(&p, "[models.x]\ninput_per_million = \"cheap\"\n").unwrap();
-        let e = PriceTable::builtin().with_overrides_from(&p).unwrap_err().to_string();
-        assert!(e.contains("prices.toml") && e.contains("bad price table"), "{e}");
+        let e = PriceTable::builtin()
+            .with_overrides_from(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prices.toml") && e.contains("bad price table"),
+            "{e}"
+        );
     }
 }

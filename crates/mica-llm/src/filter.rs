@@ -22,7 +22,12 @@ pub const STAGE_VALIDATION: &str = "label_validation";
 pub const STAGE_CONFIDENCE: &str = "confidence";
 pub const STAGE_CONSISTENCY: &str = "self_consistency";
 pub const STAGE_CROSSCHECK: &str = "cnn_crosscheck";
-pub const STAGES: [&str; 4] = [STAGE_VALIDATION, STAGE_CONFIDENCE, STAGE_CONSISTENCY, STAGE_CROSSCHECK];
+pub const STAGES: [&str; 4] = [
+    STAGE_VALIDATION,
+    STAGE_CONFIDENCE,
+    STAGE_CONSISTENCY,
+    STAGE_CROSSCHECK,
+];
 
 /// The default confidence threshold of `--filter default`.
 pub const DEFAULT_THRESHOLD: f64 = 0.5;
@@ -96,7 +101,11 @@ impl FilterSpec {
                         .parse()
                         .ok()
                         .filter(|t: &f64| (0.0..=1.0).contains(t))
-                        .ok_or_else(|| err(format!("confidence threshold `{v}` must be a number in 0..1")))?;
+                        .ok_or_else(|| {
+                            err(format!(
+                                "confidence threshold `{v}` must be a number in 0..1"
+                            ))
+                        })?;
                     f.confidence = Some(t);
                 }
                 ("consistency" | "variants", Some(v)) => {
@@ -104,11 +113,13 @@ impl FilterSpec {
                         Some((k, a)) => (k, Some(a)),
                         None => (v, None),
                     };
-                    let k: usize = k
-                        .parse()
-                        .ok()
-                        .filter(|k| (2..=20).contains(k))
-                        .ok_or_else(|| err(format!("{name} needs a count k in 2..20, got `{k}`")))?;
+                    let k: usize =
+                        k.parse()
+                            .ok()
+                            .filter(|k| (2..=20).contains(k))
+                            .ok_or_else(|| {
+                                err(format!("{name} needs a count k in 2..20, got `{k}`"))
+                            })?;
                     let min_agreement = match agree {
                         None => 1.0,
                         Some(a) => a
@@ -153,7 +164,10 @@ impl FilterSpec {
 /// The CNN's label per sample id, from its `predictions.jsonl`.
 pub fn load_crosscheck(path: &Path) -> Result<HashMap<String, String>, LlmError> {
     if !path.is_file() {
-        return Err(LlmError::file(path, "CNN predictions file for the cross-check not found"));
+        return Err(LlmError::file(
+            path,
+            "CNN predictions file for the cross-check not found",
+        ));
     }
     let preds = mica_core::read_predictions(path)?;
     Ok(preds
@@ -201,7 +215,9 @@ pub fn decide(
             }
         }
     }
-    let best = votes.iter().max_by(|a, b| a.1.cmp(&b.1).then(std::cmp::Ordering::Greater));
+    let best = votes
+        .iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(std::cmp::Ordering::Greater));
     let Some((label, n)) = best.cloned() else {
         let why = answers
             .iter()
@@ -222,7 +238,10 @@ pub fn decide(
     let first = agreeing[0];
     let how = answers[first].stage.map_or("?", |s| s.as_str());
     stages.push(stage(STAGE_VALIDATION, "kept", format!("mapped by {how}")));
-    let confs: Vec<f64> = agreeing.iter().filter_map(|&i| confidences.get(i).copied().flatten()).collect();
+    let confs: Vec<f64> = agreeing
+        .iter()
+        .filter_map(|&i| confidences.get(i).copied().flatten())
+        .collect();
     let confidence = (!confs.is_empty()).then(|| confs.iter().sum::<f64>() / confs.len() as f64);
     let agreement = n as f64 / answers.len().max(1) as f64;
     let mut d = Decision {
@@ -234,14 +253,22 @@ pub fn decide(
     };
     if let Some(t) = spec.confidence {
         match confidence {
-            Some(c) if c >= t => d.stages.push(stage(STAGE_CONFIDENCE, "kept", format!("{c:.3} >= {t}"))),
+            Some(c) if c >= t => {
+                d.stages
+                    .push(stage(STAGE_CONFIDENCE, "kept", format!("{c:.3} >= {t}")))
+            }
             Some(c) => {
-                d.stages.push(stage(STAGE_CONFIDENCE, "deferred", format!("{c:.3} < {t}")));
+                d.stages
+                    .push(stage(STAGE_CONFIDENCE, "deferred", format!("{c:.3} < {t}")));
                 d.outcome = Outcome::Deferred;
                 return d;
             }
             None => {
-                d.stages.push(stage(STAGE_CONFIDENCE, "deferred", "no confidence stated".into()));
+                d.stages.push(stage(
+                    STAGE_CONFIDENCE,
+                    "deferred",
+                    "no confidence stated".into(),
+                ));
                 d.outcome = Outcome::Deferred;
                 return d;
             }
@@ -259,12 +286,20 @@ pub fn decide(
     }
     if let Some(cnn) = cnn {
         match cnn {
-            Some(c) if c == label => d.stages.push(stage(STAGE_CROSSCHECK, "kept", format!("CNN agrees ({c})"))),
+            Some(c) if c == label => {
+                d.stages
+                    .push(stage(STAGE_CROSSCHECK, "kept", format!("CNN agrees ({c})")))
+            }
             Some(c) => {
-                d.stages.push(stage(STAGE_CROSSCHECK, "deferred", format!("CNN says {c}")));
+                d.stages
+                    .push(stage(STAGE_CROSSCHECK, "deferred", format!("CNN says {c}")));
                 d.outcome = Outcome::Deferred;
             }
-            None => d.stages.push(stage(STAGE_CROSSCHECK, "kept", "no CNN prediction for this image".into())),
+            None => d.stages.push(stage(
+                STAGE_CROSSCHECK,
+                "kept",
+                "no CNN prediction for this image".into(),
+            )),
         }
     }
     d
@@ -288,13 +323,25 @@ mod tests {
     fn spec_parsing() {
         assert_eq!(FilterSpec::parse("default").unwrap(), FilterSpec::default());
         assert_eq!(FilterSpec::parse("none").unwrap(), FilterSpec::none());
-        let f = FilterSpec::parse("validate, confidence=0.7, variants=3:0.6, crosscheck=runs/cnn/predictions.jsonl").unwrap();
+        let f = FilterSpec::parse(
+            "validate, confidence=0.7, variants=3:0.6, crosscheck=runs/cnn/predictions.jsonl",
+        )
+        .unwrap();
         assert_eq!(f.confidence, Some(0.7));
         let c = f.consistency.clone().unwrap();
         assert!(c.variants && c.k == 3 && (c.min_agreement - 0.6).abs() < 1e-12);
         assert_eq!(f.k(), 3);
-        assert_eq!(f.crosscheck.unwrap(), PathBuf::from("runs/cnn/predictions.jsonl"));
-        for bad in ["confidence=2", "consistency=1", "bogus", "crosscheck=", "variants=3:0"] {
+        assert_eq!(
+            f.crosscheck.unwrap(),
+            PathBuf::from("runs/cnn/predictions.jsonl")
+        );
+        for bad in [
+            "confidence=2",
+            "consistency=1",
+            "bogus",
+            "crosscheck=",
+            "variants=3:0",
+        ] {
             assert!(FilterSpec::parse(bad).is_err(), "{bad}");
         }
     }
@@ -312,7 +359,10 @@ mod tests {
     fn confidence_stage_defers_low_and_missing_confidence() {
         let f = FilterSpec::parse("confidence=0.6").unwrap();
         let d = decide(&f, &[ans(Some("covid"))], &[Some(0.59)], None);
-        assert_eq!((d.outcome, d.predicted.as_deref()), (Outcome::Deferred, Some("covid")));
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Deferred, Some("covid"))
+        );
         assert_eq!(d.stages.last().unwrap().stage, STAGE_CONFIDENCE);
         let d = decide(&f, &[ans(Some("covid"))], &[Some(0.6)], None);
         assert_eq!(d.outcome, Outcome::Answered);
@@ -328,25 +378,43 @@ mod tests {
         let f = FilterSpec::parse("consistency=3").unwrap();
         let three = [ans(Some("a")), ans(Some("b")), ans(Some("a"))];
         let d = decide(&f, &three, &[Some(0.9), Some(0.5), Some(0.7)], None);
-        assert_eq!((d.outcome, d.predicted.as_deref()), (Outcome::Deferred, Some("a")));
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Deferred, Some("a"))
+        );
         assert!((d.agreement.unwrap() - 2.0 / 3.0).abs() < 1e-9);
         assert!((d.confidence.unwrap() - 0.8).abs() < 1e-9);
         let f = FilterSpec::parse("consistency=3:0.6").unwrap();
-        assert_eq!(decide(&f, &three, &[None; 3], None).outcome, Outcome::Answered);
+        assert_eq!(
+            decide(&f, &three, &[None; 3], None).outcome,
+            Outcome::Answered
+        );
         let same = [ans(Some("a")), ans(Some("a")), ans(None)];
         let f = FilterSpec::parse("consistency=3").unwrap();
-        assert_eq!(decide(&f, &same, &[None; 3], None).outcome, Outcome::Deferred);
+        assert_eq!(
+            decide(&f, &same, &[None; 3], None).outcome,
+            Outcome::Deferred
+        );
     }
 
     #[test]
     fn crosscheck_stage_defers_disagreement() {
         let f = FilterSpec::none();
         let a = [ans(Some("glioma"))];
-        assert_eq!(decide(&f, &a, &[None], Some(Some("glioma"))).outcome, Outcome::Answered);
+        assert_eq!(
+            decide(&f, &a, &[None], Some(Some("glioma"))).outcome,
+            Outcome::Answered
+        );
         let d = decide(&f, &a, &[None], Some(Some("meningioma")));
         assert_eq!(d.outcome, Outcome::Deferred);
-        assert_eq!(d.stages.last().unwrap().detail.as_deref(), Some("CNN says meningioma"));
-        assert_eq!(decide(&f, &a, &[None], Some(None)).outcome, Outcome::Answered);
+        assert_eq!(
+            d.stages.last().unwrap().detail.as_deref(),
+            Some("CNN says meningioma")
+        );
+        assert_eq!(
+            decide(&f, &a, &[None], Some(None)).outcome,
+            Outcome::Answered
+        );
     }
 
     #[test]

@@ -289,11 +289,17 @@ mod tests {
         let f = Findings::measure(&disc());
         let b = f.bright.clone().unwrap();
         assert_eq!(b.position(), "upper right");
-        assert!((b.area - std::f64::consts::PI * 900.0 / 40000.0).abs() < 0.01, "{b:?}");
+        assert!(
+            (b.area - std::f64::consts::PI * 900.0 / 40000.0).abs() < 0.01,
+            "{b:?}"
+        );
         assert!(f.left_minus_right < -0.02);
         assert!(f.asymmetry > 0.05);
         let t = f.to_text();
-        assert!(t.contains("upper right") && t.contains("image-right side brighter"), "{t}");
+        assert!(
+            t.contains("upper right") && t.contains("image-right side brighter"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -62,7 +62,9 @@ mod tests {
         let back = image::load_from_memory(&png).unwrap().to_luma8();
         assert_eq!(back.dimensions(), (100, 50));
         let small = GrayImage::from_pixel(20, 10, image::Luma([7]));
-        let back = image::load_from_memory(&encode_png(&small, 100)).unwrap().to_luma8();
+        let back = image::load_from_memory(&encode_png(&small, 100))
+            .unwrap()
+            .to_luma8();
         assert_eq!(back, small);
         assert_eq!(sha256_hex(b"abc").len(), 64);
     }

@@ -19,7 +19,7 @@ mod tests;
 pub use cache::ResponseCache;
 pub use cost::{PriceEntry, PriceTable};
 pub use error::LlmError;
-pub use filter::{FilterSpec};
+pub use filter::FilterSpec;
 pub use findings::Findings;
 pub use parse::{parse_answer, ParseOptions, ParseStage, ParsedAnswer, SynonymTable};
 pub use prompt::{ContextMode, PromptSet};
@@ -27,9 +27,11 @@ pub use provider::{
     build_provider, ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, OllamaClient,
     OpenAiClient, ProviderError,
 };
-pub use runner::{ConfidenceSource, ImageLoader, Limits, LlmClassifier, LlmConfig, LlmRunner, RunStats, WorkItem};
-pub use summary::LlmSummary;
+pub use runner::{
+    ConfidenceSource, ImageLoader, Limits, LlmClassifier, LlmConfig, LlmRunner, RunStats, WorkItem,
+};
 pub use spec::{ProviderKind, ProviderSpec};
+pub use summary::LlmSummary;
 
 /// A small multi-threaded tokio runtime for synchronous callers (the CLI).
 pub fn runtime() -> Result<tokio::runtime::Runtime, LlmError> {

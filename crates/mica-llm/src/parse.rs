@@ -70,29 +70,78 @@ impl SynonymTable {
         let table: &[(&str, &[&str])] = &[
             (
                 "covid",
-                &["covid-19", "covid 19", "covid19", "covid pneumonia", "covid-19 pneumonia",
-                  "sars-cov-2", "sars cov 2", "coronavirus", "coronavirus disease"],
+                &[
+                    "covid-19",
+                    "covid 19",
+                    "covid19",
+                    "covid pneumonia",
+                    "covid-19 pneumonia",
+                    "sars-cov-2",
+                    "sars cov 2",
+                    "coronavirus",
+                    "coronavirus disease",
+                ],
             ),
             (
                 "lung_opacity",
-                &["lung opacity", "lung opacities", "opacity", "opacities", "non-covid lung infection",
-                  "non covid lung infection", "consolidation", "infiltrate"],
+                &[
+                    "lung opacity",
+                    "lung opacities",
+                    "opacity",
+                    "opacities",
+                    "non-covid lung infection",
+                    "non covid lung infection",
+                    "consolidation",
+                    "infiltrate",
+                ],
             ),
             (
                 "viral_pneumonia",
-                &["viral pneumonia", "pneumonia", "non-covid viral pneumonia", "viral infection"],
+                &[
+                    "viral pneumonia",
+                    "pneumonia",
+                    "non-covid viral pneumonia",
+                    "viral infection",
+                ],
             ),
-            ("glioma", &["glioma", "glioblastoma", "astrocytoma", "gliomas"]),
-            ("meningioma", &["meningioma", "meningiomas", "meningeal tumor", "meningeal tumour"]),
+            (
+                "glioma",
+                &["glioma", "glioblastoma", "astrocytoma", "gliomas"],
+            ),
+            (
+                "meningioma",
+                &[
+                    "meningioma",
+                    "meningiomas",
+                    "meningeal tumor",
+                    "meningeal tumour",
+                ],
+            ),
             (
                 "pituitary",
-                &["pituitary tumor", "pituitary tumour", "pituitary adenoma", "pituitary macroadenoma",
-                  "pituitary lesion", "pituitary"],
+                &[
+                    "pituitary tumor",
+                    "pituitary tumour",
+                    "pituitary adenoma",
+                    "pituitary macroadenoma",
+                    "pituitary lesion",
+                    "pituitary",
+                ],
             ),
             (
                 "no_tumor",
-                &["no tumor", "no tumour", "notumor", "no_tumor", "tumor free", "tumour free",
-                  "no tumor detected", "normal brain", "healthy brain", "no lesion"],
+                &[
+                    "no tumor",
+                    "no tumour",
+                    "notumor",
+                    "no_tumor",
+                    "tumor free",
+                    "tumour free",
+                    "no tumor detected",
+                    "normal brain",
+                    "healthy brain",
+                    "no lesion",
+                ],
             ),
             (
                 "adenocarcinoma",
@@ -100,17 +149,37 @@ impl SynonymTable {
             ),
             (
                 "large_cell_carcinoma",
-                &["large cell carcinoma", "large-cell carcinoma", "large cell", "large-cell",
-                  "large cell undifferentiated carcinoma"],
+                &[
+                    "large cell carcinoma",
+                    "large-cell carcinoma",
+                    "large cell",
+                    "large-cell",
+                    "large cell undifferentiated carcinoma",
+                ],
             ),
             (
                 "squamous_cell_carcinoma",
-                &["squamous cell carcinoma", "squamous carcinoma", "squamous cell", "squamous"],
+                &[
+                    "squamous cell carcinoma",
+                    "squamous carcinoma",
+                    "squamous cell",
+                    "squamous",
+                ],
             ),
             (
                 "normal",
-                &["normal", "no finding", "no findings", "healthy", "unremarkable", "no abnormality",
-                  "no abnormalities", "no acute findings", "no disease", "benign"],
+                &[
+                    "normal",
+                    "no finding",
+                    "no findings",
+                    "healthy",
+                    "unremarkable",
+                    "no abnormality",
+                    "no abnormalities",
+                    "no acute findings",
+                    "no disease",
+                    "benign",
+                ],
             ),
         ];
         for (label, phrases) in table {
@@ -190,7 +259,9 @@ pub fn normalize(s: &str) -> String {
     out
 }
 
-const NEGATIONS: &[&str] = &["no", "not", "without", "non", "excluded", "exclude", "absent", "nor"];
+const NEGATIONS: &[&str] = &[
+    "no", "not", "without", "non", "excluded", "exclude", "absent", "nor",
+];
 
 pub fn parse_answer(
     content: &str,
@@ -409,10 +480,7 @@ fn fuzzy_label(
     best.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (top, label) = *best.first()?;
     // A near tie between two different labels is not a match.
-    if best
-        .iter()
-        .any(|(s, l)| *l != label && top - s < 0.05)
-    {
+    if best.iter().any(|(s, l)| *l != label && top - s < 0.05) {
         return None;
     }
     Some(label.to_string())
@@ -451,28 +519,48 @@ mod tests {
         Modality::Mri.canonical_labels().unwrap()
     }
     fn p(content: &str, labels: &LabelSet) -> ParsedAnswer {
-        parse_answer(content, labels, &SynonymTable::builtin(), &ParseOptions::default())
+        parse_answer(
+            content,
+            labels,
+            &SynonymTable::builtin(),
+            &ParseOptions::default(),
+        )
     }
 
     #[test]
     fn strict_json_stage() {
-        let a = p(r#"{"label":"covid","confidence":0.83,"rationale":"bilateral opacities"}"#, &xray());
+        let a = p(
+            r#"{"label":"covid","confidence":0.83,"rationale":"bilateral opacities"}"#,
+            &xray(),
+        );
         assert_eq!(a.label.as_deref(), Some("covid"));
         assert_eq!(a.stage, Some(ParseStage::Json));
         assert_eq!(a.confidence, Some(0.83));
         assert_eq!(a.rationale.as_deref(), Some("bilateral opacities"));
         // Fenced JSON with a percentage confidence.
-        let a = p("```json\n{\"label\": \"Normal\", \"confidence\": 90}\n```", &xray());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("normal"), Some(ParseStage::Json)));
+        let a = p(
+            "```json\n{\"label\": \"Normal\", \"confidence\": 90}\n```",
+            &xray(),
+        );
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("normal"), Some(ParseStage::Json))
+        );
         assert_eq!(a.confidence, Some(0.9));
     }
 
     #[test]
     fn exact_stage() {
         let a = p("viral_pneumonia", &xray());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("viral_pneumonia"), Some(ParseStage::Exact)));
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("viral_pneumonia"), Some(ParseStage::Exact))
+        );
         let a = p("The answer is: lung opacity.", &xray());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("lung_opacity"), Some(ParseStage::Exact)));
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("lung_opacity"), Some(ParseStage::Exact))
+        );
         // A JSON label that is an out-of-set spelling falls through to later stages.
         let a = p(r#"{"label":"Lung Opacity","confidence":0.4}"#, &xray());
         assert_eq!(a.stage, Some(ParseStage::Json));
@@ -483,30 +571,54 @@ mod tests {
         for (text, want) in [
             ("COVID-19", "covid"),
             ("This looks like covid pneumonia", "covid"),
-            (r#"{"label":"SARS-CoV-2 infection","confidence":0.7}"#, "covid"),
+            (
+                r#"{"label":"SARS-CoV-2 infection","confidence":0.7}"#,
+                "covid",
+            ),
         ] {
             let a = p(text, &xray());
-            assert_eq!((a.label.as_deref(), a.stage), (Some(want), Some(ParseStage::Synonym)), "{text}");
+            assert_eq!(
+                (a.label.as_deref(), a.stage),
+                (Some(want), Some(ParseStage::Synonym)),
+                "{text}"
+            );
         }
         let a = p("No tumour is visible.", &mri());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("no_tumor"), Some(ParseStage::Synonym)));
-        let a = p("Findings consistent with a pituitary adenoma, not a meningioma.", &mri());
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("no_tumor"), Some(ParseStage::Synonym))
+        );
+        let a = p(
+            "Findings consistent with a pituitary adenoma, not a meningioma.",
+            &mri(),
+        );
         assert_eq!(a.label.as_deref(), Some("pituitary"));
     }
 
     #[test]
     fn fuzzy_stage() {
         let a = p("meningeoma", &mri());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("meningioma"), Some(ParseStage::Fuzzy)));
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("meningioma"), Some(ParseStage::Fuzzy))
+        );
         let a = p(r#"{"label":"pituatary","confidence":0.6}"#, &mri());
-        assert_eq!((a.label.as_deref(), a.stage), (Some("pituitary"), Some(ParseStage::Fuzzy)));
+        assert_eq!(
+            (a.label.as_deref(), a.stage),
+            (Some("pituitary"), Some(ParseStage::Fuzzy))
+        );
         assert_eq!(a.confidence, Some(0.6));
     }
 
     #[test]
     fn unparseable_answers_get_no_label_and_a_reason() {
-        for text in ["", "I cannot help with medical images.", r#"{"label":"tuberculosis"}"#,
-                     r#"{"label": "covid", "confid"#, "either glioma or meningioma"] {
+        for text in [
+            "",
+            "I cannot help with medical images.",
+            r#"{"label":"tuberculosis"}"#,
+            r#"{"label": "covid", "confid"#,
+            "either glioma or meningioma",
+        ] {
             let a = p(text, &mri());
             assert_eq!(a.label, None, "{text}");
             assert!(a.note.is_some(), "{text}");
@@ -517,7 +629,11 @@ mod tests {
 
     #[test]
     fn stages_can_be_switched_off() {
-        let strict = ParseOptions { synonyms: false, fuzzy: false, fuzzy_threshold: 0.8 };
+        let strict = ParseOptions {
+            synonyms: false,
+            fuzzy: false,
+            fuzzy_threshold: 0.8,
+        };
         let a = parse_answer("SARS-CoV-2", &xray(), &SynonymTable::builtin(), &strict);
         assert_eq!(a.label, None);
         let a = parse_answer("meningeoma", &mri(), &SynonymTable::builtin(), &strict);

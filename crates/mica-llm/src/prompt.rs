@@ -123,7 +123,10 @@ impl PromptSet {
     pub fn builtin() -> Self {
         let mut templates = BTreeMap::new();
         let d = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
         };
         templates.insert(
             "xray".into(),
@@ -153,9 +156,18 @@ impl PromptSet {
             "ct".into(),
             Template {
                 descriptions: d(&[
-                    ("adenocarcinoma", "peripheral nodule or mass, often with ground-glass component"),
-                    ("large_cell_carcinoma", "large peripheral, poorly differentiated mass"),
-                    ("squamous_cell_carcinoma", "central mass near the hilum, possibly cavitating"),
+                    (
+                        "adenocarcinoma",
+                        "peripheral nodule or mass, often with ground-glass component",
+                    ),
+                    (
+                        "large_cell_carcinoma",
+                        "large peripheral, poorly differentiated mass",
+                    ),
+                    (
+                        "squamous_cell_carcinoma",
+                        "central mass near the hilum, possibly cavitating",
+                    ),
                     ("normal", "no nodule or mass"),
                 ]),
                 ..Template::default()
@@ -294,18 +306,53 @@ mod tests {
     #[test]
     fn each_context_mode_renders_its_context() {
         let p = PromptSet::builtin();
-        let (sys, u) = p.render(Modality::Mri, &mri(), ContextMode::Image, Some("58 y, headache"), Some("F"), 0);
+        let (sys, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::Image,
+            Some("58 y, headache"),
+            Some("F"),
+            0,
+        );
         assert!(sys.contains("not a diagnosis"));
         assert!(u.contains("brain MRI") && u.contains("glioma, meningioma, pituitary, no_tumor"));
         assert!(u.contains("- meningioma: extra-axial"));
         assert!(!u.contains("headache") && !u.contains("measurements"));
-        let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::ImageClinical, Some("58 y, headache"), None, 0);
+        let (_, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::ImageClinical,
+            Some("58 y, headache"),
+            None,
+            0,
+        );
         assert!(u.contains("Clinical context: 58 y, headache"));
-        let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::ImageClinical, None, None, 0);
+        let (_, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::ImageClinical,
+            None,
+            None,
+            0,
+        );
         assert!(u.contains("not available"));
-        let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::ImageFindings, None, Some("bright blob"), 0);
+        let (_, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::ImageFindings,
+            None,
+            Some("bright blob"),
+            0,
+        );
         assert!(u.contains("computed by software") && u.contains("bright blob"));
-        let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::Findings, None, Some("bright blob"), 0);
+        let (_, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::Findings,
+            None,
+            Some("bright blob"),
+            0,
+        );
         assert!(u.contains("cannot see the image"));
         let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::Image, None, None, 1);
         assert!(u.contains("meningioma, pituitary, no_tumor, glioma"), "{u}");
@@ -322,16 +369,29 @@ mod tests {
         )
         .unwrap();
         let p = PromptSet::builtin().with_overrides_from(&path).unwrap();
-        let (_, u) = p.render(Modality::Mri, &mri(), ContextMode::ImageClinical, Some("x"), None, 0);
+        let (_, u) = p.render(
+            Modality::Mri,
+            &mri(),
+            ContextMode::ImageClinical,
+            Some("x"),
+            None,
+            0,
+        );
         assert!(u.starts_with("Which of glioma,"), "{u}");
         assert!(u.contains("Clinical context: x"));
         assert_eq!(p.templates["mri"].descriptions["glioma"], "GLIO");
         assert_eq!(p.synonyms["no_tumor"], vec!["tumour-free".to_string()]);
         std::fs::write(&path, "[pet]\nuser = \"x\"\n").unwrap();
-        let e = PromptSet::builtin().with_overrides_from(&path).unwrap_err().to_string();
+        let e = PromptSet::builtin()
+            .with_overrides_from(&path)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prompts.toml") && e.contains("[pet]"), "{e}");
         std::fs::write(&path, "[mri]\nusr = \"x\"\n").unwrap();
-        let e = PromptSet::builtin().with_overrides_from(&path).unwrap_err().to_string();
+        let e = PromptSet::builtin()
+            .with_overrides_from(&path)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("usr"), "{e}");
     }
 }

@@ -34,7 +34,9 @@ impl std::str::FromStr for Detail {
             "low" => Ok(Detail::Low),
             "high" => Ok(Detail::High),
             "auto" => Ok(Detail::Auto),
-            o => Err(format!("unknown image detail `{o}` (expected low, high or auto)")),
+            o => Err(format!(
+                "unknown image detail `{o}` (expected low, high or auto)"
+            )),
         }
     }
 }
@@ -309,7 +311,10 @@ fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderErr
         .map(|s| s.to_string());
     let usage = v.get("usage").map(|u| TokenUsage {
         prompt: u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
-        completion: u.get("completion_tokens").and_then(|x| x.as_u64()).unwrap_or(0),
+        completion: u
+            .get("completion_tokens")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0),
     });
     let tokens: Vec<(String, f64)> = choice
         .get("logprobs")
@@ -326,8 +331,8 @@ fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderErr
                 .collect()
         })
         .unwrap_or_default();
-    let simulated = sim_header
-        || v.get("system_fingerprint").and_then(|s| s.as_str()) == Some(SIM_FINGERPRINT);
+    let simulated =
+        sim_header || v.get("system_fingerprint").and_then(|s| s.as_str()) == Some(SIM_FINGERPRINT);
     Ok(ChatResponse {
         content,
         refusal,
@@ -402,7 +407,8 @@ impl LlmProvider for OllamaClient {
         if let Some(b64) = &req.image_b64 {
             user["images"] = json!([b64.as_ref()]);
         }
-        let mut options = json!({"temperature": req.params.temperature, "num_predict": req.params.max_tokens});
+        let mut options =
+            json!({"temperature": req.params.temperature, "num_predict": req.params.max_tokens});
         if let Some(seed) = req.params.seed {
             options["seed"] = json!(seed);
         }
@@ -489,18 +495,22 @@ async fn send(
     timeout: Duration,
     url: &str,
 ) -> Result<(bool, Value), ProviderError> {
-    let resp = rb.timeout(timeout).send().await.map_err(|e| ProviderError {
-        retryable: true,
-        status: None,
-        retry_after: None,
-        message: if e.is_timeout() {
-            format!("{url}: no answer within {:.1} s", timeout.as_secs_f64())
-        } else if e.is_connect() {
-            format!("{url}: cannot connect: {}", root_cause(&e))
-        } else {
-            format!("{url}: {}", root_cause(&e))
-        },
-    })?;
+    let resp = rb
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| ProviderError {
+            retryable: true,
+            status: None,
+            retry_after: None,
+            message: if e.is_timeout() {
+                format!("{url}: no answer within {:.1} s", timeout.as_secs_f64())
+            } else if e.is_connect() {
+                format!("{url}: cannot connect: {}", root_cause(&e))
+            } else {
+                format!("{url}: {}", root_cause(&e))
+            },
+        })?;
     let status = resp.status();
     let simulated = resp.headers().contains_key(SIM_HEADER);
     let retry_after = retry_after(resp.headers());
@@ -569,7 +579,9 @@ pub fn build_provider(
     api_key_env: &str,
     http: reqwest::Client,
 ) -> Result<Arc<dyn LlmProvider>, crate::LlmError> {
-    let key = std::env::var(api_key_env).ok().filter(|k| !k.trim().is_empty());
+    let key = std::env::var(api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
     Ok(match spec.kind {
         ProviderKind::Ollama => Arc::new(OllamaClient::new(http, &spec.base_url)),
         ProviderKind::OpenAi if key.is_none() && spec.base_url == crate::spec::OPENAI_BASE_URL => {
@@ -612,8 +624,18 @@ mod tests {
         let r = parse_openai(&v, false).unwrap();
         assert_eq!(r.content, "");
         assert_eq!(r.refusal.as_deref(), Some("I can't"));
-        assert_eq!(r.usage, Some(TokenUsage { prompt: 90, completion: 3 }));
+        assert_eq!(
+            r.usage,
+            Some(TokenUsage {
+                prompt: 90,
+                completion: 3
+            })
+        );
         assert!(r.simulated);
-        assert!(parse_openai(&json!({"choices": []}), false).unwrap_err().retryable);
+        assert!(
+            parse_openai(&json!({"choices": []}), false)
+                .unwrap_err()
+                .retryable
+        );
     }
 }

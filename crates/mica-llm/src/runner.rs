@@ -21,7 +21,9 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::filter::{self, FilterSpec};
 use crate::imgenc::{base64, encode_png, sha256_hex};
-use crate::provider::{ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, ProviderError, ServerTimings};
+use crate::provider::{
+    ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, ProviderError, ServerTimings,
+};
 use crate::{
     parse_answer, ContextMode, Findings, LlmError, PriceEntry, PriceTable, PromptSet, ProviderSpec,
     ResponseCache, SynonymTable,
@@ -43,7 +45,9 @@ impl std::str::FromStr for ConfidenceSource {
         match s {
             "stated" => Ok(ConfidenceSource::Stated),
             "logprobs" => Ok(ConfidenceSource::Logprobs),
-            o => Err(format!("unknown confidence source `{o}` (expected stated or logprobs)")),
+            o => Err(format!(
+                "unknown confidence source `{o}` (expected stated or logprobs)"
+            )),
         }
     }
 }
@@ -121,7 +125,8 @@ impl Bucket {
             let wait = {
                 let mut s = self.state.lock().await;
                 let now = Instant::now();
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity);
+                s.0 =
+                    (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_sec).min(self.capacity);
                 s.1 = now;
                 if s.0 >= n {
                     s.0 -= n;
@@ -143,7 +148,10 @@ pub fn default_loader() -> ImageLoader {
         ImageSource::File { path } => image::open(path)
             .map(|i| i.to_luma8())
             .map_err(|e| format!("{}: {e}", path.display())),
-        other => Err(format!("{}: this image source needs mica-data's loader", other.path().display())),
+        other => Err(format!(
+            "{}: this image source needs mica-data's loader",
+            other.path().display()
+        )),
     })
 }
 
@@ -186,7 +194,8 @@ pub struct WorkItem {
 impl WorkItem {
     pub fn from_sample(sample: &Sample, labels: &LabelSet) -> Self {
         WorkItem {
-            true_label: (sample.label < labels.len()).then(|| labels.name(sample.label).to_string()),
+            true_label: (sample.label < labels.len())
+                .then(|| labels.name(sample.label).to_string()),
             sample: sample.clone(),
         }
     }
@@ -258,8 +267,14 @@ impl LlmRunner {
     }
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.sem = Arc::new(Semaphore::new(limits.concurrency.max(1)));
-        self.rpm = limits.rpm.filter(|r| *r > 0).map(|r| Bucket::per_minute(r as f64));
-        self.tpm = limits.tpm.filter(|t| *t > 0).map(|t| Bucket::per_minute(t as f64));
+        self.rpm = limits
+            .rpm
+            .filter(|r| *r > 0)
+            .map(|r| Bucket::per_minute(r as f64));
+        self.tpm = limits
+            .tpm
+            .filter(|t| *t > 0)
+            .map(|t| Bucket::per_minute(t as f64));
         self.limits = limits;
         self
     }
@@ -340,8 +355,11 @@ impl LlmRunner {
                     None => break,
                 }
             }
-            let Some(res) = set.join_next().await else { break };
-            let pred = res.map_err(|e| LlmError::Config(format!("classification task panicked: {e}")))?;
+            let Some(res) = set.join_next().await else {
+                break;
+            };
+            let pred =
+                res.map_err(|e| LlmError::Config(format!("classification task panicked: {e}")))?;
             log.append(&pred)?;
             stats.classified += 1;
             if let Some(cb) = progress {
@@ -361,7 +379,8 @@ impl LlmRunner {
         let cfg = &self.config;
         let mut p = Prediction::new(&item.sample.id, &self.name, Outcome::Failed);
         p.true_label = item.true_label.clone();
-        p.extra.insert("context".into(), json!(cfg.context.as_str()));
+        p.extra
+            .insert("context".into(), json!(cfg.context.as_str()));
 
         // Decode, measure and encode off the async threads.
         let loader = self.loader.clone();
@@ -369,7 +388,9 @@ impl LlmRunner {
         let (mode, max_side) = (cfg.context, cfg.image_max_side);
         let prepared = tokio::task::spawn_blocking(move || {
             let img = loader(&src)?;
-            let findings = mode.needs_findings().then(|| Findings::measure(&img).to_text());
+            let findings = mode
+                .needs_findings()
+                .then(|| Findings::measure(&img).to_text());
             let image = mode.sends_image().then(|| {
                 let png = encode_png(&img, max_side);
                 (sha256_hex(&png), Arc::<str>::from(base64(&png)))
@@ -435,7 +456,14 @@ impl LlmRunner {
                 .cache
                 .as_ref()
                 .filter(|_| ResponseCache::cacheable(&req))
-                .map(|_| ResponseCache::key(cfg.spec.kind, &cfg.spec.base_url, &req, image_sha.as_deref()));
+                .map(|_| {
+                    ResponseCache::key(
+                        cfg.spec.kind,
+                        &cfg.spec.base_url,
+                        &req,
+                        image_sha.as_deref(),
+                    )
+                });
             let hit = match (&self.cache, &key) {
                 (Some(c), Some(k)) => c.get(k),
                 _ => None,
@@ -536,7 +564,8 @@ impl LlmRunner {
         }
         p.extra.insert("attempts".into(), json!(attempts));
         p.extra.insert("cached".into(), json!(cached == k));
-        p.extra.insert("wall_ms".into(), json!(t_all.elapsed().as_secs_f64() * 1e3));
+        p.extra
+            .insert("wall_ms".into(), json!(t_all.elapsed().as_secs_f64() * 1e3));
         if have_timings {
             p.extra.insert("server_timings".into(), json!(timings));
         }
@@ -572,7 +601,12 @@ impl LlmRunner {
                 }
                 Err(e) if e.retryable && attempt < max => {
                     let wait = self.limits.backoff(attempt, e.retry_after);
-                    tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, "retrying: {}", e.message);
+                    tracing::debug!(
+                        attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        "retrying: {}",
+                        e.message
+                    );
                     self.retries.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
@@ -630,7 +664,10 @@ impl mica_core::Classifier for LlmClassifier {
     fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
         let labels = self.runner.config.labels.clone();
         let runner = self.runner.clone();
-        let items: Vec<WorkItem> = batch.iter().map(|s| WorkItem::from_sample(s, &labels)).collect();
+        let items: Vec<WorkItem> = batch
+            .iter()
+            .map(|s| WorkItem::from_sample(s, &labels))
+            .collect();
         self.rt.block_on(async move {
             let mut set = tokio::task::JoinSet::new();
             for (i, it) in items.into_iter().enumerate() {

@@ -102,7 +102,11 @@ impl SimConfig {
                 return Err(LlmError::Sim(format!("{n} {r} must be within 0..1")));
             }
         }
-        let sum = self.rate_429 + self.rate_500 + self.rate_malformed + self.rate_out_of_set + self.rate_prose;
+        let sum = self.rate_429
+            + self.rate_500
+            + self.rate_malformed
+            + self.rate_out_of_set
+            + self.rate_prose;
         if sum > 1.0 + 1e-9 {
             return Err(LlmError::Sim(format!("fault rates add up to {sum:.2} > 1")));
         }
@@ -114,7 +118,10 @@ impl SimConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// 429 with `retry-after-ms` and/or `Retry-After` (seconds).
-    TooManyRequests { retry_after_ms: Option<u64>, retry_after_s: Option<u64> },
+    TooManyRequests {
+        retry_after_ms: Option<u64>,
+        retry_after_s: Option<u64>,
+    },
     ServerError,
     Malformed,
     OutOfSet,
@@ -156,12 +163,15 @@ impl TruthTable {
 
     /// The label of the nearest known image, if it is near enough.
     pub fn lookup(&self, img: &GrayImage) -> Option<&str> {
-        let t = thumbnail(img);
+        self.lookup_thumbnail(&thumbnail(img))
+    }
+
+    fn lookup_thumbnail(&self, t: &[u8]) -> Option<&str> {
         let mut best: Option<(f64, &str)> = None;
         for (e, l) in &self.entries {
             let mad = e
                 .iter()
-                .zip(&t)
+                .zip(t)
                 .map(|(a, b)| (*a as i32 - *b as i32).unsigned_abs() as u64)
                 .sum::<u64>() as f64
                 / t.len() as f64;
@@ -186,7 +196,9 @@ impl TruthTable {
             })?;
             let img_path = base.join(p.trim().trim_matches('"'));
             let img = image::open(&img_path)
-                .map_err(|e| LlmError::file(path, format!("line {}: {}: {e}", i + 1, img_path.display())))?
+                .map_err(|e| {
+                    LlmError::file(path, format!("line {}: {}: {e}", i + 1, img_path.display()))
+                })?
                 .to_luma8();
             t.add(&img, l.trim().trim_matches('"'));
         }
@@ -272,7 +284,10 @@ impl SimServer {
         let app = Router::new()
             .route("/v1/chat/completions", post(openai_chat))
             .route("/api/chat", post(ollama_chat))
-            .route("/health", get(|| async { "mica llm-sim (SIMULATED answers)\n" }))
+            .route(
+                "/health",
+                get(|| async { "mica llm-sim (SIMULATED answers)\n" }),
+            )
             .layer(DefaultBodyLimit::max(64 << 20))
             .with_state(shared.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -319,7 +334,8 @@ impl SimServer {
     pub async fn run_until_signal(self) {
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let term_fut = async {
                 match term.as_mut() {
                     Some(t) => {
@@ -374,7 +390,12 @@ fn sim_headers() -> HeaderMap {
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {
-    (status, sim_headers(), Json(json!({"error": {"message": msg, "type": "mica_llm_sim"}}))).into_response()
+    (
+        status,
+        sim_headers(),
+        Json(json!({"error": {"message": msg, "type": "mica_llm_sim"}})),
+    )
+        .into_response()
 }
 
 /// What one request asked for, extracted from either protocol.
@@ -390,8 +411,15 @@ struct Asked {
 }
 
 fn extract(v: &Value, proto: Proto) -> Result<Asked, String> {
-    let model = v.get("model").and_then(|m| m.as_str()).ok_or("missing `model`")?.to_string();
-    let messages = v.get("messages").and_then(|m| m.as_array()).ok_or("missing `messages`")?;
+    let model = v
+        .get("model")
+        .and_then(|m| m.as_str())
+        .ok_or("missing `model`")?
+        .to_string();
+    let messages = v
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .ok_or("missing `messages`")?;
     let mut text = String::new();
     let mut images_b64: Vec<String> = Vec::new();
     let mut detail_high = false;
@@ -401,12 +429,22 @@ fn extract(v: &Value, proto: Proto) -> Result<Asked, String> {
             Some(Value::Array(parts)) if proto == Proto::OpenAi => {
                 for p in parts {
                     match p.get("type").and_then(|t| t.as_str()) {
-                        Some("text") => text.push_str(p.get("text").and_then(|t| t.as_str()).unwrap_or("")),
+                        Some("text") => {
+                            text.push_str(p.get("text").and_then(|t| t.as_str()).unwrap_or(""))
+                        }
                         Some("image_url") => {
-                            let iu = p.get("image_url").ok_or("image_url part without `image_url`")?;
-                            let url = iu.get("url").and_then(|u| u.as_str()).ok_or("image_url without `url`")?;
-                            let (_, b64) = url.split_once(";base64,").ok_or("image url is not a base64 data: URL")?;
-                            detail_high |= iu.get("detail").and_then(|d| d.as_str()) == Some("high");
+                            let iu = p
+                                .get("image_url")
+                                .ok_or("image_url part without `image_url`")?;
+                            let url = iu
+                                .get("url")
+                                .and_then(|u| u.as_str())
+                                .ok_or("image_url without `url`")?;
+                            let (_, b64) = url
+                                .split_once(";base64,")
+                                .ok_or("image url is not a base64 data: URL")?;
+                            detail_high |=
+                                iu.get("detail").and_then(|d| d.as_str()) == Some("high");
                             images_b64.push(b64.to_string());
                         }
                         other => return Err(format!("unknown content part type {other:?}")),
@@ -418,7 +456,11 @@ fn extract(v: &Value, proto: Proto) -> Result<Asked, String> {
         if proto == Proto::Ollama {
             if let Some(imgs) = m.get("images").and_then(|i| i.as_array()) {
                 for i in imgs {
-                    images_b64.push(i.as_str().ok_or("`images` entries must be base64 strings")?.to_string());
+                    images_b64.push(
+                        i.as_str()
+                            .ok_or("`images` entries must be base64 strings")?
+                            .to_string(),
+                    );
                 }
             }
         }
@@ -447,7 +489,11 @@ fn extract(v: &Value, proto: Proto) -> Result<Asked, String> {
     let labels: Vec<String> = schema
         .and_then(|s| s.pointer("/properties/label/enum"))
         .and_then(|e| e.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let (seed, temperature) = match proto {
         Proto::OpenAi => (
@@ -456,7 +502,9 @@ fn extract(v: &Value, proto: Proto) -> Result<Asked, String> {
         ),
         Proto::Ollama => (
             v.pointer("/options/seed").and_then(|s| s.as_u64()),
-            v.pointer("/options/temperature").and_then(|t| t.as_f64()).unwrap_or(0.8),
+            v.pointer("/options/temperature")
+                .and_then(|t| t.as_f64())
+                .unwrap_or(0.8),
         ),
     };
     Ok(Asked {
@@ -498,7 +546,12 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
     stats.arrivals.lock().unwrap().push(Instant::now());
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("request is not JSON: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("request is not JSON: {e}"),
+            )
+        }
     };
     if stats.keep_bodies {
         stats.bodies.lock().unwrap().push(v.clone());
@@ -511,7 +564,13 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
         let mut acc = 0.0;
         let mut pick = Fault::None;
         for (rate, f) in [
-            (c.rate_429, Fault::TooManyRequests { retry_after_ms: Some(c.retry_after_ms), retry_after_s: None }),
+            (
+                c.rate_429,
+                Fault::TooManyRequests {
+                    retry_after_ms: Some(c.retry_after_ms),
+                    retry_after_s: None,
+                },
+            ),
             (c.rate_500, Fault::ServerError),
             (c.rate_malformed, Fault::Malformed),
             (c.rate_out_of_set, Fault::OutOfSet),
@@ -540,24 +599,35 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
         tokio::time::sleep(delay).await;
     }
     match &fault {
-        Fault::TooManyRequests { retry_after_ms, retry_after_s } => {
+        Fault::TooManyRequests {
+            retry_after_ms,
+            retry_after_s,
+        } => {
             let mut r = error(StatusCode::TOO_MANY_REQUESTS, "simulated rate limit");
             if let Some(ms) = retry_after_ms {
-                r.headers_mut().insert("retry-after-ms", HeaderValue::from(*ms));
+                r.headers_mut()
+                    .insert("retry-after-ms", HeaderValue::from(*ms));
             }
             if let Some(secs) = retry_after_s {
-                r.headers_mut().insert("retry-after", HeaderValue::from(*secs));
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from(*secs));
             }
             return r;
         }
-        Fault::ServerError => return error(StatusCode::INTERNAL_SERVER_ERROR, "simulated server error"),
+        Fault::ServerError => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "simulated server error")
+        }
         _ => {}
     }
     let asked = match extract(&v, proto) {
         Ok(a) => a,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let labels = if asked.labels.is_empty() { s.truth.labels() } else { asked.labels.clone() };
+    let labels = if asked.labels.is_empty() {
+        s.truth.labels()
+    } else {
+        asked.labels.clone()
+    };
     if labels.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -571,18 +641,30 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
     h.update(asked.text.as_bytes());
     h.update(asked.seed.unwrap_or(u64::MAX).to_le_bytes());
     h.update(asked.temperature.to_le_bytes());
-    if let Some(img) = &asked.image {
-        h.update(thumbnail(img));
+    let thumb = asked.image.as_ref().map(thumbnail);
+    if let Some(t) = &thumb {
+        h.update(t);
     }
     let digest = h.finalize();
     let mut rng = ChaCha8Rng::from_seed(digest.into());
-    let truth = asked.image.as_ref().and_then(|i| s.truth.lookup(i)).filter(|t| labels.iter().any(|l| l == t));
+    let truth = thumb
+        .as_deref()
+        .and_then(|t| s.truth.lookup_thumbnail(t))
+        .filter(|t| labels.iter().any(|l| l == t));
     let (label, confidence, why) = match truth {
         Some(t) => {
             if rng.random::<f64>() < s.cfg.accuracy {
-                (t.to_string(), 0.55 + 0.44 * rng.random::<f64>(), "known image, answered truly")
+                (
+                    t.to_string(),
+                    0.55 + 0.44 * rng.random::<f64>(),
+                    "known image, answered truly",
+                )
             } else {
-                let conf: Vec<&str> = confusable(t).iter().copied().filter(|c| labels.iter().any(|l| l == c)).collect();
+                let conf: Vec<&str> = confusable(t)
+                    .iter()
+                    .copied()
+                    .filter(|c| labels.iter().any(|l| l == c))
+                    .collect();
                 let others: Vec<&String> = labels.iter().filter(|l| *l != t).collect();
                 let wrong = if !conf.is_empty() && rng.random::<f64>() < 0.7 {
                     conf[rng.random_range(0..conf.len())].to_string()
@@ -591,7 +673,11 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
                 } else {
                     t.to_string()
                 };
-                (wrong, 0.3 + 0.5 * rng.random::<f64>(), "known image, answered with a confusable label")
+                (
+                    wrong,
+                    0.3 + 0.5 * rng.random::<f64>(),
+                    "known image, answered with a confusable label",
+                )
             }
         }
         None => (
@@ -604,7 +690,10 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
     let rationale = format!("SIMULATED by mica llm-sim ({why}); not a model output");
     let content = match fault {
         Fault::Malformed => format!("{{\"rationale\": \"{rationale}\", \"label\": "),
-        Fault::OutOfSet => json!({"label": "tuberculosis", "confidence": confidence, "rationale": rationale}).to_string(),
+        Fault::OutOfSet => {
+            json!({"label": "tuberculosis", "confidence": confidence, "rationale": rationale})
+                .to_string()
+        }
         Fault::Prose => {
             let phrase = s
                 .synonyms
@@ -639,7 +728,8 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
                 "finish_reason": "stop"
             });
             if asked.logprobs {
-                choice["logprobs"] = json!({"content": logprob_tokens(&content, &label, confidence)});
+                choice["logprobs"] =
+                    json!({"content": logprob_tokens(&content, &label, confidence)});
             }
             json!({
                 "id": format!("chatcmpl-sim-{n}"),

@@ -134,7 +134,9 @@ fn ollama_host_from_env() -> String {
 fn normalize_base_url(url: &str) -> Result<String, String> {
     let u = url.trim();
     if !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err(format!("server address `{u}` must start with http:// or https://"));
+        return Err(format!(
+            "server address `{u}` must start with http:// or https://"
+        ));
     }
     let mut u = u.trim_end_matches('/').to_string();
     if let Some(stripped) = u.strip_suffix("/v1") {

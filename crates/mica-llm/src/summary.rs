@@ -71,10 +71,11 @@ impl LlmSummary {
         .iter()
         .map(|o| (o.as_str().to_string(), 0))
         .collect();
-        let mut parse_stages: BTreeMap<String, usize> = ["json", "exact", "synonym", "fuzzy", "unparseable"]
-            .iter()
-            .map(|s| (s.to_string(), 0))
-            .collect();
+        let mut parse_stages: BTreeMap<String, usize> =
+            ["json", "exact", "synonym", "fuzzy", "unparseable"]
+                .iter()
+                .map(|s| (s.to_string(), 0))
+                .collect();
         let mut stages: Vec<StageCount> = STAGES
             .iter()
             .map(|s| StageCount {
@@ -124,7 +125,11 @@ impl LlmSummary {
                 cost += c;
             }
             // More attempts than requests made means something was retried.
-            let requests = p.extra.get("answers").and_then(|v| v.as_array()).map_or(1, |a| a.len()) as u64;
+            let requests = p
+                .extra
+                .get("answers")
+                .and_then(|v| v.as_array())
+                .map_or(1, |a| a.len()) as u64;
             retried += usize::from(a > requests || (p.outcome == Outcome::Failed && a > 1));
         }
         // Stages not configured stay out of the table.
@@ -167,7 +172,10 @@ impl LlmSummary {
         self.filter_stages
             .iter()
             .map(|s| {
-                let mut l = format!("{:<17} in {:>5}  kept {:>5}  deferred {:>5}", s.stage, s.input, s.kept, s.deferred);
+                let mut l = format!(
+                    "{:<17} in {:>5}  kept {:>5}  deferred {:>5}",
+                    s.stage, s.input, s.kept, s.deferred
+                );
                 if s.unparseable > 0 {
                     l.push_str(&format!("  unparseable {:>5}", s.unparseable));
                 }

@@ -282,3 +282,20 @@ fn bad_inputs_give_one_line_errors_naming_the_file() {
     assert!(parse_shard("3/2").is_err() && parse_shard("0/2").is_err() && parse_shard("a").is_err());
     assert_eq!(parse_shard("2/8").unwrap(), (2, 8));
 }
+
+#[test]
+fn remote_api_energy_is_not_compared_as_if_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let path = dir.path().join("llm-sim/metrics.json");
+    let mut m = RunMetrics::read(&path).unwrap();
+    let mut e: EnergyReport = serde_json::from_value(m.energy.clone().unwrap()).unwrap();
+    e.method = "estimated:cpu-time*tdp+not-measured:remote-api".into();
+    m.energy = Some(serde_json::to_value(e).unwrap());
+    m.write(&path).unwrap();
+    let (_, cmp) = load(dir.path()).unwrap();
+    let s = cmp.summary.join("\n");
+    assert!(s.contains("energy at the provider is not measured"), "{s}");
+    assert!(!s.contains("times less energy"), "{s}");
+    assert!(s.contains("remote API's servers is not measured"), "{s}");
+}

@@ -98,7 +98,10 @@ pub fn run(
     }
     if let Some(p) = &filter.crosscheck {
         if !p.is_file() {
-            return Err(usage(format!("{}: CNN predictions file for --filter crosscheck not found", p.display())));
+            return Err(usage(format!(
+                "{}: CNN predictions file for --filter crosscheck not found",
+                p.display()
+            )));
         }
     }
     let split: Split = common.split.parse().map_err(usage)?;
@@ -109,7 +112,9 @@ pub fn run(
         return Err(usage("--max-attempts must be at least 1"));
     }
     if !(a.request_timeout > 0.0 && a.request_timeout.is_finite()) {
-        return Err(usage("--request-timeout must be a positive number of seconds"));
+        return Err(usage(
+            "--request-timeout must be a positive number of seconds",
+        ));
     }
     if !(0.0..=2.0).contains(&a.temperature) || !(0.0..=2.0).contains(&a.consistency_temperature) {
         return Err(usage("temperatures must be within 0..2"));
@@ -117,11 +122,15 @@ pub fn run(
     let detail = a.detail.parse().map_err(usage)?;
     let confidence_source: ConfidenceSource = a.confidence_source.parse().map_err(usage)?;
     let prompts = match &a.prompts {
-        Some(p) => PromptSet::builtin().with_overrides_from(p).map_err(|e| usage(e.to_string()))?,
+        Some(p) => PromptSet::builtin()
+            .with_overrides_from(p)
+            .map_err(|e| usage(e.to_string()))?,
         None => PromptSet::builtin(),
     };
     let prices = match &a.prices {
-        Some(p) => PriceTable::builtin().with_overrides_from(p).map_err(|e| usage(e.to_string()))?,
+        Some(p) => PriceTable::builtin()
+            .with_overrides_from(p)
+            .map_err(|e| usage(e.to_string()))?,
         None => PriceTable::builtin(),
     };
 
@@ -151,13 +160,20 @@ pub fn run(
     cfg.image_max_side = a.image_max_side;
     cfg.confidence_source = confidence_source;
 
-    let out = common.out.clone().unwrap_or_else(|| default_out(&ds.root, &pspec, context, split));
+    let out = common
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&ds.root, &pspec, context, split));
     check_or_record_config(&out, &cfg)?;
 
     let provider = build_provider(&pspec, &a.api_key_env, mica_llm::provider::http_client())
         .map_err(|e| usage(e.to_string()))?;
     let cache = (!a.no_cache).then(|| {
-        ResponseCache::new(a.cache_dir.clone().unwrap_or_else(ResponseCache::default_dir))
+        ResponseCache::new(
+            a.cache_dir
+                .clone()
+                .unwrap_or_else(ResponseCache::default_dir),
+        )
     });
     let limits = Limits {
         concurrency: a.concurrency,
@@ -187,17 +203,28 @@ pub fn run(
     }
     let name = runner.name().to_string();
 
-    let items: Vec<WorkItem> = samples.iter().map(|s| WorkItem::from_sample(s, &ds.labels)).collect();
+    let items: Vec<WorkItem> = samples
+        .iter()
+        .map(|s| WorkItem::from_sample(s, &ds.labels))
+        .collect();
     let log_path = out.join("predictions.jsonl");
     let (mut log, existing) = mica_llm::runner::open_log(&out)?;
-    let done = items.iter().filter(|i| log.is_done(&name, &i.sample.id)).count();
+    let done = items
+        .iter()
+        .filter(|i| log.is_done(&name, &i.sample.id))
+        .count();
     if !existing.is_empty() && done > 0 && done < items.len() {
-        eprintln!("note: resuming: {done} of {} images already classified", items.len());
+        eprintln!(
+            "note: resuming: {done} of {} images already classified",
+            items.len()
+        );
     }
     let bar = indicatif::ProgressBar::new((items.len() - done) as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images {elapsed} (eta {eta}) {msg}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} images {elapsed} (eta {eta}) {msg}",
+        )
+        .expect("static template"),
     );
     let progress = {
         let bar = bar.clone();
@@ -232,11 +259,16 @@ pub fn run(
     )
     .with_context(|| format!("computing metrics for {}", log_path.display()))?;
     if stats.classified > 0 {
-        metrics.throughput_images_per_s = Some(stats.classified as f64 / stats.wall_seconds.max(1e-9));
+        metrics.throughput_images_per_s =
+            Some(stats.classified as f64 / stats.wall_seconds.max(1e-9));
     }
     metrics.simulated = summary.simulated;
-    metrics.extra.insert("llm".into(), serde_json::to_value(&summary)?);
-    metrics.extra.insert("llm_run".into(), serde_json::to_value(&stats)?);
+    metrics
+        .extra
+        .insert("llm".into(), serde_json::to_value(&summary)?);
+    metrics
+        .extra
+        .insert("llm_run".into(), serde_json::to_value(&stats)?);
     metrics
         .extra
         .insert("llm_config".into(), serde_json::to_value(&runner.config)?);
@@ -251,12 +283,21 @@ pub fn run(
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 fn default_out(root: &Path, spec: &ProviderSpec, context: ContextMode, split: Split) -> PathBuf {
-    let ds_name = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
+    let ds_name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "dataset".into());
     PathBuf::from("runs").join(sanitize(&ds_name)).join(format!(
         "llm-{}-{}-{}-{}",
         spec.kind.as_str(),
@@ -272,9 +313,10 @@ fn check_or_record_config(out: &Path, cfg: &LlmConfig) -> anyhow::Result<()> {
     let path = out.join("llm_config.json");
     let now = serde_json::to_value(cfg)?;
     if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let before: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let before: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
         if before != now {
             let diff: Vec<String> = now
                 .as_object()
@@ -307,18 +349,25 @@ fn print_summary(m: &mica_eval::RunMetrics, s: &LlmSummary, stats: &mica_llm::Ru
     println!(
         "accuracy {:.3} over all images (no answer = wrong){}; coverage {:.3}{}",
         m.all.accuracy,
-        m.answered
-            .as_ref()
-            .map_or(String::new(), |r| format!(", {:.3} over answered", r.accuracy)),
+        m.answered.as_ref().map_or(String::new(), |r| format!(
+            ", {:.3} over answered",
+            r.accuracy
+        )),
         m.coverage,
-        m.accepted
-            .as_ref()
-            .map_or(String::new(), |r| format!(", accuracy {:.3} on accepted cases", r.accuracy)),
+        m.accepted.as_ref().map_or(String::new(), |r| format!(
+            ", accuracy {:.3} on accepted cases",
+            r.accuracy
+        )),
     );
     for l in s.stage_lines() {
         println!("  filter {l}");
     }
-    let ps: Vec<String> = s.parse_stages.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+    let ps: Vec<String> = s
+        .parse_stages
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
     println!("  parsed by: {}", ps.join(", "));
     let cost = match (&s.cost_usd, &s.price) {
         (Some(c), Some(p)) => format!(

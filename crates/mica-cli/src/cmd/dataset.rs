@@ -23,7 +23,7 @@ pub struct InspectArgs {
     #[arg(long, default_value_t = 4)]
     pub max_distance: u32,
     /// Pixel correlation (-1 to 1) a hash match must also reach to count as a duplicate.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.99)]
     pub min_correlation: f32,
     /// Seed of the default split used when the layout has no official one.
     #[arg(long, default_value_t = 42)]
