@@ -90,7 +90,6 @@ pub struct Measured<T> {
 /// `run_dir/energy.json`, merges an `energy` section into `run_dir/metrics.json` if it exists,
 /// and prints a one-line summary (method label, warnings) to stderr. `f` returns its value and
 /// the number of images it processed.
-#[allow(dead_code)] // The contract `mica train` wraps its work in.
 pub fn measured<T>(
     opts: &EnergyOpts,
     run_dir: &Path,

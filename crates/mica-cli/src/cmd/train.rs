@@ -51,6 +51,8 @@ pub struct TrainArgs {
     /// Use at most N images per split (quick runs).
     #[arg(long)]
     pub limit: Option<usize>,
+    #[command(flatten)]
+    pub energy: super::energy::EnergyOpts,
 }
 
 pub fn config_from(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
@@ -107,7 +109,13 @@ pub fn config_from(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = config_from(&args)?;
     let ds = super::classify_cnn::load_split_dataset(&args.dataset, args.seed)?;
-    let summary = train_with_progress(&ds, &cfg, &args.out)?;
+    let project = format!("train {}", args.model);
+    let summary = super::energy::measured(&args.energy, &args.out, &project, || {
+        let s = train_with_progress(&ds, &cfg, &args.out)?;
+        // Images processed: every epoch of this invocation saw the training split once.
+        let images = s.train_images * s.history.len().max(1);
+        Ok((s, images))
+    })?;
     println!(
         "trained {} on {} ({} train / {} val images, {} px, {}): best epoch {} of {}, val macro F1 {:.3}, val accuracy {:.3}{}",
         summary.arch,
