@@ -53,7 +53,7 @@ fn quick_demo_writes_a_report_and_resumes() {
         .args(["runs", "list", "--store", store.to_str().unwrap()])
         .assert()
         .success()
-        .stdout(predicate::str::contains("demo-mri"));
+        .stdout(predicate::str::contains("demo/mri").and(predicate::str::contains("[SIMULATED]")));
 }
 
 #[test]

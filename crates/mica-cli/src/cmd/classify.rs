@@ -34,6 +34,8 @@ pub struct ClassifyArgs {
 pub struct ClassifyOutcome {
     pub out_dir: PathBuf,
     pub images: usize,
+    /// Work done on a remote API's machines: its energy is `not-measured:remote-api`.
+    pub remote: Vec<mica_energy::RemoteUsage>,
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
@@ -51,8 +53,8 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
             let spec = &args.classifier["llm:".len()..];
             super::classify_llm::run(&args, spec)?
         };
-        let (images, dir) = (outcome.images, outcome.out_dir.clone());
-        Ok((outcome, images, dir))
+        let (images, dir, remote) = (outcome.images, outcome.out_dir.clone(), outcome.remote.clone());
+        Ok((outcome, images, dir, remote))
     })?;
     println!(
         "classified {} images; results in {}",

@@ -180,5 +180,5 @@ pub fn classify_into(
             );
         }
     }
-    Ok(super::classify::ClassifyOutcome { out_dir: out.to_path_buf(), images: preds.len() })
+    Ok(super::classify::ClassifyOutcome { out_dir: out.to_path_buf(), images: preds.len(), remote: Vec::new() })
 }

@@ -275,9 +275,24 @@ pub fn run(
     metrics.write(out.join("metrics.json"))?;
 
     print_summary(&metrics, &summary, &stats);
+    // The provider's machines did the inference: their energy is recorded as not measured,
+    // next to this process's own measured or estimated share. The simulator runs locally.
+    let remote = if summary.simulated {
+        Vec::new()
+    } else {
+        vec![mica_energy::RemoteUsage {
+            provider: pspec.kind.as_str().to_string(),
+            model: pspec.model.clone(),
+            requests: stats.http_requests,
+            input_tokens: summary.prompt_tokens,
+            output_tokens: summary.completion_tokens,
+            estimate: None,
+        }]
+    };
     Ok(super::classify::ClassifyOutcome {
         out_dir: out,
         images: stats.classified,
+        remote,
     })
 }
 

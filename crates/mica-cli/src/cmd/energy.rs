@@ -107,23 +107,24 @@ pub fn measured<T>(
 }
 
 /// [`measured`] for work that decides its run directory itself (`mica classify` derives it
-/// from the classifier): `f` returns its value, the images processed and the run directory.
+/// from the classifier): `f` returns its value, the images processed, the run directory and
+/// the remote API usage (empty for local work).
 pub fn measured_dir<T>(
     opts: &EnergyOpts,
     project_name: &str,
-    f: impl FnOnce() -> anyhow::Result<(T, usize, PathBuf)>,
+    f: impl FnOnce() -> anyhow::Result<(T, usize, PathBuf, Vec<RemoteUsage>)>,
 ) -> anyhow::Result<T> {
     let dir = std::cell::RefCell::new(PathBuf::new());
     measured_with_remote_at(
         opts,
         project_name,
         || {
-            let (value, images, run_dir) = f()?;
+            let (value, images, run_dir, remote) = f()?;
             *dir.borrow_mut() = run_dir;
             Ok(Measured {
                 value,
                 images,
-                remote: Vec::new(),
+                remote,
             })
         },
         || dir.borrow().clone(),
