@@ -143,6 +143,24 @@ pub struct ClassifierSpec {
 }
 
 impl ClassifierSpec {
+    /// An entry of `kind` with every option unset, to fill with struct-update syntax.
+    pub fn new(kind: Kind) -> Self {
+        ClassifierSpec {
+            kind,
+            slug: None,
+            run: None,
+            train: None,
+            epochs: None,
+            batch: None,
+            model: None,
+            context: None,
+            template: None,
+            filter: None,
+            simulated: false,
+            limit_per_class: None,
+        }
+    }
+
     /// A short, filesystem-safe, stable identifier.
     pub fn slug(&self) -> String {
         if let Some(s) = &self.slug {
@@ -351,20 +369,7 @@ impl Experiment {
     /// Parses a classifier from the quick command-line form: `cnn:RUN_DIR`, `cnn-train:ARCH`,
     /// `baseline`, `llm:PROVIDER/MODEL` (with `--filter`, `--context` applying to LLMs).
     pub fn classifier_from_flag(spec: &str) -> Result<ClassifierSpec, String> {
-        let blank = |kind| ClassifierSpec {
-            kind,
-            slug: None,
-            run: None,
-            train: None,
-            epochs: None,
-            batch: None,
-            model: None,
-            context: None,
-            template: None,
-            filter: None,
-            simulated: false,
-            limit_per_class: None,
-        };
+        let blank = ClassifierSpec::new;
         if let Some(dir) = spec.strip_prefix("cnn:") {
             Ok(ClassifierSpec {
                 run: Some(PathBuf::from(dir)),

@@ -154,20 +154,7 @@ fn experiment(
     dataset: &Path,
     llm: Option<&(String, bool)>,
 ) -> Experiment {
-    let blank = |kind| ClassifierSpec {
-        kind,
-        slug: None,
-        run: None,
-        train: None,
-        epochs: None,
-        batch: None,
-        model: None,
-        context: None,
-        template: None,
-        filter: None,
-        simulated: false,
-        limit_per_class: None,
-    };
+    let blank = ClassifierSpec::new;
     let mut classifiers = vec![
         ClassifierSpec {
             train: Some("small".into()),
