@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
-use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Event, Experiment, Kind, RunOptions};
+use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, RunOptions};
 use mica_core::Modality;
 
 use crate::exit::usage;
@@ -118,7 +117,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
             ..Default::default()
         };
-        let outcome = run_with_progress(&exp, &opts)?;
+        let outcome = super::compare::run_with_progress(&exp, &opts)?;
         let (_, cmp) = mica_report::load(&outcome.dir)
             .with_context(|| format!("reading back {}", outcome.dir.display()))?;
         println!("{}", mica_report::render::headline_text(&cmp));
@@ -200,44 +199,4 @@ fn experiment(
         },
         eval: EvalSpec::default(),
     }
-}
-
-/// Runs one experiment with a progress bar per classifier and notices above the bars.
-fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_compare::RunOutcome> {
-    let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {per_sec} {eta}")
-        .expect("valid template")
-        .progress_chars("=> ");
-    let mut bar: Option<ProgressBar> = None;
-    let outcome = mica_compare::run_experiment(exp, opts, &mut |e| match e {
-        Event::Notice(n) => match &bar {
-            Some(b) => b.println(format!("  {n}")),
-            None => eprintln!("  {n}"),
-        },
-        Event::Start { name, total, todo, .. } => {
-            let b = ProgressBar::new(total as u64).with_style(style.clone()).with_prefix(name);
-            b.set_position((total - todo) as u64);
-            bar = Some(b);
-        }
-        Event::Progress { done, .. } => {
-            if let Some(b) = &bar {
-                b.set_position(done as u64);
-            }
-        }
-        Event::Done { slug, reused } => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            eprintln!("  {slug}: {}", if reused { "reused from an earlier run" } else { "done" });
-        }
-    });
-    if let Some(b) = bar.take() {
-        b.abandon();
-    }
-    outcome.map_err(|e| {
-        if e.is_usage() {
-            usage(e.to_string())
-        } else {
-            anyhow::Error::new(e)
-        }
-    })
 }
