@@ -16,6 +16,7 @@ pub mod device;
 pub mod gradcam;
 pub mod infer;
 pub mod model;
+pub mod norm;
 pub mod train;
 pub mod transfer;
 

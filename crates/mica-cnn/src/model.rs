@@ -95,7 +95,7 @@ impl<B: Backend> ConvBn<B> {
     }
 
     fn forward_linear(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.forward(self.conv.forward(x))
+        crate::norm::batch_norm(&self.bn, self.conv.forward(x))
     }
 
     fn forward_relu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -184,8 +184,8 @@ impl<B: Backend> BasicBlock<B> {
             Some(ds) => ds.forward_linear(x.clone()),
             None => x.clone(),
         };
-        let y = relu(self.bn1.forward(self.conv1.forward(x)));
-        let y = self.bn2.forward(self.conv2.forward(y));
+        let y = relu(crate::norm::batch_norm(&self.bn1, self.conv1.forward(x)));
+        let y = crate::norm::batch_norm(&self.bn2, self.conv2.forward(y));
         relu(y + identity)
     }
 }
@@ -224,7 +224,7 @@ impl<B: Backend> ResNet<B> {
     }
 
     fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut x = relu(crate::norm::batch_norm(&self.bn1, self.conv1.forward(x)));
         x = self.maxpool.forward(x);
         for b in self
             .layer1
