@@ -553,9 +553,13 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// `retry-after-ms` (OpenAI) wins over `Retry-After` in seconds. An HTTP-date `Retry-After`
-/// is ignored (the exponential backoff applies instead).
+/// `retry-after-ms` (OpenAI) wins over `Retry-After`, which may be seconds or an HTTP date
+/// (RFC 9110; a date in the past means "now").
 fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    retry_after_at(h, std::time::SystemTime::now())
+}
+
+fn retry_after_at(h: &reqwest::header::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
     if let Some(ms) = h
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -564,11 +568,12 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
     {
         return Some(Duration::from_secs_f64(ms / 1000.0));
     }
-    h.get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|x| x.is_finite() && *x >= 0.0)
-        .map(Duration::from_secs_f64)
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Builds the client for a spec. The API key is read from the environment variable named
@@ -597,6 +602,35 @@ pub fn build_provider(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_milliseconds_seconds_and_http_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let with = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            retry_after_at(&h, now)
+        };
+        assert_eq!(with(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(with(&[("retry-after", "1.5")]), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            with(&[("retry-after-ms", "250"), ("retry-after", "9")]),
+            Some(Duration::from_millis(250)),
+            "OpenAI's millisecond header wins"
+        );
+        assert_eq!(with(&[("retry-after", "Sun, 06 Nov 1994 08:50:07 GMT")]), Some(Duration::from_secs(30)));
+        assert_eq!(
+            with(&[("retry-after", "Sun, 06 Nov 1994 08:40:00 GMT")]),
+            Some(Duration::ZERO),
+            "a date in the past means retry now"
+        );
+        assert_eq!(with(&[("retry-after", "soon")]), None);
+        assert_eq!(with(&[("retry-after", "-3")]), None);
+        assert_eq!(with(&[]), None);
+    }
 
     #[test]
     fn logprob_confidence_covers_the_label_tokens_only() {

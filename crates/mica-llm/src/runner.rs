@@ -137,6 +137,20 @@ impl Bucket {
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
         }
     }
+
+    /// Settles the difference between what a request was charged up front and what the
+    /// server says it used: a refund when the estimate was high, a debt (the level may go
+    /// negative, delaying later requests) when it was low, so the estimate's error does not
+    /// accumulate over a long run.
+    async fn settle(&self, charged: f64, actual: f64) {
+        let mut s = self.state.lock().await;
+        s.0 = (s.0 + charged - actual).min(self.capacity);
+    }
+
+    #[cfg(test)]
+    async fn level(&self) -> f64 {
+        self.state.lock().await.0
+    }
 }
 
 /// Reads an image's pixels. The CLI passes `mica_data::image::load_gray` (all layouts,
@@ -585,15 +599,29 @@ impl LlmRunner {
             if let Some(b) = &self.rpm {
                 b.acquire(1.0).await;
             }
-            if let Some(b) = &self.tpm {
-                b.acquire(est).await;
-            }
+            let charged = match &self.tpm {
+                Some(b) => {
+                    let n = est.min(b.capacity);
+                    b.acquire(n).await;
+                    n
+                }
+                None => 0.0,
+            };
             let permit = self.sem.acquire().await.expect("semaphore is never closed");
             self.http_requests.fetch_add(1, Ordering::SeqCst);
             let t0 = Instant::now();
             let r = self.provider.chat(req, self.limits.timeout).await;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             drop(permit);
+            if let Some(b) = &self.tpm {
+                // A failed request used no tokens; an answered one used what it reports
+                // (or the estimate when the server reports nothing).
+                let used = match &r {
+                    Ok(resp) => resp.usage.as_ref().map_or(charged, |u| (u.prompt + u.completion) as f64),
+                    Err(_) => 0.0,
+                };
+                b.settle(charged, used).await;
+            }
             match r {
                 Ok(mut resp) => {
                     resp.latency_ms = ms;
@@ -690,6 +718,28 @@ impl mica_core::Classifier for LlmClassifier {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn token_bucket_settles_estimates_against_reported_usage() {
+        let b = Bucket::per_minute(6000.0); // capacity 1000, 100 tokens/s
+        b.acquire(400.0).await;
+        let after = b.level().await;
+        assert!((after - 600.0).abs() < 5.0, "{after}");
+        // The server used 100 tokens, not 400: 300 come back.
+        b.settle(400.0, 100.0).await;
+        assert!((b.level().await - 900.0).abs() < 5.0);
+        // It used 2,000: the bucket goes into debt, so the next request waits for the refill.
+        b.settle(400.0, 2000.0).await;
+        assert!(b.level().await < -600.0);
+        // Refunds never overfill the bucket.
+        b.settle(5000.0, 0.0).await;
+        assert!(b.level().await <= 1000.0);
     }
 }
 
