@@ -55,6 +55,9 @@ enum Command {
     /// The results store: every finished run, indexed.
     #[command(subcommand)]
     Runs(cmd::runs::RunsCommand),
+    /// The web app and JSON API: upload an image, see every classifier's suggestion side by
+    /// side, record the physician's decision; runs dashboard and monitoring.
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Runs(c) => cmd::runs::run(c),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     exit::report(result)
 }

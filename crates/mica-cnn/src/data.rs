@@ -149,21 +149,23 @@ pub fn load_image(
     size: usize,
     channels: usize,
 ) -> Result<(Vec<f32>, bool), CnnError> {
-    let path = match source {
-        ImageSource::File { path } => path,
-        ImageSource::Npz { path, .. } => {
-            return Err(CnnError::Image {
-                path: path.clone(),
-                message: "NumPy .npz sources are read through mica-data, not by the CNN loader"
-                    .into(),
-            })
-        }
+    let err = |message: String| CnnError::Image {
+        path: source.path().to_path_buf(),
+        message,
     };
-    let img = image::open(path).map_err(|e| CnnError::Image {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    Ok(from_dynamic(&img, size, channels))
+    // True colour only exists in raster files; everything else (DICOM, .npz, grayscale PNG)
+    // goes through mica-data's decoder, the one the LLM arm and the web app use too, so a
+    // DICOM is windowed the same way whichever model looks at it.
+    if let ImageSource::File { path } = source {
+        if channels == 3 && !mica_data::image::is_dicom_path(path) {
+            let img = image::open(path).map_err(|e| err(e.to_string()))?;
+            return Ok(from_dynamic(&img, size, channels));
+        }
+    }
+    let gray = mica_data::image::load_gray(source).map_err(|e| err(e.to_string()))?;
+    let resized = gray.width() as usize != size || gray.height() as usize != size;
+    let px = mica_data::image::gray_to_tensor(&gray, size as u32, channels as u8);
+    Ok((px, resized))
 }
 
 /// Converts a decoded image to normalised-later CHW floats at `size x size`.
@@ -195,10 +197,7 @@ pub fn from_dynamic(img: &image::DynamicImage, size: usize, channels: usize) -> 
 
 /// Reads a sample image's width and height without decoding all of it when possible.
 pub fn image_dimensions(source: &ImageSource) -> Option<(u32, u32)> {
-    match source {
-        ImageSource::File { path } => image::image_dimensions(path).ok(),
-        ImageSource::Npz { .. } => None,
-    }
+    mica_data::image::probe(source).ok().map(|p| (p.width, p.height))
 }
 
 /// Which augmentations are anatomically safe for a modality.
@@ -311,6 +310,33 @@ mod tests {
 
     fn gradient(size: usize) -> Vec<f32> {
         (0..size * size).map(|i| (i % size) as f32 / (size - 1) as f32).collect()
+    }
+
+    #[test]
+    fn dicom_and_npz_sources_load_like_png() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mica-data/tests/fixtures");
+        for name in ["MR_small.dcm", "CT_small.dcm"] {
+            let (px, resized) = load_image(&ImageSource::file(fixtures.join(name)), 32, 1).unwrap();
+            assert_eq!(px.len(), 32 * 32, "{name}");
+            assert!(resized, "{name} is 64 px or larger, so it was resized");
+            let (lo, hi) = px.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            assert!(lo >= 0.0 && hi <= 1.0 && hi - lo > 0.2, "{name}: windowed to [0, 1] with contrast");
+        }
+        // A DICOM without pixel data is an error naming the file, not a panic.
+        let err = load_image(&ImageSource::file(fixtures.join("CT_small_no_pixels.dcm")), 32, 1).unwrap_err();
+        assert!(err.to_string().contains("CT_small_no_pixels.dcm"), "{err}");
+
+        // A MedMNIST-style array.
+        let dir = tempfile::tempdir().unwrap();
+        let npz = dir.path().join("tiny.npz");
+        let arr = ndarray::Array3::<u8>::from_shape_fn((2, 8, 8), |(n, y, x)| (n * 100 + y * 8 + x) as u8);
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&npz).unwrap());
+        w.add_array("test_images", &arr).unwrap();
+        w.finish().unwrap();
+        let src = ImageSource::Npz { path: npz, array: "test_images".into(), index: 1 };
+        let (px, resized) = load_image(&src, 8, 1).unwrap();
+        assert!(!resized);
+        assert!((px[0] - 100.0 / 255.0).abs() < 1e-6 && (px[63] - 163.0 / 255.0).abs() < 1e-6);
     }
 
     #[test]

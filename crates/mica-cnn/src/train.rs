@@ -57,6 +57,11 @@ pub struct TrainConfig {
     /// spans `epochs`, and `resume` continues. For time-boxed sessions (and resume tests).
     #[serde(default)]
     pub stop_after_epochs: Option<usize>,
+    /// Label smoothing epsilon: the target puts `1 - eps` on the true class and spreads `eps`
+    /// over all classes. Curbs over-confident logits on small datasets (and the
+    /// over-confidence a physician would otherwise be shown).
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 impl TrainConfig {
@@ -79,6 +84,7 @@ impl TrainConfig {
             resume: false,
             limit: None,
             stop_after_epochs: None,
+            label_smoothing: 0.0,
         }
     }
 
@@ -92,6 +98,9 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
             return bad("--lr must be in (0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("--label-smoothing must be in [0, 1)");
         }
         if self.channels != 1 && self.channels != 3 {
             return bad("channels must be 1 or 3");
@@ -615,10 +624,14 @@ fn train_on<B: AutodiffBackend>(
             let x = batch_tensor::<B>(&train, rows, &norm, Some((&augment, &mut aug_rng)), &device);
             // Weighted one-hot targets: loss = -sum(w_y * log p_y) / sum(w_y).
             let wsum: f32 = rows.iter().map(|&i| weights[train.labels[i]]).sum::<f32>().max(1e-12);
+            let eps = cfg.label_smoothing as f32;
             let mut target = vec![0.0f32; rows.len() * classes];
             for (k, &i) in rows.iter().enumerate() {
                 let y = train.labels[i];
-                target[k * classes + y] = weights[y] / wsum;
+                let w = weights[y] / wsum;
+                for c in 0..classes {
+                    target[k * classes + c] = w * (eps / classes as f32 + if c == y { 1.0 - eps } else { 0.0 });
+                }
             }
             let target = Tensor::<B, 2>::from_data(TensorData::new(target, [rows.len(), classes]), &device);
             let logits = model.forward(x, Some(&mut drop_rng));

@@ -134,7 +134,7 @@ fn open_dicom(path: &Path) -> Result<dicom_object::DefaultDicomObject, DataError
         .map_err(|e| DataError::invalid(path, format!("not a readable DICOM file: {e}")))
 }
 
-fn dicom_int(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> Option<u32> {
+pub(crate) fn dicom_int(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> Option<u32> {
     obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u32>().ok())
 }
 
@@ -166,11 +166,20 @@ fn probe_dicom(path: &Path) -> Result<Probe, DataError> {
 }
 
 fn load_dicom(path: &Path) -> Result<(GrayImage, u32), DataError> {
+    let obj = open_dicom(path)?;
+    dicom_to_gray(&obj, path)
+}
+
+/// Pixels of an already parsed DICOM object (first frame, modality and VOI LUT applied);
+/// `path` only names the source in errors. Shared with uploads decoded from memory.
+pub(crate) fn dicom_to_gray(
+    obj: &dicom_object::DefaultDicomObject,
+    path: &Path,
+) -> Result<(GrayImage, u32), DataError> {
     use dicom_dictionary_std::tags;
     use dicom_pixeldata::{ConvertOptions, PixelDecoder};
-    let obj = open_dicom(path)?;
-    require_pixel_data(&obj, path)?;
-    let frames = dicom_int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    require_pixel_data(obj, path)?;
+    let frames = dicom_int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
     let decoded = obj
         .decode_pixel_data_frame(0)
         .map_err(|e| DataError::invalid(path, format!("cannot decode DICOM pixel data: {e}")))?;

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod phash;
 pub mod split;
 pub mod synth;
+pub mod upload;
 
 pub use error::DataError;
 pub use inspect::{inspect, InspectOptions, Inspection};

@@ -4,11 +4,13 @@
 //! Entry points:
 //! - [`render`]: `mica report RUN_DIR --format md|html|json|csv`;
 //! - [`load`] + [`headline_text`]: the table a terminal prints after `mica compare`/`mica demo`;
-//! - [`store::Store`]: the SQLite index behind `mica runs list|show`.
+//! - [`store::Store`]: the SQLite index behind `mica runs list|show`, which also keeps the web
+//!   app's cases and physicians' decisions ([`cases`]).
 //!
 //! The report never recomputes a metric that `metrics.json` holds; it reads and formats it,
 //! so a reviewer who opens `metrics.json` finds the same numbers.
 
+pub mod cases;
 pub mod comparison;
 pub mod plots;
 pub mod render;

@@ -64,8 +64,8 @@ pub struct StoredResult {
 }
 
 pub struct Store {
-    path: PathBuf,
-    conn: Connection,
+    pub(crate) path: PathBuf,
+    pub(crate) conn: Connection,
 }
 
 const SCHEMA: &str = "
@@ -121,6 +121,7 @@ impl Store {
             .map_err(|e| err(e.to_string()))?;
         conn.execute_batch("PRAGMA foreign_keys = ON;")
             .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| conn.execute_batch(crate::cases::SCHEMA))
             .map_err(|e| err(format!("not a mica results store ({e})")))?;
         Ok(Store { path, conn })
     }
@@ -129,7 +130,7 @@ impl Store {
         &self.path
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> ReportError {
+    pub(crate) fn err(&self, e: impl std::fmt::Display) -> ReportError {
         ReportError::Store {
             path: self.path.clone(),
             message: e.to_string(),

@@ -12,5 +12,6 @@ pub mod explain;
 pub mod llm_sim;
 pub mod report;
 pub mod runs;
+pub mod serve;
 pub mod synth;
 pub mod train;

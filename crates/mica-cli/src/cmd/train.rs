@@ -42,6 +42,9 @@ pub struct TrainArgs {
     /// Train without augmentation.
     #[arg(long)]
     pub no_augment: bool,
+    /// Label smoothing epsilon in [0, 1) [default: 0, none].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
     /// torchvision ResNet-18 weights (.pth or .safetensors) to fine-tune from.
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
@@ -87,6 +90,12 @@ pub fn config_from(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if let Some(p) = args.patience {
         cfg.patience = p.max(1);
+    }
+    if let Some(e) = args.label_smoothing {
+        if !(0.0..1.0).contains(&e) {
+            return Err(usage("--label-smoothing must be in [0, 1)"));
+        }
+        cfg.label_smoothing = e;
     }
     if let Some(p) = &args.pretrained {
         if arch != Arch::Resnet18 {

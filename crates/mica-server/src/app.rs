@@ -1,0 +1,868 @@
+//! The router, its shared state, the middleware (authentication, headers, request log) and
+//! the JSON API handlers. Pages live in [`crate::pages`] and call the same API from the
+//! browser.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Json, Router};
+use mica_report::cases::{CasePrediction, CaseRecord, Decision};
+use mica_report::Store;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::panel::{review_reasons, Panel};
+use crate::time::{iso_utc, now_unix};
+use crate::{pages, ServerError};
+
+/// Multipart framing around the file (boundaries, part headers) allowed on top of the upload
+/// limit before the body itself is refused.
+const MULTIPART_SLACK: usize = 64 * 1024;
+/// Cases whose image (and overlays) stay in memory for the page; older ones keep their record
+/// in the store but not their pixels.
+pub const IMAGES_KEPT: usize = 64;
+/// The decision-support notice every case carries.
+pub const NOTICE: &str = "Suggested labels are model outputs for decision support. The physician decides; nothing here is a diagnosis.";
+const COOKIE: &str = "mica_token";
+
+/// Settings that are not classifiers.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_upload_bytes: usize,
+    /// Confidence below which a suggestion sends the case to physician review.
+    pub review_threshold: f64,
+    /// Bearer token required on every page and API call, when set.
+    pub token: Option<String>,
+}
+
+struct CaseImages {
+    image_png: Vec<u8>,
+    overlays: BTreeMap<usize, Vec<u8>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) panel: Arc<Panel>,
+    pub(crate) store: Arc<Mutex<Store>>,
+    pub(crate) settings: Settings,
+    images: Mutex<VecDeque<(String, CaseImages)>>,
+    tmp: tempfile::TempDir,
+}
+
+/// The state every handler shares.
+#[derive(Clone)]
+pub struct App(pub(crate) Arc<Inner>);
+
+impl App {
+    pub fn new(panel: Panel, store: Store, settings: Settings) -> Result<App, ServerError> {
+        if !(0.0..=1.0).contains(&settings.review_threshold) {
+            return Err(ServerError::Config(format!(
+                "review threshold {} must be between 0 and 1",
+                settings.review_threshold
+            )));
+        }
+        if settings.max_upload_bytes == 0 {
+            return Err(ServerError::Config("the upload limit must be above 0".into()));
+        }
+        if settings.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ServerError::Config("the bearer token is empty".into()));
+        }
+        // Uploads are written here (de-identified, as PNG) only while being classified.
+        let tmp = tempfile::Builder::new()
+            .prefix("mica-serve-")
+            .tempdir()
+            .map_err(|e| ServerError::Config(format!("cannot create a temporary folder: {e}")))?;
+        Ok(App(Arc::new(Inner {
+            panel: Arc::new(panel),
+            store: Arc::new(Mutex::new(store)),
+            settings,
+            images: Mutex::new(VecDeque::new()),
+            tmp,
+        })))
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+
+    pub fn panel(&self) -> &Panel {
+        &self.0.panel
+    }
+
+    /// Runs `f` on the store off the async threads.
+    pub(crate) async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, mica_report::ReportError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.0.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut st)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!("results store: {e}");
+            ApiError::internal("the results store failed (see the server log)")
+        })
+    }
+
+    fn keep_images(&self, id: &str, images: CaseImages) {
+        let mut q = self.0.images.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back((id.to_string(), images));
+        while q.len() > IMAGES_KEPT {
+            q.pop_front();
+        }
+    }
+
+    fn with_images<T>(&self, id: &str, f: impl FnOnce(&CaseImages) -> Option<T>) -> Option<T> {
+        let q = self.0.images.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().find(|(k, _)| k == id).and_then(|(_, v)| f(v))
+    }
+
+    fn has_image(&self, id: &str) -> bool {
+        self.with_images(id, |_| Some(())).is_some()
+    }
+}
+
+/// A JSON error: `{"error": {"status", "code", "message"}}`, with a message a person can act on.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+    fn too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_too_large",
+            format!(
+                "the upload is larger than the limit of {} (the server's --max-upload-mb)",
+                human_bytes(max)
+            ),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"status": self.status.as_u16(), "code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MB", n >> 20)
+    } else if n >= 1 << 20 {
+        format!("{:.1} MB", n as f64 / (1 << 20) as f64)
+    } else if n >= 1024 {
+        format!("{:.0} KB", n as f64 / 1024.0)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// One route of the router: what the OpenAPI file must document (for `/api/v1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub method: &'static str,
+    pub path: &'static str,
+}
+
+/// Builds the router and, alongside, the list of what it routes, so the list cannot drift
+/// from the router (the OpenAPI test reads it).
+struct Routes {
+    router: Router<App>,
+    table: Vec<RouteInfo>,
+}
+
+impl Routes {
+    fn get<H: Handler<T, App>, T: 'static>(mut self, path: &'static str, h: H) -> Self {
+        self.router = self.router.route(path, axum::routing::get(h));
+        self.table.push(RouteInfo { method: "get", path });
+        self
+    }
+    fn post<H: Handler<T, App>, T: 'static>(mut self, path: &'static str, h: H) -> Self {
+        self.router = self.router.route(path, axum::routing::post(h));
+        self.table.push(RouteInfo { method: "post", path });
+        self
+    }
+}
+
+fn routes() -> Routes {
+    Routes { router: Router::new(), table: Vec::new() }
+        // The JSON API (documented in openapi.yaml).
+        .get("/api/v1/health", health)
+        .get("/api/v1/openapi.yaml", openapi)
+        .post("/api/v1/classify", classify)
+        .get("/api/v1/cases/{id}", get_case)
+        .post("/api/v1/cases/{id}/decision", post_decision)
+        .get("/api/v1/cases/{id}/image.png", case_image)
+        .get("/api/v1/cases/{id}/gradcam/{index}", case_gradcam)
+        .get("/api/v1/runs", list_runs)
+        .get("/api/v1/runs/{id}", get_run)
+        .get("/api/v1/monitoring", monitoring)
+        // Pages.
+        .get("/", pages::case_page)
+        .get("/cases/{id}", pages::case_page_for)
+        .get("/monitoring", pages::monitoring_page)
+        .get("/runs", pages::runs_page)
+        .get("/runs/{id}", pages::run_report_page)
+}
+
+/// Every route the router serves.
+pub fn route_table() -> Vec<RouteInfo> {
+    routes().table
+}
+
+/// The whole application: routes, upload limit, authentication and response headers.
+pub fn router(app: App) -> Router {
+    let limit = app.0.settings.max_upload_bytes.saturating_add(MULTIPART_SLACK);
+    routes()
+        .router
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), auth))
+        .layer(middleware::from_fn(headers_and_log))
+        .with_state(app)
+}
+
+async fn not_found(req: Request) -> Response {
+    if req.uri().path().starts_with("/api/") {
+        ApiError::not_found("no such API route (see /api/v1/openapi.yaml)").into_response()
+    } else {
+        pages::not_found_page().into_response()
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    let d = Sha256::digest(b);
+    d.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Equal-time comparison, so the token cannot be guessed byte by byte from response times.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            out.push(b' ');
+        } else if b[i] == b'%' && i + 2 < b.len() {
+            match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            }
+        } else {
+            out.push(b[i]);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bearer-token authentication (when a token is configured): the `Authorization: Bearer`
+/// header, or the cookie a page visit with `?token=` sets once (the cookie holds the token's
+/// SHA-256, is HttpOnly and SameSite=Strict). Without a token configured everything is open.
+async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
+    let Some(token) = app.0.settings.token.as_deref() else {
+        return next.run(req).await;
+    };
+    let hashed = sha256_hex(token.as_bytes());
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|t| same(t.trim().as_bytes(), token.as_bytes()))
+        .unwrap_or(false);
+    let cookie = cookie_token(headers).map(|c| same(c.as_bytes(), hashed.as_bytes())).unwrap_or(false);
+    if bearer || cookie {
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_string();
+    let is_api = path.starts_with("/api/");
+    if !is_api && req.method() == Method::GET {
+        if let Some(q) = query_param(req.uri().query(), "token") {
+            if same(q.as_bytes(), token.as_bytes()) {
+                // The token leaves the address bar at once: redirect to the bare path.
+                let mut r = Redirect::to(&path).into_response();
+                let c = format!("{COOKIE}={hashed}; Path=/; HttpOnly; SameSite=Strict");
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    r.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                return r;
+            }
+        }
+    }
+    if is_api {
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server requires a bearer token: send `Authorization: Bearer <token>` (the token is in the server's MICA_SERVE_TOKEN)",
+        )
+        .into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    } else {
+        pages::login_page(&path).into_response()
+    }
+}
+
+/// Security headers on every response, and one log line per request (method, path, status,
+/// time: never a body, a query string or a header value).
+async fn headers_and_log(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let t0 = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    if path.starts_with("/api/") {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    tracing::info!(
+        "{method} {path} -> {} ({:.1} ms)",
+        r.status().as_u16(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    r
+}
+
+/// Case ids are 32 lowercase hex digits made by the server; anything else is not a case.
+pub fn valid_case_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn new_case_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// API handlers.
+
+async fn health(State(app): State<App>) -> Json<Value> {
+    let p = &app.0.panel;
+    Json(json!({
+        "status": "ok",
+        "service": "mica",
+        "version": env!("CARGO_PKG_VERSION"),
+        "notice": NOTICE,
+        "modality": p.modality.as_str(),
+        "labels": p.labels.names(),
+        "classifiers": p.members.iter().map(|m| json!({
+            "name": m.name, "family": m.family, "model_version": m.model_version,
+        })).collect::<Vec<_>>(),
+        "review_threshold": app.0.settings.review_threshold,
+        "max_upload_bytes": app.0.settings.max_upload_bytes,
+        "auth_required": app.0.settings.token.is_some(),
+    }))
+}
+
+pub const OPENAPI: &str = include_str!("../openapi.yaml");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml; charset=utf-8")], OPENAPI).into_response()
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, max: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(max)
+    } else {
+        ApiError::bad_request("bad_multipart", format!("the upload could not be read as multipart/form-data: {}", e.body_text()))
+    }
+}
+
+fn upload_error(e: mica_data::upload::UploadError) -> ApiError {
+    use mica_data::upload::UploadError as U;
+    let (status, code) = match &e {
+        U::Empty => (StatusCode::BAD_REQUEST, "empty_file"),
+        U::NotAnImage(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_an_image"),
+        U::NoPixelData => (StatusCode::UNPROCESSABLE_ENTITY, "dicom_without_pixels"),
+        U::TooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
+        U::Undecodable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "undecodable"),
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// Reads the `file` part of a multipart upload, refusing it as soon as it passes the limit.
+async fn read_upload(
+    headers: &HeaderMap,
+    mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    max: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared == Some(0) {
+        return Err(ApiError::bad_request("empty_upload", "the upload is empty: send multipart/form-data with the image in a `file` field"));
+    }
+    if declared.is_some_and(|n| n > max.saturating_add(MULTIPART_SLACK)) {
+        return Err(ApiError::too_large(max));
+    }
+    let mut mp = mp.map_err(|e| {
+        ApiError::bad_request(
+            "not_multipart",
+            format!("expected multipart/form-data with the image in a `file` field ({})", e.body_text()),
+        )
+    })?;
+    let mut parts = 0;
+    loop {
+        let mut field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e, max)),
+        };
+        parts += 1;
+        if field.name() != Some("file") {
+            continue;
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
+            if buf.len() + chunk.len() > max {
+                // Read (and drop) the rest, at most up to the body limit, so the client gets
+                // this answer instead of a reset connection.
+                while let Ok(Some(_)) = field.chunk().await {}
+                drop(field);
+                while let Ok(Some(mut more)) = mp.next_field().await {
+                    while let Ok(Some(_)) = more.chunk().await {}
+                }
+                return Err(ApiError::too_large(max));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.is_empty() {
+            return Err(ApiError::bad_request("empty_file", "the uploaded file is empty (0 bytes)"));
+        }
+        return Ok(buf);
+    }
+    Err(ApiError::bad_request(
+        "empty_upload",
+        if parts == 0 {
+            "the upload is empty: send multipart/form-data with the image in a `file` field".to_string()
+        } else {
+            "the upload has no `file` field: send the image as the `file` part of multipart/form-data".to_string()
+        },
+    ))
+}
+
+/// The JSON of a case: the record, links to its images while they are held, and decisions.
+#[derive(Serialize)]
+struct CaseView {
+    id: String,
+    created: String,
+    created_unix: i64,
+    notice: &'static str,
+    image: ImageView,
+    labels: Vec<String>,
+    review_threshold: f64,
+    needs_review: bool,
+    review_reasons: Vec<String>,
+    predictions: Vec<PredictionView>,
+    decision: Option<DecisionView>,
+    decisions: Vec<DecisionView>,
+}
+
+#[derive(Serialize)]
+struct ImageView {
+    format: String,
+    width: u32,
+    height: u32,
+    frames: u32,
+    sha256: String,
+    deidentified: Vec<String>,
+    /// While the server still holds the image in memory.
+    url: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PredictionView {
+    #[serde(flatten)]
+    p: CasePrediction,
+    gradcam_url: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DecisionView {
+    id: i64,
+    decided: String,
+    decided_unix: i64,
+    reviewer: String,
+    final_label: String,
+    note: Option<String>,
+}
+
+impl From<Decision> for DecisionView {
+    fn from(d: Decision) -> Self {
+        DecisionView {
+            id: d.id,
+            decided: iso_utc(d.decided_unix),
+            decided_unix: d.decided_unix,
+            reviewer: d.reviewer,
+            final_label: d.final_label,
+            note: d.note,
+        }
+    }
+}
+
+fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> CaseView {
+    let held = app.has_image(&c.id);
+    let id = c.id.clone();
+    let decisions: Vec<DecisionView> = decisions.into_iter().map(DecisionView::from).collect();
+    CaseView {
+        created: iso_utc(c.created_unix),
+        created_unix: c.created_unix,
+        notice: NOTICE,
+        image: ImageView {
+            format: c.image_format,
+            width: c.width,
+            height: c.height,
+            frames: c.frames,
+            sha256: c.image_sha256,
+            deidentified: c.deidentified,
+            url: held.then(|| format!("/api/v1/cases/{id}/image.png")),
+        },
+        labels: c.labels,
+        review_threshold: c.review_threshold,
+        needs_review: c.needs_review,
+        review_reasons: c.review_reasons,
+        predictions: c
+            .predictions
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| PredictionView {
+                gradcam_url: (held && p.has_gradcam).then(|| format!("/api/v1/cases/{id}/gradcam/{i}")),
+                p,
+            })
+            .collect(),
+        decision: None,
+        decisions,
+        id,
+    }
+    .with_latest()
+}
+
+impl CaseView {
+    fn with_latest(mut self) -> Self {
+        self.decision = self.decisions.last().map(|d| DecisionView {
+            id: d.id,
+            decided: d.decided.clone(),
+            decided_unix: d.decided_unix,
+            reviewer: d.reviewer.clone(),
+            final_label: d.final_label.clone(),
+            note: d.note.clone(),
+        });
+        self
+    }
+}
+
+async fn classify(
+    State(app): State<App>,
+    headers: HeaderMap,
+    mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let max = app.0.settings.max_upload_bytes;
+    let bytes = read_upload(&headers, mp, max).await?;
+    // Sniff, strip DICOM identifiers and decode, off the async threads. The original bytes
+    // (with any DICOM header) end here: only de-identified pixels go further.
+    let decoded = tokio::task::spawn_blocking(move || mica_data::upload::decode_upload(&bytes))
+        .await
+        .map_err(|e| ApiError::internal(format!("decoder task failed: {e}")))?
+        .map_err(upload_error)?;
+    let id = new_case_id();
+    let png = mica_data::image::png_bytes(&decoded.image);
+    let sha = sha256_hex(&png);
+    let png_path = app.0.tmp.path().join(format!("{id}.png"));
+    std::fs::write(&png_path, &png)
+        .map_err(|e| ApiError::internal(format!("cannot write the temporary image: {e}")))?;
+    let answers = app.0.panel.classify(&id, &png_path, &decoded.image).await;
+    let _ = std::fs::remove_file(&png_path);
+
+    let mut overlays = BTreeMap::new();
+    let mut predictions = Vec::with_capacity(answers.len());
+    for (i, a) in answers.into_iter().enumerate() {
+        if let Some(o) = a.gradcam_png {
+            overlays.insert(i, o);
+        }
+        predictions.push(a.prediction);
+    }
+    let threshold = app.0.settings.review_threshold;
+    let reasons = review_reasons(&predictions, threshold);
+    let record = CaseRecord {
+        id: id.clone(),
+        created_unix: now_unix(),
+        image_sha256: sha,
+        image_format: decoded.kind.as_str().to_string(),
+        width: decoded.image.width(),
+        height: decoded.image.height(),
+        frames: decoded.frames,
+        deidentified: decoded.removed.clone(),
+        labels: app.0.panel.labels.names().to_vec(),
+        review_threshold: threshold,
+        needs_review: !reasons.is_empty(),
+        review_reasons: reasons,
+        predictions,
+    };
+    let rec = record.clone();
+    app.with_store(move |st| st.insert_case(&rec)).await?;
+    app.keep_images(&id, CaseImages { image_png: png, overlays });
+    tracing::info!(
+        "case {id}: {} {}x{}, {} suggestions, needs review: {}",
+        record.image_format,
+        record.width,
+        record.height,
+        record.predictions.len(),
+        record.needs_review
+    );
+    let view = case_view(&app, record, Vec::new());
+    let mut r = (StatusCode::CREATED, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/cases/{id}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+async fn load_case(app: &App, id: &str) -> Result<(CaseRecord, Vec<Decision>), ApiError> {
+    if !valid_case_id(id) {
+        return Err(ApiError::not_found(format!("no case `{}`", truncate(id, 40))));
+    }
+    let key = id.to_string();
+    let found = app
+        .with_store(move |st| {
+            let c = st.case(&key)?;
+            let d = if c.is_some() { st.decisions(&key)? } else { Vec::new() };
+            Ok(c.map(|c| (c, d)))
+        })
+        .await?;
+    found.ok_or_else(|| ApiError::not_found(format!("no case `{id}`")))
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).filter(|c| !c.is_control()).collect()
+}
+
+async fn get_case(State(app): State<App>, Path(id): Path<String>) -> Result<Json<CaseView>, ApiError> {
+    let (c, d) = load_case(&app, &id).await?;
+    Ok(Json(case_view(&app, c, d)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionIn {
+    final_label: String,
+    reviewer: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+const MAX_REVIEWER: usize = 120;
+const MAX_NOTE: usize = 4000;
+
+async fn post_decision(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    body: Result<Json<DecisionIn>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(d) = body.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_decision",
+            format!("expected JSON {{\"final_label\", \"reviewer\", \"note\"?}}: {}", e.body_text()),
+        )
+    })?;
+    let (case, _) = load_case(&app, &id).await?;
+    let label = d.final_label.trim().to_string();
+    if !case.labels.contains(&label) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_label",
+            format!("`{}` is not one of this case's labels: {}", truncate(&label, 60), case.labels.join(", ")),
+        ));
+    }
+    let reviewer = d.reviewer.trim().to_string();
+    if reviewer.is_empty() || reviewer.chars().count() > MAX_REVIEWER || reviewer.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_reviewer",
+            format!("the reviewer's name is required (1 to {MAX_REVIEWER} characters, one line)"),
+        ));
+    }
+    let note = d.note.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    if note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "note_too_long",
+            format!("the note is longer than {MAX_NOTE} characters"),
+        ));
+    }
+    let key = id.clone();
+    let (decision, decisions) = app
+        .with_store(move |st| {
+            let d = st.add_decision(&key, now_unix(), &reviewer, &label, note.as_deref())?;
+            let all = st.decisions(&key)?;
+            Ok((d, all))
+        })
+        .await?;
+    tracing::info!("case {id}: decision {} recorded", decision.id);
+    let view = case_view(&app, case, decisions);
+    Ok((StatusCode::CREATED, Json(json!({"decision": DecisionView::from(decision), "case": view}))).into_response())
+}
+
+fn png_response(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], bytes).into_response()
+}
+
+fn image_gone(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "the image of case {id} is no longer held: mica keeps uploaded images in memory only, for the {IMAGES_KEPT} most recent cases, and never stores them"
+    ))
+}
+
+async fn case_image(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if !valid_case_id(&id) {
+        return Err(ApiError::not_found("no such case"));
+    }
+    app.with_images(&id, |c| Some(c.image_png.clone()))
+        .map(png_response)
+        .ok_or_else(|| image_gone(&id))
+}
+
+async fn case_gradcam(State(app): State<App>, Path((id, index)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let i: usize = index.parse().map_err(|_| ApiError::not_found("no such overlay"))?;
+    if !valid_case_id(&id) {
+        return Err(ApiError::not_found("no such case"));
+    }
+    app.with_images(&id, |c| c.overlays.get(&i).cloned())
+        .map(png_response)
+        .ok_or_else(|| ApiError::not_found(format!("no Grad-CAM overlay {i} for case {id} (only CNN answers have one, and only while the case's image is held)")))
+}
+
+/// A run as the API shows it (no server paths).
+#[derive(Serialize)]
+pub(crate) struct RunView {
+    pub id: i64,
+    pub name: String,
+    pub created: Option<String>,
+    pub indexed: String,
+    pub dataset: Option<String>,
+    pub split_hash: Option<String>,
+    pub simulated: bool,
+    pub classifiers: usize,
+    pub best_classifier: Option<String>,
+    pub best_accuracy: Option<f64>,
+    pub report_url: String,
+}
+
+impl From<mica_report::store::StoredRun> for RunView {
+    fn from(r: mica_report::store::StoredRun) -> Self {
+        RunView {
+            id: r.id,
+            report_url: format!("/runs/{}", r.id),
+            name: r.name,
+            created: r.created_unix.map(iso_utc),
+            indexed: iso_utc(r.indexed_unix),
+            dataset: r.dataset,
+            split_hash: r.split_hash,
+            simulated: r.simulated,
+            classifiers: r.classifiers,
+            best_classifier: r.best_classifier,
+            best_accuracy: r.best_accuracy,
+        }
+    }
+}
+
+async fn list_runs(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    let runs = app.with_store(|st| st.list()).await?;
+    let runs: Vec<RunView> = runs.into_iter().map(RunView::from).collect();
+    Ok(Json(json!({ "runs": runs })))
+}
+
+/// Looks a run up by its numeric id in the store (never by a path).
+pub(crate) async fn find_run(app: &App, id: &str) -> Result<mica_report::store::StoredRun, ApiError> {
+    let n: i64 = id.parse().map_err(|_| ApiError::not_found(format!("no run `{}`", truncate(id, 40))))?;
+    app.with_store(move |st| Ok(st.list()?.into_iter().find(|r| r.id == n)))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no run {n} in the results store")))
+}
+
+async fn get_run(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let run = find_run(&app, &id).await?;
+    let rid = run.id;
+    let results = app.with_store(move |st| st.results(rid)).await?;
+    Ok(Json(json!({ "run": RunView::from(run), "results": results })))
+}
+
+async fn monitoring(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    let (m, recent) = app.with_store(|st| Ok((st.monitoring()?, st.recent_decisions(50)?))).await?;
+    let recent: Vec<Value> = recent
+        .into_iter()
+        .map(|(d, suggestions)| {
+            json!({
+                "case_id": d.case_id,
+                "case_url": format!("/cases/{}", d.case_id),
+                "decision": DecisionView::from(d),
+                "suggestions": suggestions,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "cases": m.cases,
+        "decided": m.decided,
+        "awaiting_review": m.awaiting_review,
+        "models": m.models,
+        "recent_decisions": recent,
+    })))
+}

@@ -1,0 +1,142 @@
+//! `mica serve`: the study's operating model, "the AI proposes, the physician decides", in front
+//! of a person, and the same actions as a JSON API for a PACS or hospital system.
+//!
+//! Why it is shaped this way:
+//! - Every classifier answers through the library calls the CLI uses ([`mica_cnn`],
+//!   [`mica_llm`]); the server adds no model logic, so the page shows what `mica classify` would.
+//! - Uploads are untrusted: their kind is decided by magic bytes, DICOM identifiers are removed
+//!   before anything reads the header ([`mica_data::upload`]), the image itself is never stored
+//!   (only the SHA-256 of its de-identified pixels), and no request names a file-system path
+//!   (case ids are made here, run ids are looked up in the store).
+//! - Decisions are an append-only audit trail in the same SQLite results store as the runs
+//!   ([`mica_report::cases`]), so agreement with physicians can be monitored over time next to
+//!   the benchmark results.
+//! - The pages are plain HTML with a little JavaScript calling `/api/v1`: a person and a
+//!   hospital system use the same routes, and nothing is fetched from outside (works offline).
+
+pub mod app;
+pub mod pages;
+pub mod panel;
+pub mod time;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use app::{route_table, router, App, RouteInfo, Settings, OPENAPI};
+pub use panel::{LlmOptions, Panel};
+
+/// Errors that stop the server from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting or classifier that cannot work (exit code 2 in the CLI).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] mica_report::ReportError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// True for a folder that reads as a run: a comparison (manifest, or classifier folders with
+/// `metrics.json`) or a single classifier's run (`metrics.json` at its root).
+fn is_run_dir(d: &Path) -> bool {
+    use mica_report::rundir::{MANIFEST, METRICS};
+    d.join(MANIFEST).is_file()
+        || d.join(METRICS).is_file()
+        || std::fs::read_dir(d)
+            .map(|rd| rd.flatten().any(|e| e.path().join(METRICS).is_file()))
+            .unwrap_or(false)
+}
+
+/// Indexes `dir` into the store if it is a finished run, else every finished run directly
+/// under it, as `mica runs add` would, but without writing into the run directories. Returns
+/// how many were indexed and a note for each run that could not be read.
+pub fn index_runs_dir(store: &mut mica_report::Store, dir: &Path) -> Result<(usize, Vec<String>), ServerError> {
+    if !dir.is_dir() {
+        return Err(ServerError::Config(format!("{}: --runs-dir is not a folder", dir.display())));
+    }
+    let candidates: Vec<PathBuf> = if is_run_dir(dir) {
+        vec![dir.to_path_buf()]
+    } else {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ServerError::Config(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && is_run_dir(p))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut indexed = 0;
+    let mut notes = Vec::new();
+    for c in candidates {
+        match mica_report::RunDir::open(&c) {
+            Ok(run) => {
+                let cmp = mica_report::Comparison::build(&run);
+                store.index(&run, &cmp)?;
+                indexed += 1;
+            }
+            Err(e) => notes.push(format!("not indexed: {e}")),
+        }
+    }
+    Ok((indexed, notes))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServerError::Serve)
+}
+
+/// Binds `addr`, tells `ready` the bound address (port 0 picks a free one), then serves on
+/// its own runtime until Ctrl-C or SIGTERM.
+pub fn run(app: App, addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServerError::Serve)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        ready(listener.local_addr().map_err(ServerError::Serve)?);
+        serve(listener, app, shutdown_signal()).await
+    })
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term_fut = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term_fut => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,493 @@
+//! The panel: every configured classifier, loaded once at start-up, asked about one image at a
+//! time.
+//!
+//! CNNs run one case at a time behind a lock: inference needs `&mut` access anyway, and the
+//! CPU-time energy estimate is per process, so two overlapping windows would each count the
+//! other's work. LLM calls run concurrently with the CNNs and with each other; their energy is
+//! spent on the provider's machines and is recorded as not measured.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use image::GrayImage;
+use mica_cnn::CnnClassifier;
+use mica_core::{Classifier, ImageSource, LabelSet, Modality, Outcome, Prediction, Sample};
+use mica_energy::{MeterConfig, MeterSet, Method};
+use mica_llm::{build_provider, FilterSpec, Limits, LlmConfig, LlmRunner, ProviderSpec, WorkItem};
+use mica_report::cases::CasePrediction;
+
+use crate::ServerError;
+
+/// How LLM providers are reached (the API key itself stays in the environment variable).
+#[derive(Debug, Clone)]
+pub struct LlmOptions {
+    /// Environment variable holding the API key; read once, never sent anywhere but the
+    /// provider.
+    pub api_key_env: String,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for LlmOptions {
+    fn default() -> Self {
+        LlmOptions {
+            api_key_env: "OPENAI_API_KEY".into(),
+            timeout: Duration::from_secs(60),
+            max_attempts: 3,
+        }
+    }
+}
+
+enum Engine {
+    Cnn { clf: Box<Mutex<CnnClassifier>>, run_dir: PathBuf },
+    Llm { runner: Arc<LlmRunner> },
+}
+
+/// One classifier as the page and the audit trail name it.
+pub struct Member {
+    pub name: String,
+    /// `cnn` or `llm`.
+    pub family: &'static str,
+    pub model_version: String,
+    engine: Engine,
+}
+
+/// What a classifier said about one image, with the Grad-CAM overlay (PNG) where there is one.
+pub struct Answer {
+    pub prediction: CasePrediction,
+    pub gradcam_png: Option<Vec<u8>>,
+}
+
+/// Every configured classifier, sharing one label set.
+pub struct Panel {
+    pub members: Vec<Member>,
+    pub labels: LabelSet,
+    pub modality: Modality,
+    meters: MeterSet,
+    /// Serialises CNN work (see the module documentation).
+    cnn_lock: Mutex<()>,
+}
+
+/// Removes credentials and query strings from a URL before it is shown to anyone
+/// (`http://user:secret@host:1234/x?key=...` becomes `http://host:1234/x`).
+pub fn redact_url(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == ')' || c == '"')
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        let url = url.split(['?', '#']).next().unwrap_or("");
+        let (authority, path) = match url.find('/') {
+            Some(j) => url.split_at(j),
+            None => (url, ""),
+        };
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        out.push_str(host);
+        out.push_str(path);
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Panel {
+    /// Loads classifiers from spec strings: `cnn:RUN_DIR` (a `mica train` run directory) or
+    /// `llm:PROVIDER/MODEL[@URL]`. All CNNs must share one label set; LLMs are asked with it,
+    /// or with the canonical labels of `modality` when there is no CNN.
+    pub fn load(
+        specs: &[String],
+        modality: Option<Modality>,
+        llm: &LlmOptions,
+        meter: &MeterConfig,
+    ) -> Result<Panel, ServerError> {
+        if specs.is_empty() {
+            return Err(ServerError::Config(
+                "no classifier: give at least one --classifier cnn:RUN_DIR or llm:PROVIDER/MODEL".into(),
+            ));
+        }
+        let mut members = Vec::new();
+        let mut labels: Option<(LabelSet, Modality, String)> = None;
+        for spec in specs {
+            let Some(dir) = spec.strip_prefix("cnn:") else { continue };
+            let dir = PathBuf::from(dir);
+            if !dir.is_dir() {
+                return Err(ServerError::Config(format!("{}: no such CNN run directory", dir.display())));
+            }
+            let clf = CnnClassifier::load(&dir, &mut |m| tracing::info!("{m}"))
+                .map_err(|e| ServerError::Config(e.to_string()))?;
+            let meta = clf.meta().clone();
+            match &labels {
+                Some((l, _, first)) if l != &meta.labels => {
+                    return Err(ServerError::Config(format!(
+                        "{spec}: its labels [{}] differ from {first}'s [{}]; one server compares classifiers on one task",
+                        meta.labels.names().join(", "),
+                        l.names().join(", ")
+                    )))
+                }
+                Some(_) => {}
+                None => labels = Some((meta.labels.clone(), meta.modality, spec.clone())),
+            }
+            let mut name = format!("cnn:{}", meta.arch);
+            if members.iter().any(|m: &Member| m.name == name) {
+                let base = dir
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into());
+                name = format!("cnn:{}:{base}", meta.arch);
+                let mut k = 2;
+                while members.iter().any(|m: &Member| m.name == name) {
+                    name = format!("cnn:{}:{base}#{k}", meta.arch);
+                    k += 1;
+                }
+            }
+            let model_version = format!(
+                "{} epoch {} weights fnv64:{} (val macro-F1 {:.3}, {}x{} px, mica {})",
+                meta.arch,
+                meta.epoch,
+                meta.weights_fnv64,
+                meta.val_macro_f1,
+                meta.input_size,
+                meta.input_size,
+                meta.mica_version
+            );
+            let clf = clf.with_name(name.clone());
+            members.push(Member {
+                name,
+                family: "cnn",
+                model_version,
+                engine: Engine::Cnn { clf: Box::new(Mutex::new(clf)), run_dir: dir },
+            });
+        }
+        let (labels, modality) = match (labels, modality) {
+            (Some((l, m, first)), Some(asked)) => {
+                let canon = asked.canonical_labels();
+                if canon.as_ref().is_some_and(|c| c != &l) {
+                    return Err(ServerError::Config(format!(
+                        "--modality {asked} does not match {first}, whose labels are [{}]",
+                        l.names().join(", ")
+                    )));
+                }
+                (l, if m == Modality::Other { asked } else { m })
+            }
+            (Some((l, m, _)), None) => (l, m),
+            (None, Some(m)) => {
+                let l = m.canonical_labels().ok_or_else(|| {
+                    ServerError::Config(format!("--modality {m} has no built-in labels; add a CNN to take labels from"))
+                })?;
+                (l, m)
+            }
+            (None, None) => {
+                return Err(ServerError::Config(
+                    "LLM classifiers need the task: give --modality xray|mri|ct, or a CNN whose labels they share".into(),
+                ))
+            }
+        };
+        let mut llms = Vec::new();
+        for spec in specs {
+            if spec.starts_with("cnn:") {
+                continue;
+            }
+            let Some(body) = spec.strip_prefix("llm:") else {
+                return Err(ServerError::Config(format!(
+                    "unknown classifier `{}`: expected cnn:RUN_DIR or llm:PROVIDER/MODEL",
+                    redact_url(spec)
+                )));
+            };
+            let pspec = ProviderSpec::parse(body).map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
+            let provider = build_provider(&pspec, &llm.api_key_env, mica_llm::provider::http_client())
+                .map_err(|e| ServerError::Config(e.to_string()))?;
+            let mut cfg = LlmConfig::new(pspec.clone(), modality, labels.clone());
+            // Label validation only: the review threshold of the page decides what goes to a
+            // physician, the same way for every classifier.
+            cfg.filter = FilterSpec::parse("validate").map_err(|e| ServerError::Config(e.to_string()))?;
+            let name = redact_url(&pspec.canonical());
+            let loader: mica_llm::ImageLoader = Arc::new(|src: &ImageSource| {
+                mica_data::image::load_gray(src).map_err(|e| e.reason())
+            });
+            let runner = LlmRunner::new(cfg, provider)
+                .with_name(name.clone())
+                .with_loader(loader)
+                .with_limits(Limits {
+                    concurrency: 4,
+                    max_attempts: llm.max_attempts.max(1),
+                    timeout: llm.timeout,
+                    ..Limits::default()
+                });
+            let model_version = format!("{} model {} at {}", pspec.kind.as_str(), pspec.model, redact_url(&pspec.base_url));
+            llms.push(Member {
+                name,
+                family: "llm",
+                model_version,
+                engine: Engine::Llm { runner: Arc::new(runner) },
+            });
+        }
+        members.extend(llms);
+        Ok(Panel {
+            members,
+            labels,
+            modality,
+            meters: MeterSet::auto(meter),
+            cnn_lock: Mutex::new(()),
+        })
+    }
+
+    /// The energy meters in use, one line each (for the start-up banner).
+    pub fn meter_lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.meters.meters().iter().map(|m| m.describe()).collect();
+        v.extend(self.meters.unavailable().iter().map(|u| format!("{} not used: {}", u.meter, u.reason)));
+        v
+    }
+
+    /// Asks every classifier about the image stored (de-identified, as PNG) at `png`; answers
+    /// come back in the configured order. `case_id` keys the predictions; `original` is the
+    /// same image in memory, for the overlays.
+    pub async fn classify(self: &Arc<Self>, case_id: &str, png: &Path, original: &GrayImage) -> Vec<Answer> {
+        let sample = Sample {
+            id: case_id.to_string(),
+            source: ImageSource::file(png),
+            label: usize::MAX,
+            split: None,
+            context: None,
+        };
+        let me = self.clone();
+        let (s, img) = (sample.clone(), original.clone());
+        let cnn = tokio::task::spawn_blocking(move || me.classify_cnns(&s, &img));
+        let mut llm_tasks = tokio::task::JoinSet::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if let Engine::Llm { runner } = &m.engine {
+                let runner = runner.clone();
+                let item = WorkItem { sample: sample.clone(), true_label: None };
+                llm_tasks.spawn(async move { (i, runner.classify_one(&item).await) });
+            }
+        }
+        let mut slots: Vec<Option<Answer>> = (0..self.members.len()).map(|_| None).collect();
+        while let Some(r) = llm_tasks.join_next().await {
+            if let Ok((i, p)) = r {
+                slots[i] = Some(Answer { prediction: self.llm_answer(&self.members[i], p, png), gradcam_png: None });
+            }
+        }
+        match cnn.await {
+            Ok(answers) => {
+                for (i, a) in answers {
+                    slots[i] = Some(a);
+                }
+            }
+            Err(e) => tracing::error!("CNN task failed: {e}"),
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.unwrap_or_else(|| {
+                    let m = &self.members[i];
+                    Answer {
+                        prediction: failed(m, "the classifier stopped unexpectedly (see the server log)"),
+                        gradcam_png: None,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    fn classify_cnns(&self, sample: &Sample, original: &GrayImage) -> Vec<(usize, Answer)> {
+        let _one_at_a_time = self.cnn_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let png = sample.source.path().to_path_buf();
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let Engine::Cnn { clf, run_dir } = &m.engine else { continue };
+            let mut clf = clf.lock().unwrap_or_else(|p| p.into_inner());
+            let window = self.meters.start();
+            let result = clf.classify(std::slice::from_ref(sample)).pop();
+            let energy = window.and_then(|w| w.stop());
+            drop(clf);
+            let p = match result {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    out.push((i, Answer { prediction: failed(m, &scrub(&e.message, &png)), gradcam_png: None }));
+                    continue;
+                }
+                None => {
+                    out.push((i, Answer { prediction: failed(m, "no result"), gradcam_png: None }));
+                    continue;
+                }
+            };
+            let (energy_wh, method) = match energy {
+                Ok(meas) => (Some(meas.total_joules() / 3600.0), meas.method_label()),
+                Err(e) => {
+                    tracing::warn!("energy measurement failed: {e}");
+                    (None, format!("not-measured:meter-error ({e})"))
+                }
+            };
+            let gradcam_png = match mica_cnn::gradcam::explain(run_dir, &png, None) {
+                Ok(e) => {
+                    let over = mica_cnn::gradcam::overlay(&image::DynamicImage::ImageLuma8(original.clone()), &e, 0.5);
+                    let mut bytes = Vec::new();
+                    match over.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png) {
+                        Ok(()) => Some(bytes),
+                        Err(e) => {
+                            tracing::warn!("{}: Grad-CAM overlay not encoded: {e}", m.name);
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{}: no Grad-CAM: {}", m.name, scrub(&e.to_string(), &png));
+                    None
+                }
+            };
+            let mut cp = base(m, &p);
+            cp.energy_wh = energy_wh;
+            cp.energy_method = method;
+            cp.has_gradcam = gradcam_png.is_some();
+            out.push((i, Answer { prediction: cp, gradcam_png }));
+        }
+        out
+    }
+
+    fn llm_answer(&self, m: &Member, p: Prediction, png: &Path) -> CasePrediction {
+        let mut cp = base(m, &p);
+        cp.energy_wh = None;
+        cp.energy_method = Method::NotMeasuredRemoteApi.label().to_string();
+        cp.error = cp.error.map(|e| redact_url(&scrub(&e, png)));
+        cp
+    }
+}
+
+/// Server-internal paths never reach the page.
+fn scrub(msg: &str, png: &Path) -> String {
+    let mut s = msg.replace(&png.display().to_string(), "the uploaded image");
+    if let Some(dir) = png.parent() {
+        s = s.replace(&dir.display().to_string(), "(server temp)");
+    }
+    s
+}
+
+fn base(m: &Member, p: &Prediction) -> CasePrediction {
+    CasePrediction {
+        classifier: m.name.clone(),
+        family: m.family.to_string(),
+        model_version: m.model_version.clone(),
+        outcome: p.outcome.as_str().to_string(),
+        suggested_label: p.predicted.clone(),
+        confidence: p.confidence,
+        probabilities: p.probabilities.clone().map(|b| b.into_iter().collect::<BTreeMap<_, _>>()),
+        latency_ms: p.latency_ms,
+        energy_wh: None,
+        energy_method: String::new(),
+        rationale: p.rationale.clone(),
+        error: p.error.clone(),
+        simulated: p.extra.get("simulated").and_then(|v| v.as_bool()) == Some(true),
+        tokens: p.tokens,
+        cost_usd: p.cost_usd,
+        has_gradcam: false,
+    }
+}
+
+fn failed(m: &Member, message: &str) -> CasePrediction {
+    let mut p = Prediction::new("", &m.name, Outcome::Failed);
+    p.error = Some(message.to_string());
+    let mut cp = base(m, &p);
+    cp.energy_method = if m.family == "llm" {
+        Method::NotMeasuredRemoteApi.label().to_string()
+    } else {
+        "not-measured:failed".to_string()
+    };
+    cp
+}
+
+/// Why a case needs a physician's review: a suggestion below the threshold, a classifier
+/// without a usable answer, or classifiers that disagree. Empty when none applies.
+pub fn review_reasons(preds: &[CasePrediction], threshold: f64) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for p in preds {
+        match (p.outcome.as_str(), &p.suggested_label, p.confidence) {
+            ("failed" | "unparseable", _, _) | (_, None, _) => {
+                reasons.push(format!("{} gave no usable answer", p.classifier))
+            }
+            (_, Some(_), Some(c)) if c < threshold => reasons.push(format!(
+                "{}: confidence {:.2} is below the review threshold {:.2}",
+                p.classifier, c, threshold
+            )),
+            (_, Some(_), None) => reasons.push(format!("{} stated no confidence", p.classifier)),
+            _ => {}
+        }
+        if p.outcome == "deferred" {
+            reasons.push(format!("{}'s filter deferred the case", p.classifier));
+        }
+    }
+    let mut labels: Vec<(&str, &str)> = preds
+        .iter()
+        .filter_map(|p| p.suggested_label.as_deref().map(|l| (p.classifier.as_str(), l)))
+        .collect();
+    labels.sort_by(|a, b| a.1.cmp(b.1));
+    let distinct = {
+        let mut l: Vec<&str> = labels.iter().map(|x| x.1).collect();
+        l.dedup();
+        l.len()
+    };
+    if distinct > 1 {
+        labels.sort_by(|a, b| a.0.cmp(b.0));
+        let list: Vec<String> = labels.iter().map(|(c, l)| format!("{c}: {l}")).collect();
+        reasons.push(format!("the classifiers disagree ({})", list.join("; ")));
+    }
+    reasons
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, label: Option<&str>, conf: Option<f64>, outcome: &str) -> CasePrediction {
+        CasePrediction {
+            classifier: name.into(),
+            family: "cnn".into(),
+            model_version: "v".into(),
+            outcome: outcome.into(),
+            suggested_label: label.map(String::from),
+            confidence: conf,
+            probabilities: None,
+            latency_ms: 1.0,
+            energy_wh: None,
+            energy_method: "x".into(),
+            rationale: None,
+            error: None,
+            simulated: false,
+            tokens: None,
+            cost_usd: None,
+            has_gradcam: false,
+        }
+    }
+
+    #[test]
+    fn confident_agreement_needs_no_review_and_each_problem_is_named() {
+        let ok = [p("a", Some("x"), Some(0.9), "answered"), p("b", Some("x"), Some(0.8), "answered")];
+        assert!(review_reasons(&ok, 0.7).is_empty());
+        let low = [p("a", Some("x"), Some(0.65), "answered")];
+        let r = review_reasons(&low, 0.7);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("0.65") && r[0].contains("0.70"), "{r:?}");
+        let disagree = [p("a", Some("x"), Some(0.9), "answered"), p("b", Some("y"), Some(0.95), "answered")];
+        let r = review_reasons(&disagree, 0.7);
+        assert_eq!(r, ["the classifiers disagree (a: x; b: y)"]);
+        let failed = [p("a", None, None, "failed"), p("b", Some("y"), Some(0.95), "deferred")];
+        let r = review_reasons(&failed, 0.7);
+        assert!(r.iter().any(|s| s == "a gave no usable answer"), "{r:?}");
+        assert!(r.iter().any(|s| s.contains("b's filter deferred")), "{r:?}");
+    }
+
+    #[test]
+    fn urls_lose_credentials_and_queries() {
+        assert_eq!(redact_url("http://u:secret@host:1/v1?key=k"), "http://host:1/v1");
+        assert_eq!(
+            redact_url("llm:openai-compatible/m@http://tok@127.0.0.1:9 failed"),
+            "llm:openai-compatible/m@http://127.0.0.1:9 failed"
+        );
+        assert_eq!(redact_url("no url here"), "no url here");
+    }
+}
