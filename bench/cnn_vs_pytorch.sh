@@ -6,7 +6,8 @@
 #
 #   bench/cnn_vs_pytorch.sh [--size 128] [--batch 32] [--steps 10] [--model resnet18]
 #
-# Environment: VENV (default bench/.venv-torch), THREADS (default: all cores),
+# Environment: VENV (default bench/.venv-torch), THREADS (default: all cores), PROFILE
+# (cargo profile, default release),
 # SKIP_TORCH=1 to run only the mica side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,12 @@ VENV=${VENV:-bench/.venv-torch}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 echo "== mica (burn flex), $MODEL 1x${SIZE}x${SIZE}, batch $BATCH, $THREADS threads" >&2
-cargo build --release -q -p mica-cnn --example bench_cnn
-MICA=$(./target/release/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+# PROFILE=dev reuses the test build: its dependencies and mica-cnn are compiled at opt-level 3
+# too, so the kernels are the same code; release adds fat codegen units and takes a cold build.
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" -q -p mica-cnn --example bench_cnn
+dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
+MICA=$(./target/$dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
 echo "$MICA"
 
 if [ "${SKIP_TORCH:-0}" = 1 ]; then exit 0; fi

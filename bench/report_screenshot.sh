@@ -24,11 +24,13 @@ if [[ -z "$browser" ]]; then
     exit 0
 fi
 abs="$(cd "$(dirname "$report")" && pwd)/$(basename "$report")"
+# No background connections: this machine (and CI) has no general network.
+quiet="--no-first-run --disable-background-networking --disable-component-update --disable-sync --disable-quic"
 profile="$(mktemp -d)"
 trap 'rm -rf "$profile"' EXIT
 # The report must not need the network: block every host so a stray link would show up as a
 # missing element rather than silently load.
-"$browser" --headless=new --no-sandbox --disable-gpu --hide-scrollbars \
+"$browser" --headless=new --no-sandbox --disable-gpu --hide-scrollbars $quiet \
     --user-data-dir="$profile" --host-resolver-rules="MAP * ~NOTFOUND" \
     --window-size=1280,4000 --screenshot="$out" "file://$abs" >/dev/null 2>&1 || true
 if [[ ! -s "$out" ]]; then
@@ -36,7 +38,7 @@ if [[ ! -s "$out" ]]; then
     exit 1
 fi
 # The DOM as Chromium parsed it: the table and the figures must be there.
-dom="$("$browser" --headless=new --no-sandbox --disable-gpu --user-data-dir="$profile" \
+dom="$("$browser" --headless=new --no-sandbox --disable-gpu $quiet --user-data-dir="$profile" \
     --dump-dom "file://$abs" 2>/dev/null || true)"
 tables=$(grep -o '<table class="headline"' <<<"$dom" | wc -l)
 svgs=$(grep -o '<svg' <<<"$dom" | wc -l)

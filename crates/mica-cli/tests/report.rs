@@ -140,10 +140,20 @@ fn compare_prints_the_table_writes_the_report_and_indexes_the_run() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     if stdout.contains("skipped") {
+        // CI installs Chromium and sets this, so a missing browser fails there instead of
+        // silently skipping the rendering check.
+        assert!(
+            std::env::var("MICA_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
+            "MICA_REQUIRE_CHROMIUM=1 but {stdout}"
+        );
         eprintln!("{stdout}");
     } else {
         assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
         assert!(std::fs::metadata(&png).unwrap().len() > 10_000, "screenshot too small");
+        // Kept as a test artifact next to the web app's screenshots.
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        std::fs::copy(&png, artifacts.join("report.png")).unwrap();
     }
 }
 

@@ -18,7 +18,8 @@ use crate::model::{Arch, Net};
 use crate::CnnError;
 
 pub const META_FILE: &str = "checkpoint.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the small CNN's head pools average and max (its linear layer is twice as wide).
+pub const FORMAT_VERSION: u32 = 2;
 
 pub(crate) type Rec = NamedMpkBytesRecorder<FullPrecisionSettings>;
 

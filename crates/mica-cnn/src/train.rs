@@ -42,7 +42,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Weight the loss by inverse class frequency (for imbalanced data).
     pub class_weights: bool,
-    /// Stop after this many epochs without a better validation macro F1.
+    /// Stop after this many epochs without a better validation macro F1, counted only in the
+    /// second half of the schedule: while the cosine learning rate is still near its peak the
+    /// validation score swings by tens of points from one epoch to the next (batch-norm
+    /// statistics lag the moving weights), and stopping there threw away the low-learning-rate
+    /// epochs that do most of the fitting (measured: brain MRI stopped at epoch 26 of 60 with
+    /// validation macro F1 0.93 and test accuracy 0.875).
     pub patience: usize,
     pub augment: bool,
     /// Share of the training split held out for validation when the dataset has no val split.
@@ -62,6 +67,24 @@ pub struct TrainConfig {
     /// over-confidence a physician would otherwise be shown).
     #[serde(default)]
     pub label_smoothing: f64,
+}
+
+/// Early stopping: `patience` epochs without improvement, once `epoch` is in the second half
+/// of an `epochs`-long schedule (see [`TrainConfig::patience`]).
+fn patience_spent(bad_epochs: usize, patience: usize, epoch: usize, epochs: usize) -> bool {
+    bad_epochs >= patience && 2 * epoch >= epochs
+}
+
+#[cfg(test)]
+mod stop_tests {
+    #[test]
+    fn patience_counts_only_in_the_second_half() {
+        use super::patience_spent;
+        assert!(!patience_spent(6, 6, 20, 60), "epoch 20 of 60: learning rate still high");
+        assert!(patience_spent(6, 6, 30, 60));
+        assert!(!patience_spent(5, 6, 50, 60));
+        assert!(patience_spent(7, 6, 12, 12));
+    }
 }
 
 impl TrainConfig {
@@ -603,7 +626,7 @@ fn train_on<B: AutodiffBackend>(
         progress(Progress::Notice(&format!("resuming after epoch {}", st.epoch)));
     }
 
-    let mut stopped_early = bad_epochs >= cfg.patience && start_epoch > 1;
+    let mut stopped_early = start_epoch > 1 && patience_spent(bad_epochs, cfg.patience, start_epoch - 1, cfg.epochs);
     let mut train_seconds = 0.0;
     let mut images_seen = 0usize;
     let mut epoch = start_epoch;
@@ -712,7 +735,7 @@ fn train_on<B: AutodiffBackend>(
         progress(Progress::EpochEnd(history.last().expect("just pushed")));
         write_log(out_dir, &history)?;
         save_last(out_dir, &model, &optim, cfg, size, &norm, epoch, global_step, best_f1, best_epoch, bad_epochs, &history)?;
-        if bad_epochs >= cfg.patience {
+        if patience_spent(bad_epochs, cfg.patience, epoch, cfg.epochs) {
             stopped_early = epoch < cfg.epochs;
         }
         epoch += 1;

@@ -36,7 +36,8 @@ pub struct TrainArgs {
     /// Continue a killed or finished run from its last completed epoch.
     #[arg(long)]
     pub resume: bool,
-    /// Epochs without a better validation macro F1 before stopping [default: 6].
+    /// Epochs without a better validation macro F1 before stopping, counted in the second half
+    /// of the schedule only [default: 6].
     #[arg(long)]
     pub patience: Option<usize>,
     /// Train without augmentation.
