@@ -128,4 +128,51 @@ mod tests {
             .to_data()
             .assert_approx_eq::<f32>(&inner_ref.forward(x).to_data(), Tolerance::absolute(1e-5));
     }
+
+    /// The vendored burn-flex's fast copy of permuted tensors (vendor/burn-flex/MICA-PATCH.md)
+    /// must give exactly the row-major copy that index arithmetic gives.
+    #[test]
+    fn permuted_copies_match_index_arithmetic() {
+        let device = Default::default();
+        let dims = [3usize, 4, 5, 6];
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let x = Tensor::<CpuBackend, 4>::from_data(TensorData::new(v.clone(), dims), &device);
+        // The expected copy: walk `ranges` (of the source dims) in the order `perm`, outermost
+        // first, optionally reading source dim 0 backwards (a flipped view).
+        let walk = |perm: [usize; 4], ranges: [std::ops::Range<usize>; 4], flip0: bool| {
+            let mut out = Vec::new();
+            let r = |d: usize| ranges[perm[d]].clone();
+            for i0 in r(0) {
+                for i1 in r(1) {
+                    for i2 in r(2) {
+                        for i3 in r(3) {
+                            let mut i = [0usize; 4];
+                            (i[perm[0]], i[perm[1]], i[perm[2]], i[perm[3]]) = (i0, i1, i2, i3);
+                            if flip0 {
+                                i[0] = dims[0] - 1 - i[0];
+                            }
+                            out.push(v[((i[0] * dims[1] + i[1]) * dims[2] + i[2]) * dims[3] + i[3]]);
+                        }
+                    }
+                }
+            }
+            out
+        };
+        let flat = |t: Tensor<CpuBackend, 4>| {
+            let m = t.dims().iter().product::<usize>();
+            t.reshape([m]).into_data().to_vec::<f32>().unwrap()
+        };
+        let all = [0..3, 0..4, 0..5, 0..6];
+
+        // swap_dims(0, 1): the conv weight-gradient layout, innermost run contiguous.
+        assert_eq!(flat(x.clone().swap_dims(0, 1)), walk([1, 0, 2, 3], all.clone(), false));
+        // A sliced (offset) view with its outer dims reordered: innermost run of 3.
+        let ranges = [1..3, 0..4, 1..4, 2..5];
+        let view = x.clone().slice(ranges.clone()).permute([2, 0, 1, 3]);
+        assert_eq!(flat(view), walk([2, 0, 1, 3], ranges, false));
+        // The innermost dim permuted away, and a flipped view: the general path, still right.
+        assert_eq!(flat(x.clone().permute([3, 1, 2, 0])), walk([3, 1, 2, 0], all.clone(), false));
+        assert_eq!(flat(x.flip([0]).swap_dims(0, 1)), walk([1, 0, 2, 3], all, true));
+    }
 }

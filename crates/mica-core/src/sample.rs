@@ -93,6 +93,8 @@ pub struct Sample {
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
     ImageFolder,
+    /// Written as the CLI prints it; manifests from before this name still read (alias).
+    #[serde(rename = "covid19-radiography", alias = "covid-radiography")]
     CovidRadiography,
     BrainTumorMri,
     ChestCt,
@@ -102,6 +104,16 @@ pub enum Layout {
 }
 
 impl Layout {
+    pub const ALL: [Layout; 7] = [
+        Layout::ImageFolder,
+        Layout::CovidRadiography,
+        Layout::BrainTumorMri,
+        Layout::ChestCt,
+        Layout::CsvManifest,
+        Layout::MedMnistNpz,
+        Layout::Dicom,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Layout::ImageFolder => "image-folder",
@@ -148,5 +160,22 @@ impl Dataset {
             .iter()
             .filter(|s| s.label == label && (split.is_none() || s.split == split))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::Layout;
+
+    #[test]
+    fn layouts_serialise_as_the_cli_prints_them() {
+        for l in Layout::ALL {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(json, format!("\"{}\"", l.as_str()));
+            assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), l);
+        }
+        // Manifests written before the names agreed still read.
+        let old: Layout = serde_json::from_str("\"covid-radiography\"").unwrap();
+        assert_eq!(old, Layout::CovidRadiography);
     }
 }

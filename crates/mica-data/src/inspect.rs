@@ -86,7 +86,6 @@ pub struct DuplicateGroup {
 pub struct Inspection {
     pub root: PathBuf,
     /// Written with the same names the CLI prints (`covid19-radiography`, ...).
-    #[serde(with = "layout_name")]
     pub layout: Layout,
     pub modality: Modality,
     pub labels: Vec<String>,
@@ -107,32 +106,6 @@ pub struct Inspection {
     /// Near-duplicate pairs whose two images are in the same split / in different splits.
     pub duplicate_pairs_within_split: usize,
     pub duplicate_pairs_across_splits: usize,
-}
-
-mod layout_name {
-    use mica_core::Layout;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    const ALL: [Layout; 7] = [
-        Layout::ImageFolder,
-        Layout::CovidRadiography,
-        Layout::BrainTumorMri,
-        Layout::ChestCt,
-        Layout::CsvManifest,
-        Layout::MedMnistNpz,
-        Layout::Dicom,
-    ];
-
-    pub fn serialize<S: Serializer>(l: &Layout, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(l.as_str())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Layout, D::Error> {
-        let name = String::deserialize(d)?;
-        ALL.into_iter()
-            .find(|l| l.as_str() == name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown layout `{name}`")))
-    }
 }
 
 /// Loads, fully decodes and hashes every image of the dataset at `path`.

@@ -332,27 +332,34 @@ impl SimServer {
 
     /// Serves until Ctrl-C (or SIGTERM on Unix), then shuts down gracefully.
     pub async fn run_until_signal(self) {
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let term_fut = async {
-                match term.as_mut() {
-                    Some(t) => {
-                        t.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term_fut => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         self.shutdown().await;
     }
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix. Public because `mica serve` stops the same way:
+/// both long-running servers must let in-flight requests finish when a job scheduler or a
+/// terminal asks them to stop.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term_fut = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term_fut => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 struct InFlight(Arc<SimStats>);
