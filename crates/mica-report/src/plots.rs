@@ -244,6 +244,7 @@ impl Chart for ScatterChart {
                 .y_desc(&self.y_label)
                 .label_style(("sans-serif", 12))
                 .axis_desc_style(("sans-serif", 14))
+                .x_labels(6)
                 .x_label_formatter(&|v| short_number(*v))
                 .draw()
                 .map_err(e2s)?;
@@ -268,6 +269,8 @@ impl Chart for ScatterChart {
                 .y_desc(&self.y_label)
                 .label_style(("sans-serif", 12))
                 .axis_desc_style(("sans-serif", 14))
+                .x_labels(6)
+                .x_label_formatter(&|v| short_number(*v))
                 .draw()
                 .map_err(e2s)?;
             for (i, (name, x, y)) in self.points.iter().enumerate() {
@@ -385,7 +388,9 @@ fn padded(v: &[f64], fallback_lo: f64, fallback_hi: f64) -> (f64, f64) {
     }
     let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let span = (hi - lo).abs().max(hi.abs() * 0.1).max(1e-9);
+    // All points equal (every local model at $0, say): a unit-wide axis around them, not
+    // one a billionth wide whose ticks all read "-0.0".
+    let span = if hi - lo < 1e-12 { hi.abs().max(1.0) } else { (hi - lo).max(hi.abs() * 0.1) };
     (lo - span * 0.08, hi + span * 0.08)
 }
 
@@ -418,6 +423,15 @@ fn short_number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_points_get_a_readable_axis() {
+        let (lo, hi) = padded(&[0.0, 0.0, 0.0], 0.0, 1.0);
+        assert!(lo < -0.05 && hi > 0.05, "({lo}, {hi})");
+        let (lo, hi) = padded(&[2.5, 2.5], 0.0, 1.0);
+        assert!(lo < 2.4 && hi > 2.6, "({lo}, {hi})");
+        assert_eq!(short_number(0.0), "0");
+    }
 
     #[test]
     fn confusion_chart_renders_counts_into_svg_and_a_decodable_png() {
