@@ -99,6 +99,7 @@ pub enum Layout {
     BrainTumorMri,
     ChestCt,
     CsvManifest,
+    #[serde(rename = "medmnist-npz", alias = "med-mnist-npz")]
     MedMnistNpz,
     Dicom,
 }
@@ -177,5 +178,7 @@ mod layout_tests {
         // Manifests written before the names agreed still read.
         let old: Layout = serde_json::from_str("\"covid-radiography\"").unwrap();
         assert_eq!(old, Layout::CovidRadiography);
+        let old: Layout = serde_json::from_str("\"med-mnist-npz\"").unwrap();
+        assert_eq!(old, Layout::MedMnistNpz);
     }
 }
