@@ -34,6 +34,14 @@ cargo build --profile "$PROFILE" -q -p mica-cnn --example bench_cnn
 dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
 MICA=$(./target/$dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
 echo "$MICA"
+# The same build with the vendored burn-flex patch switched off (vendor/burn-flex/MICA-PATCH.md),
+# so the patch's gain is measured in the same run, not against a number from another day.
+GENERIC=$(MICA_FLEX_GENERIC_COPY=1 ./target/$dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+python3 - "$MICA" "$GENERIC" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1])["train_step_ms"], json.loads(sys.argv[2])["train_step_ms"]
+print(f"burn-flex patch: train step {a:.1f} ms patched vs {b:.1f} ms unpatched (ratio {a / b:.2f})")
+PY
 
 if [ "${SKIP_TORCH:-0}" = 1 ]; then exit 0; fi
 

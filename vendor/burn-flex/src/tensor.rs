@@ -380,6 +380,7 @@ impl FlexTensor {
         } else if all_positive
             && self.layout.shape().len() <= COLLAPSE_MAX_RANK
             && strides[shape.len() - 1] == 1
+            && !generic_copy_forced()
         {
             // mica patch: ND layouts whose innermost run is contiguous,
             // e.g. `swap_dims(0, 1)` of an NCHW tensor, which is how
@@ -532,6 +533,19 @@ impl CollapsedLayout {
 /// using the collapsed layout. The merge rule assumes positive
 /// strides and will produce iteration-order-incorrect results for
 /// flipped tensors.
+/// mica patch: `MICA_FLEX_GENERIC_COPY=1` turns the memcpy path off, so a benchmark can
+/// compare both paths in one build (`bench/cnn_vs_pytorch.sh` does).
+#[cfg(feature = "std")]
+fn generic_copy_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("MICA_FLEX_GENERIC_COPY").is_some_and(|v| v == "1"))
+}
+
+#[cfg(not(feature = "std"))]
+fn generic_copy_forced() -> bool {
+    false
+}
+
 fn collapse_for_copy(shape: &[usize], strides: &[isize]) -> CollapsedLayout {
     let mut out = CollapsedLayout {
         ndim: 0,
