@@ -461,7 +461,8 @@ fn h(s: &str) -> String {
 }
 
 fn html_table(header: &[&str], rows: &[Vec<String>], class: &str) -> String {
-    let mut s = format!("<table class=\"{class}\"><thead><tr>");
+    // Wrapped so a table wider than the page scrolls on its own instead of running off it.
+    let mut s = format!("<div class=\"tw\"><table class=\"{class}\"><thead><tr>");
     for c in header {
         let _ = write!(s, "<th>{}</th>", h(c));
     }
@@ -473,7 +474,7 @@ fn html_table(header: &[&str], rows: &[Vec<String>], class: &str) -> String {
         }
         s.push_str("</tr>");
     }
-    s.push_str("</tbody></table>\n");
+    s.push_str("</tbody></table></div>\n");
     s
 }
 
@@ -496,7 +497,7 @@ fn inline_svg(svg: &str) -> String {
 const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
 h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}
-th{background:#f2f4f7}table.headline td:not(:first-child){text-align:right;white-space:nowrap}
+th{background:#f2f4f7}table.headline{font-size:.8rem}table.headline td:not(:first-child){text-align:right;white-space:nowrap}.tw{overflow-x:auto;max-width:100%}
 .banner{background:#fff3cd;border:2px solid #d39e00;padding:.6rem 1rem;font-weight:bold;margin:1rem 0}
 .note{background:#eef6fb;border-left:4px solid #0072b2;padding:.5rem 1rem;margin:1rem 0}
 .figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0;flex:1 1 520px}figcaption{font-size:.85rem;color:#555}";
