@@ -98,7 +98,7 @@ fn train_classify_explain_end_to_end() {
     assert_eq!(preds.len(), 8, "two test images per class");
     for p in &preds {
         assert!(p.probabilities.as_ref().unwrap().len() == 4);
-        assert!(p.extra.contains_key("needs_review"));
+        assert_eq!(p.needs_review, p.confidence.unwrap() < 0.6, "flagged below --review-below 0.6");
         assert!(p.latency_ms > 0.0);
     }
     let metrics: serde_json::Value =

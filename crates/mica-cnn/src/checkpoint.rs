@@ -54,13 +54,9 @@ pub struct Checkpoint<B: Backend> {
     pub dir: PathBuf,
 }
 
+/// The weights-file checksum as stored in `weights_fnv64`: FNV-1a 64, 16 hex digits.
 pub fn fnv64(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", mica_core::hash::fnv1a64(bytes))
 }
 
 /// Serialises a network's weights (mpk bytes).

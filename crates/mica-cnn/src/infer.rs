@@ -135,7 +135,7 @@ impl CnnClassifier {
         );
         p.latency_ms = latency_ms;
         if let Some(t) = self.review_below {
-            p.extra.insert("needs_review".into(), serde_json::Value::Bool(conf < t));
+            p.needs_review = conf < t;
         }
         p
     }

@@ -146,7 +146,7 @@ fn checkpoint_round_trip_and_classifier() {
         let probs = p.probabilities.as_ref().unwrap();
         assert!((probs.values().sum::<f64>() - 1.0).abs() < 1e-4);
         assert_eq!(p.confidence, probs.values().cloned().reduce(f64::max));
-        assert!(p.extra.contains_key("needs_review"));
+        assert_eq!(p.needs_review, p.confidence.unwrap() < 0.6);
         correct += (p.predicted == p.true_label) as usize;
     }
     // The reloaded weights reproduce the validation accuracy recorded at the best epoch.

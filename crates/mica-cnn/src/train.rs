@@ -253,35 +253,6 @@ pub fn class_weights(labels: &[usize], classes: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Macro F1 over classes that occur in the truth or the predictions.
-pub fn macro_f1(truth: &[usize], pred: &[usize], classes: usize) -> f64 {
-    let mut tp = vec![0f64; classes];
-    let mut fp = vec![0f64; classes];
-    let mut fneg = vec![0f64; classes];
-    for (&t, &p) in truth.iter().zip(pred) {
-        if t == p {
-            tp[t] += 1.0;
-        } else {
-            fp[p] += 1.0;
-            fneg[t] += 1.0;
-        }
-    }
-    let mut sum = 0.0;
-    let mut k = 0;
-    for c in 0..classes {
-        if tp[c] + fp[c] + fneg[c] == 0.0 {
-            continue;
-        }
-        k += 1;
-        sum += 2.0 * tp[c] / (2.0 * tp[c] + fp[c] + fneg[c]);
-    }
-    if k == 0 {
-        0.0
-    } else {
-        sum / k as f64
-    }
-}
-
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -371,7 +342,7 @@ fn validate<B: Backend>(
     ValScores {
         loss,
         accuracy: correct as f64 / cache.len().max(1) as f64,
-        macro_f1: macro_f1(&cache.labels, &pred, classes),
+        macro_f1: mica_eval::macro_f1(&cache.labels, &pred, classes),
     }
 }
 
@@ -402,10 +373,7 @@ fn check_memory(arch: Arch, batch: usize, size: usize, channels: usize) -> Resul
 }
 
 fn available_memory() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
+    mica_core::machine::mem_available_bytes().map(|b| b as f64)
 }
 
 fn run_err(path: &Path, message: impl Into<String>) -> CnnError {

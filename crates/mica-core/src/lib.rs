@@ -4,14 +4,19 @@
 //! types only, so a new model family is one new [`Classifier`] implementation and nothing else
 //! has to change.
 
+pub mod hash;
 pub mod labels;
+pub mod machine;
 pub mod prediction;
 pub mod run;
+pub mod rundir;
 pub mod sample;
+pub mod time;
 
 pub use labels::{LabelSet, Modality};
 pub use prediction::{FilterStage, Outcome, Prediction, TokenUsage};
-pub use run::{read_predictions, write_atomic, PredictionLog, RunManifest};
+pub use run::{read_predictions, write_atomic, FailedOnResume, PredictionLog, RunManifest};
+pub use rundir::{ClassifierDir, RunLock, RunRoot};
 pub use sample::{Dataset, ImageSource, Layout, Sample, SkippedFile, Split};
 
 /// Errors shared by the core file formats.
@@ -31,6 +36,8 @@ pub enum CoreError {
     },
     #[error("invalid label set: {0}")]
     Labels(String),
+    #[error("{}: another mica process is writing into this run directory; wait for it to finish or use another --out", dir.display())]
+    Locked { dir: std::path::PathBuf },
 }
 
 impl CoreError {

@@ -46,6 +46,10 @@ pub struct FilterStage {
     pub detail: Option<String>,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     pub sample_id: String,
@@ -79,6 +83,22 @@ pub struct Prediction {
     pub rationale: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The HTTP status of the request that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// The failure would repeat on every further request (bad key, unknown model, a parameter
+    /// the server rejects, an exhausted quota): the run stops early instead of asking again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub permanent_error: bool,
+    /// The answer came from mica's LLM simulator, not a model: never a real figure.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub simulated: bool,
+    /// The answer was replayed from the response cache rather than asked now.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cached: bool,
+    /// Confidence is below the review threshold: a physician must look at this case.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub needs_review: bool,
     /// Backend-specific extras (e.g. Ollama's load/eval durations, attempts made).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -103,12 +123,54 @@ impl Prediction {
             filter: Vec::new(),
             rationale: None,
             error: None,
+            http_status: None,
+            permanent_error: false,
+            simulated: false,
+            cached: false,
+            needs_review: false,
             extra: serde_json::Map::new(),
+        }
+    }
+
+    /// Moves the flags that older files carried in `extra` (`simulated`, `cached`,
+    /// `needs_review`, `http_status`) into their typed fields, so old run directories load
+    /// with the same meaning.
+    pub fn upgrade_legacy(&mut self) {
+        for (key, field) in [
+            ("simulated", &mut self.simulated),
+            ("cached", &mut self.cached),
+            ("needs_review", &mut self.needs_review),
+        ] {
+            if let Some(v) = self.extra.remove(key) {
+                *field |= v.as_bool() == Some(true);
+            }
+        }
+        if let Some(v) = self.extra.remove("http_status") {
+            if self.http_status.is_none() {
+                self.http_status = v.as_u64().and_then(|s| u16::try_from(s).ok());
+            }
         }
     }
 
     /// True when the case carries a label that the filter accepted.
     pub fn is_accepted(&self) -> bool {
         self.outcome == Outcome::Answered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_from_older_files_land_in_typed_fields() {
+        let line = r#"{"sample_id":"a","classifier":"c","true_label":null,"predicted":"x","outcome":"answered","confidence":0.4,"latency_ms":1.0,"extra":{"simulated":true,"cached":false,"needs_review":true,"http_status":401,"attempts":2}}"#;
+        let mut p: Prediction = serde_json::from_str(line).unwrap();
+        p.upgrade_legacy();
+        assert!(p.simulated && !p.cached && p.needs_review);
+        assert_eq!(p.http_status, Some(401));
+        assert_eq!(p.extra.len(), 1, "only backend extras stay: {:?}", p.extra);
+        let back = serde_json::to_string(&p).unwrap();
+        assert!(back.contains(r#""simulated":true"#) && !back.contains("cached"), "{back}");
     }
 }

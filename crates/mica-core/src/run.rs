@@ -10,11 +10,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CoreError, Prediction};
 
+/// What a resumed run does with images whose recorded outcome is `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailedOnResume {
+    /// Ask them again: a failure (timeout, server down, wrong key) is not the model's answer.
+    #[default]
+    Retry,
+    /// Keep them as recorded (`--keep-failed`).
+    Keep,
+}
+
 /// Append-only `predictions.jsonl`, flushed after every line.
 ///
 /// A run killed at any moment leaves at most one partial last line; reopening drops that line
 /// (it is rewritten when the image is redone) and reports which samples are finished, so a
-/// re-run does only the rest and never duplicates a line.
+/// re-run does only the rest. An image that failed and is asked again gets a second line;
+/// readers take the last line of each image ([`read_predictions`]), so nothing is rewritten in
+/// place and the failure stays on record.
 pub struct PredictionLog {
     path: PathBuf,
     file: File,
@@ -22,8 +34,17 @@ pub struct PredictionLog {
 }
 
 impl PredictionLog {
-    /// Opens (creating if needed) the log and reads the finished sample ids.
+    /// Opens (creating if needed) the log; every recorded image counts as finished.
     pub fn open(path: impl AsRef<Path>) -> Result<(Self, Vec<Prediction>), CoreError> {
+        Self::open_with(path, FailedOnResume::Keep)
+    }
+
+    /// Opens the log; images whose latest outcome is `failed` count as finished only with
+    /// [`FailedOnResume::Keep`]. Returns the latest prediction of every recorded image.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        failed: FailedOnResume,
+    ) -> Result<(Self, Vec<Prediction>), CoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
@@ -45,8 +66,10 @@ impl PredictionLog {
         if len != valid_len {
             file.set_len(valid_len).map_err(|e| CoreError::io(&path, e))?;
         }
+        let existing = latest(existing);
         let done = existing
             .iter()
+            .filter(|p| failed == FailedOnResume::Keep || p.outcome != crate::Outcome::Failed)
             .map(|p| key(&p.classifier, &p.sample_id))
             .collect();
         Ok((PredictionLog { path, file, done }, existing))
@@ -114,7 +137,10 @@ fn read_valid_prefix(path: &Path) -> Result<(Vec<Prediction>, u64), CoreError> {
         let trimmed = buf.trim();
         if !trimmed.is_empty() {
             match serde_json::from_str::<Prediction>(trimmed) {
-                Ok(p) => out.push(p),
+                Ok(mut p) => {
+                    p.upgrade_legacy();
+                    out.push(p)
+                }
                 Err(e) => {
                     return Err(CoreError::Parse {
                         path: path.to_path_buf(),
@@ -129,9 +155,27 @@ fn read_valid_prefix(path: &Path) -> Result<(Vec<Prediction>, u64), CoreError> {
     Ok((out, valid))
 }
 
-/// Reads a finished `predictions.jsonl` (a torn last line is ignored).
+/// Reads `predictions.jsonl`: the latest line of every (classifier, image), in the order the
+/// images first appear (a torn last line is ignored).
 pub fn read_predictions(path: impl AsRef<Path>) -> Result<Vec<Prediction>, CoreError> {
-    Ok(read_valid_prefix(path.as_ref())?.0)
+    Ok(latest(read_valid_prefix(path.as_ref())?.0))
+}
+
+/// Keeps the last prediction of each (classifier, image), at the place the image first appears.
+fn latest(lines: Vec<Prediction>) -> Vec<Prediction> {
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Prediction> = Vec::with_capacity(lines.len());
+    for p in lines {
+        let k = key(&p.classifier, &p.sample_id);
+        match at.get(&k) {
+            Some(&i) => out[i] = p,
+            None => {
+                at.insert(k, out.len());
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// `manifest.json`: what is needed to reproduce a run exactly.
@@ -227,6 +271,31 @@ mod tests {
         std::fs::write(&path, "not json\n").unwrap();
         let err = PredictionLog::open(&path).err().unwrap().to_string();
         assert!(err.contains("predictions.jsonl:1"), "{err}");
+    }
+
+    #[test]
+    fn failed_images_are_asked_again_and_the_last_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("predictions.jsonl");
+        let (mut log, _) = PredictionLog::open(&path).unwrap();
+        let mut f = pred("a");
+        f.outcome = Outcome::Failed;
+        f.predicted = None;
+        log.append(&f).unwrap();
+        log.append(&pred("b")).unwrap();
+        drop(log);
+        let (log, _) = PredictionLog::open_with(&path, FailedOnResume::Keep).unwrap();
+        assert!(log.is_done("cnn:small", "a"));
+        drop(log);
+        let (mut log, existing) = PredictionLog::open_with(&path, FailedOnResume::Retry).unwrap();
+        assert_eq!(existing.len(), 2);
+        assert!(!log.is_done("cnn:small", "a") && log.is_done("cnn:small", "b"));
+        assert!(log.append(&pred("a")).unwrap());
+        drop(log);
+        let all = read_predictions(&path).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].sample_id.as_str(), all[0].outcome), ("a", Outcome::Answered));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
     }
 
     #[test]

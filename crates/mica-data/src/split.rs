@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use mica_core::hash::Fnv1a64;
 use mica_core::{Dataset, Split};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -68,12 +69,11 @@ pub struct SplitSummary {
 fn class_rng(seed: u64, label: &str, salt: &str) -> ChaCha8Rng {
     // FNV-1a over the label so each class has its own stream; adding a class never reshuffles
     // the others.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in label.bytes().chain([0xff]).chain(salt.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    ChaCha8Rng::seed_from_u64(seed ^ h)
+    let mut h = Fnv1a64::new();
+    h.update(label.as_bytes());
+    h.update(&[0xff]);
+    h.update(salt.as_bytes());
+    ChaCha8Rng::seed_from_u64(seed ^ h.finish())
 }
 
 /// Assigns every sample a split.
@@ -169,14 +169,14 @@ pub fn fingerprint(ds: &Dataset) -> String {
         .map(|s| (s.id.as_str(), ds.labels.name(s.label), s.split.map(|x| x.as_str()).unwrap_or("")))
         .collect();
     rows.sort();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv1a64::new();
     for (a, b, c) in rows {
-        for byte in a.bytes().chain([0]).chain(b.bytes()).chain([0]).chain(c.bytes()).chain([b'\n']) {
-            h ^= byte as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        let line: [&[u8]; 6] = [a.as_bytes(), &[0], b.as_bytes(), &[0], c.as_bytes(), b"\n"];
+        for part in line {
+            h.update(part);
         }
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 /// Writes the split as CSV `id,label,split` (sorted by id), atomically.

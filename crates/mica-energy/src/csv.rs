@@ -11,7 +11,6 @@ use std::path::Path;
 
 use crate::meter::Component;
 use crate::report::EnergyReport;
-use crate::util::csv_field;
 use crate::EnergyError;
 
 /// CodeCarbon's columns, then mica's (`method` first among them).
@@ -157,14 +156,13 @@ pub fn append_energy_csv(path: &Path, report: &EnergyReport) -> Result<(), Energ
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| EnergyError::io(dir, e))?;
     }
-    let mut text = String::new();
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    let in_memory = "CSV into memory cannot fail";
     if needs_header {
-        text.push_str(&header);
-        text.push('\n');
+        w.write_record(CSV_COLUMNS).expect(in_memory);
     }
-    let fields: Vec<String> = row(report).iter().map(|s| csv_field(s)).collect();
-    text.push_str(&fields.join(","));
-    text.push('\n');
+    w.write_record(row(report)).expect(in_memory);
+    let text = w.into_inner().expect(in_memory);
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -174,7 +172,7 @@ pub fn append_energy_csv(path: &Path, report: &EnergyReport) -> Result<(), Energ
         // An empty file left by a crash: start it over.
         file.set_len(0).map_err(|e| EnergyError::io(path, e))?;
     }
-    file.write_all(text.as_bytes())
+    file.write_all(&text)
         .and_then(|_| file.flush())
         .map_err(|e| EnergyError::io(path, e))
 }

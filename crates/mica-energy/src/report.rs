@@ -6,7 +6,8 @@ use crate::carbon::CarbonConfig;
 use crate::meter::{Component, Measurement, Method, Unavailable};
 use crate::remote::RemoteUsage;
 use crate::tdp::TdpSource;
-use crate::util::{iso_utc, run_id};
+use crate::util::run_id;
+use mica_core::time::iso_utc;
 
 const J_PER_WH: f64 = 3600.0;
 
@@ -142,6 +143,42 @@ impl EnergyReport {
         };
         r.set_images(images);
         r
+    }
+
+    /// One report over several windows (a resumed run, the shards of a run): energies, CO2 and
+    /// durations add up, methods that differ are all named, warnings are kept once, and
+    /// `images` is the sum of the windows' images. `note` says what was summed, so the
+    /// figure's provenance stays visible.
+    pub fn sum(reports: &[EnergyReport], note: &str) -> Option<EnergyReport> {
+        let (first, rest) = reports.split_first()?;
+        let mut e = first.clone();
+        let mut images = first.images;
+        for r in rest {
+            e.duration_s += r.duration_s;
+            e.energy_wh += r.energy_wh;
+            e.facility_energy_wh += r.facility_energy_wh;
+            e.co2e_g += r.co2e_g;
+            images += r.images;
+            for c in &mut e.components {
+                if let Some(o) = r.components.iter().find(|o| o.label == c.label && o.component == c.component) {
+                    c.energy_wh += o.energy_wh;
+                }
+            }
+            if r.method != e.method && !e.method.split('+').any(|m| m == r.method) {
+                e.method = format!("{}+{}", e.method, r.method);
+            }
+            e.remote.extend(r.remote.iter().cloned());
+            for w in &r.warnings {
+                if !e.warnings.contains(w) {
+                    e.warnings.push(w.clone());
+                }
+            }
+        }
+        e.set_images(images);
+        if !rest.is_empty() {
+            e.warnings.push(format!("summed over {} {note}", reports.len()));
+        }
+        Some(e)
     }
 
     /// Sets the image count and recomputes the per-image figures.

@@ -23,7 +23,7 @@ pub mod stats;
 pub use csv_input::{EncodedPredictions, PredictionsCsv};
 pub use latency::{latency_summary, LatencySummary};
 pub use metrics::{
-    evaluate, evaluate_with, BootstrapSettings, ClassMetrics, ConfidenceInterval,
+    evaluate, evaluate_with, macro_f1, BootstrapSettings, ClassMetrics, ConfidenceInterval,
     ConfusionMatrix, EvalReport, LabelMap, ReliabilityBin,
 };
 pub use run::{CostTotals, OutcomeCounts, RunMetrics, TokenTotals, RUN_METRICS_SCHEMA};

@@ -400,6 +400,14 @@ impl Counts {
     }
 }
 
+/// Macro F1 alone (the same number as [`EvalReport::macro_f1`]), for callers that need it
+/// often and cheaply, such as a training loop's validation pass: the mean over the classes that
+/// occur in `y_true` or `y_pred` of `2tp / (2tp + fp + fn)`; 0 when no class occurs. `y_pred`
+/// may hold [`NO_ANSWER`]; indices must be below `classes`.
+pub fn macro_f1(y_true: &[usize], y_pred: &[usize], classes: usize) -> f64 {
+    Counts::from_indices(classes, y_true, y_pred, None).metrics().1.macro_f1
+}
+
 fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 {
         0.0
@@ -600,6 +608,17 @@ mod tests {
 
     fn close(a: f64, b: f64) {
         assert!((a - b).abs() < 1e-12, "{a} != {b}");
+    }
+
+    #[test]
+    fn macro_f1_alone_matches_the_report_and_skips_absent_classes() {
+        let (t, p) = ([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]);
+        let r = evaluate(&labels(&["a", "b", "c", "d"]), &t, &p, None, &no_boot()).unwrap();
+        assert_eq!(macro_f1(&t, &p, 4), r.macro_f1);
+        close(macro_f1(&t, &p, 4), (0.8 + 0.5 + 2.0 / 3.0) / 3.0);
+        // Class 2 only in the truth counts (F1 0); class 3 occurs nowhere and is skipped.
+        close(macro_f1(&[0, 0, 1, 2], &[0, 1, 1, 1], 4), (2.0 / 3.0 + 0.5 + 0.0) / 3.0);
+        assert_eq!(macro_f1(&[], &[], 3), 0.0);
     }
 
     /// Hand-checked 3-class example:

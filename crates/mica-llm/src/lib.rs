@@ -10,10 +10,13 @@ pub mod parse;
 pub mod prompt;
 pub mod provider;
 pub mod runner;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod spec;
 pub mod summary;
-#[cfg(test)]
+// The end-to-end tests talk to the simulator: `cargo test -p mica-llm --features sim` (the
+// workspace's test run enables the feature through mica-cli and mica-run).
+#[cfg(all(test, feature = "sim"))]
 mod tests;
 
 pub use cache::ResponseCache;
@@ -33,11 +36,37 @@ pub use runner::{
 pub use spec::{ProviderKind, ProviderSpec};
 pub use summary::LlmSummary;
 
-/// A small multi-threaded tokio runtime for synchronous callers (the CLI).
+/// A small multi-threaded tokio runtime (two workers, all drivers) for synchronous callers:
+/// the CLI, [`LlmClassifier`] and `mica serve`.
 pub fn runtime() -> Result<tokio::runtime::Runtime, LlmError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| LlmError::Config(format!("cannot start the async runtime: {e}")))
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix. Both long-running servers (`mica llm-sim` and
+/// `mica serve`) stop this way, letting in-flight requests finish when a job scheduler or a
+/// terminal asks them to stop.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term_fut = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term_fut => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

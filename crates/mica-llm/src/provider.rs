@@ -125,6 +125,20 @@ pub struct ProviderError {
     pub message: String,
 }
 
+impl ProviderError {
+    /// True when every further request would fail the same way: a bad or missing key (401,
+    /// 403), an unknown model or path (404), a request the server rejects as malformed (400,
+    /// 422), or a quota that is used up rather than a rate limit (429 `insufficient_quota`).
+    /// A run stops on these instead of recording the whole split as failed.
+    pub fn is_permanent(&self) -> bool {
+        match self.status {
+            Some(400 | 401 | 403 | 404 | 422) => true,
+            Some(429) => self.message.contains("insufficient_quota"),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for ProviderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
@@ -526,8 +540,10 @@ async fn send(
     })?;
     if !status.is_success() {
         let code = status.as_u16();
+        // An exhausted quota answers 429 too, but waiting does not refill it.
+        let quota = code == 429 && String::from_utf8_lossy(&bytes).contains("insufficient_quota");
         return Err(ProviderError {
-            retryable: matches!(code, 408 | 409 | 425 | 429) || status.is_server_error(),
+            retryable: (matches!(code, 408 | 409 | 425 | 429) && !quota) || status.is_server_error(),
             status: Some(code),
             retry_after,
             message: format!(

@@ -331,6 +331,17 @@ impl LlmRunner {
         &self.limits
     }
 
+    /// Requests sent, cache hits and retries so far (the image counts and wall time are the
+    /// caller's to fill in).
+    pub fn counters(&self) -> RunStats {
+        RunStats {
+            http_requests: self.http_requests.load(Ordering::SeqCst),
+            cache_hits: self.cache_hits.load(Ordering::SeqCst),
+            retries: self.retries.load(Ordering::SeqCst),
+            ..RunStats::default()
+        }
+    }
+
     /// Classifies the items not yet in `log`, appending each answer as soon as it is known.
     /// `progress` is called after every appended prediction.
     pub async fn run(
@@ -502,9 +513,8 @@ impl LlmRunner {
                         attempts += n;
                         p.error = Some(e.message.clone());
                         p.extra.insert("attempts".into(), json!(attempts));
-                        if let Some(s) = e.status {
-                            p.extra.insert("http_status".into(), json!(s));
-                        }
+                        p.http_status = e.status;
+                        p.permanent_error = e.is_permanent();
                         p.latency_ms = t_all.elapsed().as_secs_f64() * 1e3;
                         return p;
                     }
@@ -577,15 +587,13 @@ impl LlmRunner {
             );
         }
         p.extra.insert("attempts".into(), json!(attempts));
-        p.extra.insert("cached".into(), json!(cached == k));
+        p.cached = cached == k;
         p.extra
             .insert("wall_ms".into(), json!(t_all.elapsed().as_secs_f64() * 1e3));
         if have_timings {
             p.extra.insert("server_timings".into(), json!(timings));
         }
-        if simulated {
-            p.extra.insert("simulated".into(), json!(true));
-        }
+        p.simulated = simulated;
         p
     }
 
@@ -670,15 +678,16 @@ pub struct LlmClassifier {
 
 impl LlmClassifier {
     pub fn new(runner: LlmRunner) -> Result<Self, LlmError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| LlmError::Config(format!("cannot start the async runtime: {e}")))?;
+        let rt = crate::runtime()?;
         Ok(LlmClassifier {
             runner: Arc::new(runner),
             rt,
         })
+    }
+
+    /// The runner behind it, for its counters, price and configuration.
+    pub fn runner(&self) -> &Arc<LlmRunner> {
+        &self.runner
     }
 }
 

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::provider::{SIM_FINGERPRINT, SIM_HEADER};
-use crate::{LlmError, SynonymTable};
+use crate::{shutdown_signal, LlmError, SynonymTable};
 
 const THUMB: u32 = 16;
 const MATCH_MAD: f64 = 10.0;
@@ -335,31 +335,6 @@ impl SimServer {
         shutdown_signal().await;
         self.shutdown().await;
     }
-}
-
-/// Resolves on Ctrl-C, or SIGTERM on Unix. Public because `mica serve` stops the same way:
-/// both long-running servers must let in-flight requests finish when a job scheduler or a
-/// terminal asks them to stop.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term_fut = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term_fut => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 struct InFlight(Arc<SimStats>);

@@ -116,6 +116,32 @@ impl ProviderSpec {
     }
 }
 
+/// Removes credentials and query strings from a URL before it is shown to anyone
+/// (`http://user:secret@host:1234/x?key=...` becomes `http://host:1234/x`).
+pub fn redact_url(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == ')' || c == '"')
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        let url = url.split(['?', '#']).next().unwrap_or("");
+        let (authority, path) = match url.find('/') {
+            Some(j) => url.split_at(j),
+            None => (url, ""),
+        };
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        out.push_str(host);
+        out.push_str(path);
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Ollama's own convention: `OLLAMA_HOST` may be `host:port` or a URL.
 fn ollama_host_from_env() -> String {
     match std::env::var("OLLAMA_HOST") {

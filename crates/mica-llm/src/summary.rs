@@ -107,10 +107,10 @@ impl LlmSummary {
                 }
             }
             let get = |k: &str| p.extra.get(k);
-            cached += usize::from(get("cached").and_then(|v| v.as_bool()) == Some(true));
+            cached += usize::from(p.cached);
             let a = get("attempts").and_then(|v| v.as_u64()).unwrap_or(0);
             attempts += a;
-            simulated |= get("simulated").and_then(|v| v.as_bool()) == Some(true);
+            simulated |= p.simulated;
             if let Some(t) = get("server_timings").and_then(|v| v.as_object()) {
                 for (k, v) in t {
                     *timings.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);

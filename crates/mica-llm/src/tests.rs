@@ -434,7 +434,7 @@ async fn cache_makes_a_rerun_free() {
             (&p.predicted, p.confidence, p.tokens),
             (&q.predicted, q.confidence, q.tokens)
         );
-        assert_eq!(p.extra["cached"], true);
+        assert!(p.cached);
         assert_eq!(
             p.latency_ms, q.latency_ms,
             "cached answers keep their latency"
@@ -593,7 +593,7 @@ async fn simulator_truth_accuracy_and_stamp() {
     let (_, preds) = run_all(&r, &f.items, out.path()).await;
     for p in &preds {
         assert_eq!(p.predicted, p.true_label, "{p:?}");
-        assert_eq!(p.extra["simulated"], true);
+        assert!(p.simulated);
         assert!(p.rationale.as_deref().unwrap().contains("SIMULATED"));
     }
     // The truth table survives the client's downscaling (max side 32 here).

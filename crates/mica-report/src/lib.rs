@@ -20,7 +20,7 @@ pub mod store;
 use std::path::{Path, PathBuf};
 
 pub use comparison::{Comparison, Family, HeadlineRow, PairTest};
-pub use render::{headline_text, Format};
+pub use render::{headline_text, html_escape, Format};
 pub use rundir::{merge_shards, parse_shard, shard_dir_name, ClassifierRun, MergeSummary, RunDir};
 pub use store::{default_store_path, Store};
 
@@ -48,21 +48,27 @@ pub enum ReportError {
 /// Merges shards if there are any, then reads the run directory and computes its comparison.
 pub fn load(run_dir: impl AsRef<Path>) -> Result<(RunDir, Comparison), ReportError> {
     let root = run_dir.as_ref();
-    merge_shards(root, &eval_options(root))?;
+    merge_shards(root, &eval_options(root)?)?;
     let run = RunDir::open(root)?;
     let cmp = Comparison::build(&run);
     Ok((run, cmp))
 }
 
 /// The evaluation options a merge must reuse so merged metrics match unsharded ones: those
-/// recorded in the manifest's `config.eval`, else the defaults.
-pub fn eval_options(root: &Path) -> mica_eval::EvalOptions {
-    std::fs::read(root.join(rundir::MANIFEST))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<mica_core::RunManifest>(&b).ok())
-        .and_then(|m| m.config.get("eval").cloned())
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default()
+/// recorded in the manifest's `config.eval`; the defaults only where the run has no manifest
+/// (a single `mica classify` run) or the manifest records none. An unreadable manifest is an
+/// error: merging with other options than the run's would change its figures silently.
+pub fn eval_options(root: &Path) -> Result<mica_eval::EvalOptions, ReportError> {
+    let Some(m) = rundir::read_manifest(root)? else {
+        return Ok(Default::default());
+    };
+    match m.config.get("eval") {
+        None => Ok(Default::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| ReportError::Format {
+            path: mica_core::RunRoot::new(root).manifest(),
+            message: format!("`config.eval` is not a set of evaluation options: {e}"),
+        }),
+    }
 }
 
 /// Writes `RUN_DIR/report.<ext>` (figures under `RUN_DIR/plots/` for md and html) and returns

@@ -453,24 +453,34 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
     s
 }
 
-fn h(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+/// Text made safe for HTML element content and quoted attribute values: escapes `&`, `<`,
+/// `>`, `"` and `'`.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn html_table(header: &[&str], rows: &[Vec<String>], class: &str) -> String {
     // Wrapped so a table wider than the page scrolls on its own instead of running off it.
     let mut s = format!("<div class=\"tw\"><table class=\"{class}\"><thead><tr>");
     for c in header {
-        let _ = write!(s, "<th>{}</th>", h(c));
+        let _ = write!(s, "<th>{}</th>", html_escape(c));
     }
     s.push_str("</tr></thead><tbody>");
     for r in rows {
         s.push_str("<tr>");
         for c in r {
-            let _ = write!(s, "<td>{}</td>", h(c));
+            let _ = write!(s, "<td>{}</td>", html_escape(c));
         }
         s.push_str("</tr>");
     }
@@ -507,20 +517,20 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     let _ = write!(
         s,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>mica comparison: {}</title><style>{CSS}</style></head><body>\n",
-        h(&cmp.run)
+        html_escape(&cmp.run)
     );
-    let _ = writeln!(s, "<h1>mica comparison: {}</h1>", h(&cmp.run));
+    let _ = writeln!(s, "<h1>mica comparison: {}</h1>", html_escape(&cmp.run));
     if cmp.simulated {
         let _ = writeln!(
             s,
             "<div class=\"banner\" id=\"simulated\">SIMULATED: {} answered from the LLM simulator. Those rows are not model results.</div>",
-            h(&cmp.provenance.simulated_classifiers.join(", "))
+            html_escape(&cmp.provenance.simulated_classifiers.join(", "))
         );
     }
-    let _ = writeln!(s, "<div class=\"note\">{}</div>", h(DISCLAIMER));
+    let _ = writeln!(s, "<div class=\"note\">{}</div>", html_escape(DISCLAIMER));
     let _ = writeln!(s, "<h2 id=\"summary\">Summary</h2><ul>");
     for line in &cmp.summary {
-        let _ = writeln!(s, "<li>{}</li>", h(line));
+        let _ = writeln!(s, "<li>{}</li>", html_escape(line));
     }
     s.push_str("</ul>\n<h2 id=\"headline\">Headline</h2>\n");
     let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
@@ -531,14 +541,14 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
         let _ = writeln!(
             s,
             "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
-            h(&p.stem),
+            html_escape(&p.stem),
             inline_svg(&p.svg),
-            h(&p.title)
+            html_escape(&p.title)
         );
     }
     s.push_str("</div>\n<h2 id=\"per-class\">Per-class results and confusion matrices</h2>\n");
     for t in &cmp.per_class {
-        let _ = writeln!(s, "<h3>{}</h3><div class=\"figs\"><div>", h(&t.classifier));
+        let _ = writeln!(s, "<h3>{}</h3><div class=\"figs\"><div>", html_escape(&t.classifier));
         let rows: Vec<Vec<String>> = t
             .rows
             .iter()
@@ -558,9 +568,9 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
             let _ = write!(
                 s,
                 "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
-                h(&p.stem),
+                html_escape(&p.stem),
                 inline_svg(&p.svg),
-                h(&p.title)
+                html_escape(&p.title)
             );
         }
         s.push_str("</div>\n");
@@ -575,31 +585,23 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
     s.push_str(&html_table(&["Item", "Value"], &rows, "provenance"));
     if !cmp.skipped.is_empty() {
-        let _ = writeln!(s, "<p>Not in this report (unfinished): {}</p>", h(&cmp.skipped.join("; ")));
+        let _ = writeln!(s, "<p>Not in this report (unfinished): {}</p>", html_escape(&cmp.skipped.join("; ")));
     }
     s.push_str("</body></html>\n");
     s
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// The headline table as machine-readable CSV (raw numbers, not formatted cells).
 pub fn csv(cmp: &Comparison) -> String {
-    let mut s = String::from(
-        "classifier,slug,family,images,accuracy,accuracy_ci_lower,accuracy_ci_upper,macro_f1,macro_f1_ci_lower,macro_f1_ci_upper,weighted_f1,coverage,accepted_accuracy,no_answer_share,latency_p50_ms,latency_p90_ms,latency_p99_ms,images_per_s,wh_per_1000,gco2e_per_1000,energy_method,usd_per_1000,ece,simulated\n",
-    );
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    let row_err = "CSV into memory cannot fail";
+    w.write_record(CSV_HEADER).expect(row_err);
     let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in &cmp.headline {
         let fam = serde_json::to_value(r.family).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         let fields = [
-            csv_field(&r.classifier),
-            csv_field(&r.slug),
+            r.classifier.clone(),
+            r.slug.clone(),
             fam,
             r.images.to_string(),
             r.accuracy.to_string(),
@@ -618,16 +620,42 @@ pub fn csv(cmp: &Comparison) -> String {
             o(r.images_per_s),
             o(r.wh_per_1000),
             o(r.gco2e_per_1000),
-            csv_field(r.energy_method.as_deref().unwrap_or("")),
+            r.energy_method.clone().unwrap_or_default(),
             o(r.usd_per_1000),
             o(r.ece),
             r.simulated.to_string(),
         ];
-        s.push_str(&fields.join(","));
-        s.push('\n');
+        w.write_record(&fields).expect(row_err);
     }
-    s
+    String::from_utf8(w.into_inner().expect(row_err)).expect("CSV of UTF-8 fields is UTF-8")
 }
+
+const CSV_HEADER: [&str; 24] = [
+    "classifier",
+    "slug",
+    "family",
+    "images",
+    "accuracy",
+    "accuracy_ci_lower",
+    "accuracy_ci_upper",
+    "macro_f1",
+    "macro_f1_ci_lower",
+    "macro_f1_ci_upper",
+    "weighted_f1",
+    "coverage",
+    "accepted_accuracy",
+    "no_answer_share",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "images_per_s",
+    "wh_per_1000",
+    "gco2e_per_1000",
+    "energy_method",
+    "usd_per_1000",
+    "ece",
+    "simulated",
+];
 
 /// Writes `report.<ext>` (and, for md/html, the figures under `plots/`) into the run
 /// directory; returns the report's path.

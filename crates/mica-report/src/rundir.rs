@@ -24,11 +24,8 @@ use mica_eval::{EvalOptions, RunMetrics};
 
 use crate::ReportError;
 
-pub const MANIFEST: &str = "manifest.json";
-pub const METRICS: &str = "metrics.json";
-pub const PREDICTIONS: &str = "predictions.jsonl";
-pub const ENERGY_CSV: &str = "energy.csv";
-pub const SHARDS: &str = "shards";
+pub use mica_core::rundir::shard_dir_name;
+use mica_core::{ClassifierDir, RunRoot};
 
 /// One classifier's finished run inside a comparison.
 #[derive(Debug, Clone)]
@@ -44,12 +41,13 @@ pub struct ClassifierRun {
 
 impl ClassifierRun {
     pub fn open(slug: &str, dir: &Path) -> Result<ClassifierRun, ReportError> {
-        let metrics_path = dir.join(METRICS);
+        let files = ClassifierDir::new(dir);
+        let metrics_path = files.metrics();
         let metrics = RunMetrics::read(&metrics_path).map_err(|e| ReportError::Format {
             path: metrics_path.clone(),
             message: strip_path(&e.to_string(), &metrics_path),
         })?;
-        let pred_path = dir.join(PREDICTIONS);
+        let pred_path = files.predictions();
         let predictions = if pred_path.exists() {
             read_predictions(&pred_path)?
         } else {
@@ -109,7 +107,8 @@ impl RunDir {
         let manifest = read_manifest(&root)?;
         let mut classifiers = Vec::new();
         let mut skipped = Vec::new();
-        if root.join(METRICS).is_file() {
+        let layout = RunRoot::new(&root);
+        if layout.flat().is_finished() {
             let slug = root
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -117,16 +116,16 @@ impl RunDir {
             classifiers.push(ClassifierRun::open(&slug, &root)?);
         } else {
             for slug in classifier_order(&root, manifest.as_ref())? {
-                let dir = root.join(&slug);
-                if dir.join(METRICS).is_file() {
-                    classifiers.push(ClassifierRun::open(&slug, &dir)?);
-                } else if dir.join(PREDICTIONS).is_file() {
+                let files = layout.classifier(&slug);
+                if files.is_finished() {
+                    classifiers.push(ClassifierRun::open(&slug, files.path())?);
+                } else if files.predictions().is_file() {
                     skipped.push(format!("{slug}: unfinished (no metrics.json yet)"));
                 }
             }
         }
         if classifiers.is_empty() {
-            let hint = if root.join(SHARDS).is_dir() {
+            let hint = if layout.shards().is_dir() {
                 " (it has shards: run `mica report` on it to merge them)"
             } else {
                 ""
@@ -160,8 +159,8 @@ impl RunDir {
     }
 }
 
-fn read_manifest(root: &Path) -> Result<Option<RunManifest>, ReportError> {
-    let path = root.join(MANIFEST);
+pub fn read_manifest(root: &Path) -> Result<Option<RunManifest>, ReportError> {
+    let path = RunRoot::new(root).manifest();
     if !path.is_file() {
         return Ok(None);
     }
@@ -192,17 +191,12 @@ fn classifier_order(root: &Path, manifest: Option<&RunManifest>) -> Result<Vec<S
     })?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_dir() && name != SHARDS && name != "plots" && !order.contains(&name) {
+        if entry.path().is_dir() && !RunRoot::is_reserved(&name) && !order.contains(&name) {
             rest.insert(name);
         }
     }
     order.extend(rest);
     Ok(order)
-}
-
-/// The shard directory name for slice `k` (1-based) of `n`.
-pub fn shard_dir_name(k: usize, n: usize) -> String {
-    format!("{k}-of-{n}")
 }
 
 /// Parses `k/n` (1 <= k <= n).
@@ -232,7 +226,7 @@ pub struct MergeSummary {
 /// finished; a missing one is an error naming it, because a partial merge would quietly
 /// report on a subset of the test set.
 pub fn merge_shards(root: &Path, opts: &EvalOptions) -> Result<Option<MergeSummary>, ReportError> {
-    let shards_root = root.join(SHARDS);
+    let shards_root = RunRoot::new(root).shards();
     if !shards_root.is_dir() {
         return Ok(None);
     }
@@ -291,7 +285,7 @@ pub fn merge_shards(root: &Path, opts: &EvalOptions) -> Result<Option<MergeSumma
         let mut runs = Vec::new();
         for (k, dir) in &shard_dirs {
             let d = dir.join(&slug);
-            if !d.join(METRICS).is_file() {
+            if !ClassifierDir::new(&d).is_finished() {
                 return Err(ReportError::Invalid(format!(
                     "{}: classifier `{slug}` is not finished in shard {} (no metrics.json)",
                     d.display(),
@@ -353,38 +347,11 @@ fn merge_runs(runs: &[ClassifierRun], opts: &EvalOptions) -> Result<Merged, Repo
     metrics.simulated = runs.iter().any(|r| r.metrics.simulated);
     metrics.extra = first.extra.clone();
     metrics.extra.insert("shards".into(), serde_json::json!(runs.len()));
-    let energies: Vec<&EnergyReport> = runs.iter().filter_map(|r| r.energy.as_ref()).collect();
+    let energies: Vec<EnergyReport> = runs.iter().filter_map(|r| r.energy.clone()).collect();
     if energies.len() == runs.len() {
-        let mut e = energies[0].clone();
-        for other in &energies[1..] {
-            e.duration_s += other.duration_s;
-            e.energy_wh += other.energy_wh;
-            e.facility_energy_wh += other.facility_energy_wh;
-            e.co2e_g += other.co2e_g;
-            for c in &mut e.components {
-                if let Some(o) = other
-                    .components
-                    .iter()
-                    .find(|o| o.label == c.label && o.component == c.component)
-                {
-                    c.energy_wh += o.energy_wh;
-                }
-            }
-            if other.method != e.method && !e.method.contains(&other.method) {
-                e.method = format!("{}+{}", e.method, other.method);
-            }
-            e.remote.extend(other.remote.iter().cloned());
-            for w in &other.warnings {
-                if !e.warnings.contains(w) {
-                    e.warnings.push(w.clone());
-                }
-            }
-        }
+        let mut e = EnergyReport::sum(&energies, "shard energy windows (machines may differ)")
+            .expect("at least one shard");
         e.set_images(metrics.images);
-        e.warnings.push(format!(
-            "summed over {} shard energy windows (machines may differ)",
-            runs.len()
-        ));
         metrics.energy = Some(serde_json::to_value(&e).expect("energy report serialises"));
     } else if !energies.is_empty() {
         metrics.extra.insert(
@@ -404,11 +371,16 @@ fn write_merged(out: &Path, m: &Merged, runs: &[ClassifierRun]) -> Result<(), Re
         lines.push_str(&serde_json::to_string(p).expect("prediction serialises"));
         lines.push('\n');
     }
-    mica_core::write_atomic(out.join(PREDICTIONS), lines.as_bytes())?;
+    let files = ClassifierDir::new(out);
+    mica_core::write_atomic(files.predictions(), lines.as_bytes())?;
     let mut csv = String::new();
     for r in runs {
-        let path = r.dir.join(ENERGY_CSV);
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let path = ClassifierDir::new(&r.dir).energy_csv();
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).map_err(|e| ReportError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
             for (j, line) in text.lines().enumerate() {
                 if j == 0 && !csv.is_empty() {
                     continue; // header only once
@@ -419,10 +391,10 @@ fn write_merged(out: &Path, m: &Merged, runs: &[ClassifierRun]) -> Result<(), Re
         }
     }
     if !csv.is_empty() {
-        mica_core::write_atomic(out.join(ENERGY_CSV), csv.as_bytes())?;
+        mica_core::write_atomic(files.energy_csv(), csv.as_bytes())?;
     }
     let mut bytes = serde_json::to_vec_pretty(&m.metrics).expect("metrics serialise");
     bytes.push(b'\n');
-    mica_core::write_atomic(out.join(METRICS), &bytes)?;
+    mica_core::write_atomic(files.metrics(), &bytes)?;
     Ok(())
 }

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::panel::{review_reasons, Panel};
-use crate::time::{iso_utc, now_unix};
+use crate::time::{from_unix, now_unix};
+use mica_core::time::iso_utc;
 use crate::{pages, ServerError};
 
 /// Multipart framing around the file (boundaries, part headers) allowed on top of the upload
@@ -549,7 +550,7 @@ impl From<Decision> for DecisionView {
     fn from(d: Decision) -> Self {
         DecisionView {
             id: d.id,
-            decided: iso_utc(d.decided_unix),
+            decided: iso_utc(from_unix(d.decided_unix)),
             decided_unix: d.decided_unix,
             reviewer: d.reviewer,
             final_label: d.final_label,
@@ -563,7 +564,7 @@ fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> CaseView {
     let id = c.id.clone();
     let decisions: Vec<DecisionView> = decisions.into_iter().map(DecisionView::from).collect();
     CaseView {
-        created: iso_utc(c.created_unix),
+        created: iso_utc(from_unix(c.created_unix)),
         created_unix: c.created_unix,
         notice: NOTICE,
         image: ImageView {
@@ -812,8 +813,8 @@ impl From<mica_report::store::StoredRun> for RunView {
             id: r.id,
             report_url: format!("/runs/{}", r.id),
             name: r.name,
-            created: r.created_unix.map(iso_utc),
-            indexed: iso_utc(r.indexed_unix),
+            created: r.created_unix.map(|t| iso_utc(from_unix(t))),
+            indexed: iso_utc(from_unix(r.indexed_unix)),
             dataset: r.dataset,
             split_hash: r.split_hash,
             simulated: r.simulated,

@@ -46,11 +46,11 @@ pub enum ServerError {
 /// True for a folder that reads as a run: a comparison (manifest, or classifier folders with
 /// `metrics.json`) or a single classifier's run (`metrics.json` at its root).
 fn is_run_dir(d: &Path) -> bool {
-    use mica_report::rundir::{MANIFEST, METRICS};
-    d.join(MANIFEST).is_file()
-        || d.join(METRICS).is_file()
+    let root = mica_core::RunRoot::new(d);
+    root.manifest().is_file()
+        || root.flat().is_finished()
         || std::fs::read_dir(d)
-            .map(|rd| rd.flatten().any(|e| e.path().join(METRICS).is_file()))
+            .map(|rd| rd.flatten().any(|e| mica_core::ClassifierDir::new(e.path()).is_finished()))
             .unwrap_or(false)
 }
 
@@ -103,11 +103,7 @@ pub async fn serve(
 /// Binds `addr`, tells `ready` the bound address (port 0 picks a free one), then serves on
 /// its own runtime until Ctrl-C or SIGTERM.
 pub fn run(app: App, addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(ServerError::Serve)?;
+    let rt = mica_llm::runtime().map_err(|e| ServerError::Serve(std::io::Error::other(e.to_string())))?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -118,4 +114,4 @@ pub fn run(app: App, addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> Result
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix (the simulator's rule, shared).
-pub use mica_llm::sim::shutdown_signal;
+pub use mica_llm::shutdown_signal;

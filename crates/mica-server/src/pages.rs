@@ -8,6 +8,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
+use mica_report::html_escape;
 
 use crate::app::{find_run, valid_case_id, App};
 
@@ -244,10 +245,6 @@ async function init() {
 init();
 "#;
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
-}
-
 fn nav(active: &str) -> String {
     let link = |href: &str, key: &str, text: &str| {
         format!("<a href=\"{href}\"{}>{text}</a>", if key == active { " class=\"active\"" } else { "" })
@@ -268,7 +265,7 @@ fn layout(title: &str, active: &str, body: &str, script: &str) -> Html<String> {
     };
     Html(format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{} · mica</title><style>{CSS}</style></head><body>{}<main>{body}</main>{script}</body></html>\n",
-        escape(title),
+        html_escape(title),
         nav(active)
     ))
 }
@@ -363,7 +360,7 @@ pub async fn run_report_page(State(app): State<App>, Path(id): Path<String>) -> 
             let bar = format!(
                 "<div style=\"background:#12355b;color:#fff;padding:.5rem 1rem;margin:-2rem -1rem 1rem;font-family:system-ui,sans-serif\"><a href=\"/runs\" style=\"color:#fff\">← all runs</a> · run {} <b>{}</b> · <a href=\"/\" style=\"color:#cfe0f5\">case view</a> · <a href=\"/monitoring\" style=\"color:#cfe0f5\">monitoring</a></div>",
                 run.id,
-                escape(&name)
+                html_escape(&name)
             );
             let html = match html.find("<body>") {
                 Some(i) => format!("{}{bar}{}", &html[..i + 6], &html[i + 6..]),
@@ -384,7 +381,7 @@ pub async fn run_report_page(State(app): State<App>, Path(id): Path<String>) -> 
 }
 
 fn message_page(status: StatusCode, title: &str, message: &str) -> Response {
-    let body = format!("<h1>{}</h1><p>{}</p><p><a href=\"/\">Case view</a> · <a href=\"/runs\">Runs</a></p>", escape(title), escape(message));
+    let body = format!("<h1>{}</h1><p>{}</p><p><a href=\"/\">Case view</a> · <a href=\"/runs\">Runs</a></p>", html_escape(title), html_escape(message));
     (status, layout(title, "", &body, "")).into_response()
 }
 
@@ -398,7 +395,7 @@ pub fn login_page(path: &str) -> Response {
     let body = format!(
         "<h1>Sign in</h1><div class=\"notice\">This mica server requires its access token (MICA_SERVE_TOKEN on the server).</div>\
          <form method=\"get\" action=\"{}\" class=\"decision\"><label>Access token<input type=\"password\" name=\"token\" required autocomplete=\"current-password\"></label><div><button type=\"submit\">Open</button></div></form>",
-        escape(path)
+        html_escape(path)
     );
     (StatusCode::UNAUTHORIZED, layout("Sign in", "", &body, "")).into_response()
 }

@@ -15,7 +15,8 @@ use image::GrayImage;
 use mica_cnn::CnnClassifier;
 use mica_core::{Classifier, ImageSource, LabelSet, Modality, Outcome, Prediction, Sample};
 use mica_energy::{MeterConfig, MeterSet, Method};
-use mica_llm::{build_provider, FilterSpec, Limits, LlmConfig, LlmRunner, ProviderSpec, WorkItem};
+use mica_llm::{LlmRunner, WorkItem};
+use mica_run::ClassifierSpec;
 use mica_report::cases::CasePrediction;
 
 use crate::ServerError;
@@ -70,31 +71,7 @@ pub struct Panel {
     cnn_lock: Mutex<()>,
 }
 
-/// Removes credentials and query strings from a URL before it is shown to anyone
-/// (`http://user:secret@host:1234/x?key=...` becomes `http://host:1234/x`).
-pub fn redact_url(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c.is_whitespace() || c == ')' || c == '"')
-            .unwrap_or(tail.len());
-        let (url, after) = tail.split_at(end);
-        let url = url.split(['?', '#']).next().unwrap_or("");
-        let (authority, path) = match url.find('/') {
-            Some(j) => url.split_at(j),
-            None => (url, ""),
-        };
-        let host = authority.rsplit('@').next().unwrap_or(authority);
-        out.push_str(host);
-        out.push_str(path);
-        rest = after;
-    }
-    out.push_str(rest);
-    out
-}
+pub use mica_llm::spec::redact_url;
 
 impl Panel {
     /// Loads classifiers from spec strings: `cnn:RUN_DIR` (a `mica train` run directory) or
@@ -111,11 +88,22 @@ impl Panel {
                 "no classifier: give at least one --classifier cnn:RUN_DIR or llm:PROVIDER/MODEL".into(),
             ));
         }
+        let mut parsed = Vec::new();
+        for s in specs {
+            let spec: ClassifierSpec = s.parse().map_err(|e: mica_run::SpecError| ServerError::Config(e.to_string()))?;
+            if !matches!(spec, ClassifierSpec::Cnn { .. } | ClassifierSpec::Llm(_)) {
+                return Err(ServerError::Config(format!(
+                    "`{spec}`: the web app runs trained CNNs (cnn:RUN_DIR) and LLMs (llm:PROVIDER/MODEL)"
+                )));
+            }
+            parsed.push(spec);
+        }
         let mut members = Vec::new();
         let mut labels: Option<(LabelSet, Modality, String)> = None;
-        for spec in specs {
-            let Some(dir) = spec.strip_prefix("cnn:") else { continue };
-            let dir = PathBuf::from(dir);
+        for spec in &parsed {
+            let ClassifierSpec::Cnn { run: dir } = spec else { continue };
+            let dir = dir.clone();
+            let spec = spec.to_string();
             if !dir.is_dir() {
                 return Err(ServerError::Config(format!("{}: no such CNN run directory", dir.display())));
             }
@@ -146,16 +134,7 @@ impl Panel {
                     k += 1;
                 }
             }
-            let model_version = format!(
-                "{} epoch {} weights fnv64:{} (val macro-F1 {:.3}, {}x{} px, mica {})",
-                meta.arch,
-                meta.epoch,
-                meta.weights_fnv64,
-                meta.val_macro_f1,
-                meta.input_size,
-                meta.input_size,
-                meta.mica_version
-            );
+            let model_version = mica_run::cnn::version(&meta);
             let clf = clf.with_name(name.clone());
             members.push(Member {
                 name,
@@ -189,42 +168,39 @@ impl Panel {
             }
         };
         let mut llms = Vec::new();
-        for spec in specs {
-            if spec.starts_with("cnn:") {
-                continue;
-            }
-            let Some(body) = spec.strip_prefix("llm:") else {
-                return Err(ServerError::Config(format!(
-                    "unknown classifier `{}`: expected cnn:RUN_DIR or llm:PROVIDER/MODEL",
-                    redact_url(spec)
-                )));
-            };
-            let pspec = ProviderSpec::parse(body).map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
-            let provider = build_provider(&pspec, &llm.api_key_env, mica_llm::provider::http_client())
-                .map_err(|e| ServerError::Config(e.to_string()))?;
-            let mut cfg = LlmConfig::new(pspec.clone(), modality, labels.clone());
+        for spec in &parsed {
+            let ClassifierSpec::Llm(l) = spec else { continue };
             // Label validation only: the review threshold of the page decides what goes to a
-            // physician, the same way for every classifier.
-            cfg.filter = FilterSpec::parse("validate").map_err(|e| ServerError::Config(e.to_string()))?;
-            let name = redact_url(&pspec.canonical());
-            let loader: mica_llm::ImageLoader = Arc::new(|src: &ImageSource| {
-                mica_data::image::load_gray(src).map_err(|e| e.reason())
-            });
-            let runner = LlmRunner::new(cfg, provider)
-                .with_name(name.clone())
-                .with_loader(loader)
-                .with_limits(Limits {
-                    concurrency: 4,
-                    max_attempts: llm.max_attempts.max(1),
-                    timeout: llm.timeout,
-                    ..Limits::default()
-                });
-            let model_version = format!("{} model {} at {}", pspec.kind.as_str(), pspec.model, redact_url(&pspec.base_url));
+            // physician, the same way for every classifier. No cache: every upload is new.
+            let mut cfg = mica_run::ClassifierConfig::from_spec(spec);
+            cfg.filter = Some("validate".into());
+            cfg.llm.api_key_env = Some(llm.api_key_env.clone());
+            cfg.llm.request_timeout = Some(llm.timeout.as_secs_f64());
+            cfg.llm.max_attempts = Some(llm.max_attempts.max(1));
+            cfg.llm.no_cache = Some(true);
+            let name = format!("llm:{}", redact_url(&l.to_string()));
+            let task = mica_run::llm::Task {
+                name: &name,
+                modality,
+                labels: &labels,
+                seed: None,
+                dataset: None,
+                split: mica_core::Split::Test,
+            };
+            let ready = mica_run::llm::runner(&cfg, l, &task, &mut |e| {
+                if let mica_run::Event::Notice(m) = e {
+                    tracing::info!("{m}")
+                }
+            })
+            .map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
+            let model_version = mica_run::llm::version(&ready.provider);
+            let name = redact_url(&ready.provider.canonical());
+            let ready_runner = ready.runner.with_name(name.clone());
             llms.push(Member {
                 name,
                 family: "llm",
                 model_version,
-                engine: Engine::Llm { runner: Arc::new(runner) },
+                engine: Engine::Llm { runner: Arc::new(ready_runner) },
             });
         }
         members.extend(llms);
@@ -382,7 +358,7 @@ fn base(m: &Member, p: &Prediction) -> CasePrediction {
         energy_method: String::new(),
         rationale: p.rationale.clone(),
         error: p.error.clone(),
-        simulated: p.extra.get("simulated").and_then(|v| v.as_bool()) == Some(true),
+        simulated: p.simulated,
         tokens: p.tokens,
         cost_usd: p.cost_usd,
         has_gradcam: false,

@@ -520,7 +520,7 @@ async fn monitoring_reports_each_models_agreement_with_the_physicians() {
         assert!((x["agreement"].as_f64().unwrap() - agreed as f64 / n as f64).abs() < 1e-12);
         let days = x["days"].as_array().unwrap();
         assert_eq!(days.len(), 1);
-        assert_eq!(days[0]["day"].as_str().unwrap(), &mica_server::time::iso_utc(mica_server::time::now_unix())[..10]);
+        assert_eq!(days[0]["day"].as_str().unwrap(), &mica_core::time::iso_utc(std::time::SystemTime::now())[..10]);
     }
     let recent = m["recent_decisions"].as_array().unwrap();
     assert_eq!(recent.len(), 3);

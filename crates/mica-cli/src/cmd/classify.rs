@@ -1,5 +1,10 @@
-//! `mica classify`: dispatches on the classifier spec (`cnn:RUN_DIR` or `llm:...`).
-use std::path::PathBuf;
+//! `mica classify`: one classifier over one split of a dataset. It is a run of one classifier
+//! through the same engine as `mica compare` (`mica_run::run_experiment`), written with the
+//! classifier's files at the root of `--out`.
+use std::path::{Path, PathBuf};
+
+use mica_core::{FailedOnResume, Split};
+use mica_run::{ClassifierConfig, ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, Layout, RunOptions};
 
 use crate::exit::usage;
 
@@ -7,59 +12,209 @@ use crate::exit::usage;
 pub struct ClassifyArgs {
     #[arg(long)]
     pub dataset: PathBuf,
-    /// `cnn:RUN_DIR`, `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
-    /// `llm:openai-compatible/<model>@http://host:port`.
+    /// `cnn:RUN_DIR`, `cnn-train:ARCH`, `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
+    /// `llm:openai-compatible/<model>@http://host:port`, `baseline`.
     #[arg(long)]
     pub classifier: String,
     /// Which split to classify.
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Output run directory (predictions.jsonl, metrics.json, energy.csv).
+    /// Output run directory (predictions.jsonl, metrics.json, energy.csv, manifest.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Classify at most N images per class (for costly classifiers).
+    /// Classify at most N images per class: a seeded draw, the same images `mica compare`
+    /// takes with the same flag.
     #[arg(long)]
     pub limit_per_class: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// On resume, keep images recorded as failed instead of asking them again.
+    #[arg(long)]
+    pub keep_failed: bool,
     #[command(flatten)]
-    pub cnn: super::classify_cnn::CnnArgs,
+    pub cnn: CnnArgs,
     #[command(flatten)]
-    pub llm: super::classify_llm::LlmArgs,
+    pub llm: LlmArgs,
     #[command(flatten)]
     pub energy: super::energy::EnergyOpts,
 }
 
-/// What a classification run produced, for the caller to wrap (energy) and print.
-pub struct ClassifyOutcome {
-    pub out_dir: PathBuf,
-    pub images: usize,
-    /// Work done on a remote API's machines: its energy is `not-measured:remote-api`.
-    pub remote: Vec<mica_energy::RemoteUsage>,
+/// Flags that only CNNs read.
+#[derive(clap::Args, Debug, Default)]
+pub struct CnnArgs {
+    /// Inference batch size [default: 32].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Flag predictions whose confidence is below this for physician review
+    /// (`needs_review` in predictions.jsonl).
+    #[arg(long, default_value_t = 0.6)]
+    pub review_below: f64,
+}
+
+/// Flags that only LLMs read. Unset flags take the engine's documented defaults.
+#[derive(clap::Args, Debug, Default)]
+pub struct LlmArgs {
+    /// image, image+clinical, image+findings or findings [default: image].
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Filter stages: `default` (= validate,confidence=0.5), `none`, or a comma list of
+    /// validate, confidence=T, consistency=K[:AGREE], variants=K[:AGREE], crosscheck=CNN_PREDICTIONS
+    /// [default: default].
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Maximum LLM requests in flight [default: 4].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Neither read nor write the response cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Response cache folder [default: $MICA_CACHE_DIR/llm or ~/.cache/mica/llm].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Server address replacing the spec's (e.g. a proxy, or `mica llm-sim` for a dry run).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Environment variable holding the API key (never printed or stored) [default: OPENAI_API_KEY].
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
+    /// Sampling temperature [default: 0].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// [default: 200]
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// OpenAI image detail: low, high or auto [default: low].
+    #[arg(long)]
+    pub detail: Option<String>,
+    /// Do not send the JSON schema (for servers without structured output).
+    #[arg(long)]
+    pub no_structured: bool,
+    /// Ask for token log-probabilities (OpenAI format).
+    #[arg(long)]
+    pub logprobs: bool,
+    /// Confidence used by the filter: stated or logprobs [default: stated].
+    #[arg(long)]
+    pub confidence_source: Option<String>,
+    /// Sampling temperature of the self-consistency samples [default: 0.7].
+    #[arg(long)]
+    pub consistency_temperature: Option<f64>,
+    /// TOML file overriding prompt templates, class descriptions and answer synonyms.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// TOML price table laid over the built-in one ($ per million tokens, dated).
+    #[arg(long, value_name = "FILE")]
+    pub prices: Option<PathBuf>,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute (estimated before sending).
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Attempts per request before the image is recorded as failed [default: 5].
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Per-request timeout in seconds [default: 120].
+    #[arg(long)]
+    pub request_timeout: Option<f64>,
+    /// Longest image side sent, in pixels [default: 512].
+    #[arg(long)]
+    pub image_max_side: Option<u32>,
+}
+
+/// The classifier entry the flags describe.
+fn entry(spec: &ClassifierSpec, args: &ClassifyArgs) -> ClassifierConfig {
+    let mut c = ClassifierConfig::from_spec(spec);
+    c.batch = args.cnn.batch;
+    match c.kind {
+        Kind::Cnn => c.review_below = Some(args.cnn.review_below),
+        Kind::Llm => {
+            let a = &args.llm;
+            c.context = a.context.clone();
+            c.filter = a.filter.clone();
+            c.template = a.prompts.as_ref().map(|p| p.display().to_string());
+            let o = &mut c.llm;
+            o.base_url = a.base_url.clone();
+            o.api_key_env = a.api_key_env.clone();
+            o.temperature = a.temperature;
+            o.max_tokens = a.max_tokens;
+            o.detail = a.detail.clone();
+            o.structured = a.no_structured.then_some(false);
+            o.logprobs = a.logprobs.then_some(true);
+            o.confidence_source = a.confidence_source.clone();
+            o.consistency_temperature = a.consistency_temperature;
+            o.image_max_side = a.image_max_side;
+            o.prices = a.prices.clone();
+            o.concurrency = a.concurrency;
+            o.rpm = a.rpm;
+            o.tpm = a.tpm;
+            o.max_attempts = a.max_attempts;
+            o.request_timeout = a.request_timeout;
+            o.no_cache = a.no_cache.then_some(true);
+            o.cache_dir = a.cache_dir.clone();
+        }
+        Kind::Baseline => {}
+    }
+    c
+}
+
+/// `RUN_DIR/classify-<split>` for a trained CNN, else `runs/<dataset>/<classifier>-<split>`.
+fn default_out(spec: &ClassifierSpec, c: &ClassifierConfig, dataset: &Path, split: Split) -> PathBuf {
+    match spec {
+        ClassifierSpec::Cnn { run } => run.join(format!("classify-{split}")),
+        _ => {
+            let ds = dataset
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "dataset".into());
+            let ctx = c.context.as_deref().map(|x| format!("-{}", x.replace('+', "_"))).unwrap_or_default();
+            PathBuf::from("runs").join(ds).join(format!("{}{ctx}-{split}", c.slug()))
+        }
+    }
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
-    if !args.classifier.starts_with("cnn:") && !args.classifier.starts_with("llm:") {
-        return Err(usage(format!(
-            "unknown classifier `{}`: expected cnn:RUN_DIR or llm:PROVIDER/MODEL",
-            args.classifier
-        )));
+    let spec: ClassifierSpec = args.classifier.parse().map_err(|e: mica_run::SpecError| usage(e.to_string()))?;
+    let split: Split = args.split.parse().map_err(usage)?;
+    if !args.dataset.exists() {
+        return Err(usage(format!("{}: no such dataset folder", args.dataset.display())));
     }
-    let project = format!("classify {}", args.classifier);
-    let outcome = super::energy::measured_dir(&args.energy, &project, || {
-        let outcome = if let Some(dir) = args.classifier.strip_prefix("cnn:") {
-            super::classify_cnn::run(&args, std::path::Path::new(dir))?
-        } else {
-            let spec = &args.classifier["llm:".len()..];
-            super::classify_llm::run(&args, spec)?
-        };
-        let (images, dir, remote) = (outcome.images, outcome.out_dir.clone(), outcome.remote.clone());
-        Ok((outcome, images, dir, remote))
-    })?;
-    println!(
-        "classified {} images; results in {}",
-        outcome.images,
-        outcome.out_dir.display()
-    );
-    Ok(())
+    if let ClassifierSpec::Cnn { run } = &spec {
+        if !run.is_dir() {
+            return Err(usage(format!("{}: no such CNN run directory", run.display())));
+        }
+    }
+    let cfg = entry(&spec, &args);
+    let out = args.out.clone().unwrap_or_else(|| default_out(&spec, &cfg, &args.dataset, split));
+    let exp = Experiment {
+        name: None,
+        output: Some(out),
+        dataset: DatasetSpec {
+            seed: args.seed,
+            limit_per_class: args.limit_per_class,
+            split,
+            ..DatasetSpec::new(&args.dataset)
+        },
+        classifiers: vec![cfg],
+        energy: EnergySpec {
+            country: args.energy.country.clone(),
+            grid_intensity: args.energy.grid_intensity,
+            pue: args.energy.pue,
+            tdp_w: None,
+        },
+        eval: EvalSpec::default(),
+    };
+    exp.validate().map_err(usage)?;
+    let opts = RunOptions {
+        layout: Layout::Flat,
+        failed: if args.keep_failed { FailedOnResume::Keep } else { FailedOnResume::Retry },
+        meter: args.energy.meter_config()?,
+        command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
+        ..Default::default()
+    };
+    let outcome = super::compare::run_with_progress(&exp, &opts)?;
+    let c = &outcome.classifiers[0];
+    let metrics = mica_eval::RunMetrics::read(mica_core::ClassifierDir::new(&c.dir).metrics())?;
+    super::compare::print_classifier(&metrics, c);
+    println!("classified {} images; results in {}", c.images, c.dir.display());
+    super::compare::fail_if_nothing_answered(&outcome)
 }

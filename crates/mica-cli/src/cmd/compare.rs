@@ -1,11 +1,11 @@
 //! `mica compare`: every classifier of an experiment on one split, one table.
 //!
-//! All logic lives in `mica-compare` (the run) and `mica-report` (the report); this module
-//! turns flags into an [`Experiment`], draws progress bars and prints the headline table.
+//! All logic lives in `mica-run` (the run) and `mica-report` (the report); this module turns
+//! flags into an [`Experiment`], draws progress bars and prints the headline table.
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Event, Experiment, RunOptions};
+use mica_run::{DatasetSpec, EnergySpec, EvalSpec, Event, Experiment, RunOptions};
 
 use crate::exit::usage;
 
@@ -69,6 +69,9 @@ pub struct CompareArgs {
     /// Do not write report.html / report.md at the end.
     #[arg(long)]
     pub no_report: bool,
+    /// On resume, keep images recorded as failed instead of asking them again.
+    #[arg(long)]
+    pub keep_failed: bool,
 }
 
 /// Builds the experiment from `--config` and the quick flags.
@@ -89,16 +92,7 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
             Experiment {
                 name: None,
                 output: None,
-                dataset: DatasetSpec {
-                    path: ds.clone(),
-                    seed: 42,
-                    train: 0.7,
-                    val: 0.1,
-                    test: 0.2,
-                    image_size: None,
-                    limit_per_class: None,
-                    split_manifest: None,
-                },
+                dataset: DatasetSpec::new(ds),
                 classifiers: Vec::new(),
                 energy: EnergySpec::default(),
                 eval: EvalSpec::default(),
@@ -111,14 +105,14 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
         }
     }
     if !args.classifiers.is_empty() {
-        let mut specs: Vec<ClassifierSpec> = Vec::new();
+        let mut specs = Vec::new();
         for c in &args.classifiers {
             let mut s = Experiment::classifier_from_flag(c).map_err(usage)?;
-            if s.kind == mica_compare::Kind::Llm {
+            if s.kind == mica_run::Kind::Llm {
                 s.filter = args.filter.clone();
                 s.context = args.context.clone();
             }
-            if s.kind == mica_compare::Kind::Cnn {
+            if s.kind == mica_run::Kind::Cnn {
                 s.epochs = args.epochs;
             }
             specs.push(s);
@@ -163,17 +157,18 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
 }
 
 /// Runs an experiment with progress bars on stderr; shared with `mica demo`.
-pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_compare::RunOutcome> {
+pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_run::RunOutcome> {
     let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})")
         .expect("valid template")
         .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
-    let result = mica_compare::run_experiment(exp, opts, &mut |e| match e {
-        Event::Notice(m) => {
-            if let Some(b) = &bar {
-                b.suspend(|| eprintln!("note: {m}"));
-            } else {
-                eprintln!("note: {m}");
+    let result = mica_run::run_experiment(exp, opts, &mut |e| match e {
+        Event::Notice(m) => say(&bar, format!("note: {m}")),
+        Event::Epoch { name, line } => say(&bar, format!("note: {name}: {line}")),
+        Event::Energy { slug, summary, warnings } => {
+            say(&bar, format!("{slug}: {summary}"));
+            for w in warnings {
+                say(&bar, format!("warning: {w}"));
             }
         }
         Event::Start { slug, total, todo, .. } => {
@@ -205,13 +200,105 @@ pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<
     if let Some(b) = bar.take() {
         b.abandon();
     }
-    result.map_err(|e| {
-        if e.is_usage() {
-            usage(e.to_string())
-        } else {
-            anyhow::anyhow!(e.to_string())
+    result.map_err(|e| if e.is_usage() { usage(e.to_string()) } else { anyhow::Error::new(e) })
+}
+
+fn say(bar: &Option<ProgressBar>, line: String) {
+    match bar {
+        Some(b) => b.suspend(|| eprintln!("{line}")),
+        None => eprintln!("{line}"),
+    }
+}
+
+/// A run in which some classifier answered nothing at all (every image failed) is not a
+/// success, whatever else it wrote: exit 1 with what went wrong.
+pub fn fail_if_nothing_answered(outcome: &mica_run::RunOutcome) -> anyhow::Result<()> {
+    let dead: Vec<String> = outcome
+        .classifiers
+        .iter()
+        .filter(|c| c.all_failed())
+        .map(|c| format!("{} ({} images)", c.name, c.images))
+        .collect();
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let first_error = outcome
+        .classifiers
+        .iter()
+        .filter(|c| c.all_failed())
+        .find_map(|c| {
+            mica_core::read_predictions(mica_core::ClassifierDir::new(&c.dir).predictions())
+                .ok()?
+                .into_iter()
+                .find_map(|p| p.error)
+        })
+        .unwrap_or_default();
+    anyhow::bail!(
+        "every image failed for {}: {first_error} (fix the cause and run the same command again: failed images are asked again)",
+        dead.join(", ")
+    )
+}
+
+/// What one classifier's run gave, in a few lines (`mica classify`).
+pub fn print_classifier(m: &mica_eval::RunMetrics, c: &mica_run::ClassifierOutcome) {
+    if m.simulated {
+        println!("SIMULATED: answers came from `mica llm-sim`, not a model; these numbers are a dry run.");
+    }
+    let o = &m.outcomes;
+    println!(
+        "{}: {} images: {} answered, {} deferred to a physician, {} unparseable, {} failed",
+        m.classifier, m.images, o.answered, o.deferred, o.unparseable, o.failed
+    );
+    println!(
+        "accuracy {:.3} over all images (no answer = wrong), macro F1 {:.3}{}; coverage {:.3}{}",
+        m.all.accuracy,
+        m.all.macro_f1,
+        m.answered.as_ref().map_or(String::new(), |r| format!(", {:.3} over answered", r.accuracy)),
+        m.coverage,
+        m.accepted.as_ref().map_or(String::new(), |r| format!(", accuracy {:.3} on accepted cases", r.accuracy)),
+    );
+    if let Some(n) = m.extra.get("needs_review").and_then(|v| v.as_u64()) {
+        println!("{n} of {} flagged for physician review", m.images);
+    }
+    if c.asked > 0 {
+        if let (Some(t), Some(l)) = (m.throughput_images_per_s, &m.latency_ms) {
+            println!(
+                "throughput {t:.1} images/s; latency per image p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+                l.p50, l.p90, l.p99
+            );
         }
-    })
+    }
+    let Some(llm) = m.extra.get("llm") else { return };
+    let Ok(s) = serde_json::from_value::<mica_llm::LlmSummary>(llm.clone()) else { return };
+    for l in s.stage_lines() {
+        println!("  filter {l}");
+    }
+    let ps: Vec<String> = s.parse_stages.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+    println!("  parsed by: {}", ps.join(", "));
+    let cost = match (&s.cost_usd, &s.price) {
+        (Some(cost), Some(p)) => format!(
+            "${cost:.4} (${:.5}/image; {} at ${}/${} per 1M in/out tokens, as of {})",
+            s.cost_usd_per_image.unwrap_or(0.0),
+            p.key,
+            p.entry.input_per_million,
+            p.entry.output_per_million,
+            p.entry.as_of
+        ),
+        _ => "unknown (no price entry)".into(),
+    };
+    println!("  tokens {} in / {} out; cost {cost}", s.prompt_tokens, s.completion_tokens);
+    // This invocation's requests: none when everything was finished before.
+    let run: mica_llm::RunStats = match (c.reused, m.extra.get("llm_run")) {
+        (false, Some(v)) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        _ => mica_llm::RunStats::default(),
+    };
+    println!(
+        "  {} requests, {} retries, {} cache hits, {} resumed",
+        run.http_requests,
+        run.retries,
+        run.cache_hits,
+        c.images - c.asked
+    );
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
@@ -230,7 +317,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         report: !args.no_report,
         store,
         command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
-        batch: None,
+        failed: if args.keep_failed { mica_core::FailedOnResume::Keep } else { mica_core::FailedOnResume::Retry },
+        ..Default::default()
     };
     let outcome = run_with_progress(&exp, &opts)?;
     if let Some((k, n)) = shard {
@@ -251,5 +339,5 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         Some(r) => println!("report: {}", r.display()),
         None => println!("run directory: {} (mica report {} --format html)", outcome.dir.display(), outcome.dir.display()),
     }
-    Ok(())
+    fail_if_nothing_answered(&outcome)
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use mica_compare::{ClassifierSpec, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, RunOptions};
+use mica_run::{ClassifierConfig, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, RunOptions};
 use mica_core::Modality;
 
 use crate::exit::usage;
@@ -157,14 +157,14 @@ fn experiment(
     dataset: &Path,
     llm: Option<&(String, bool)>,
 ) -> Experiment {
-    let blank = ClassifierSpec::new;
+    let blank = ClassifierConfig::new;
     let mut classifiers = vec![
-        ClassifierSpec {
+        ClassifierConfig {
             train: Some("small".into()),
             epochs: Some(plan.small_epochs),
             ..blank(Kind::Cnn)
         },
-        ClassifierSpec {
+        ClassifierConfig {
             train: Some("mobilenet".into()),
             epochs: Some(plan.second_epochs),
             ..blank(Kind::Cnn)
@@ -173,7 +173,7 @@ fn experiment(
     ];
     if let Some((model, simulated)) = llm {
         for filter in ["none", "default"] {
-            classifiers.push(ClassifierSpec {
+            classifiers.push(ClassifierConfig {
                 model: Some(model.clone()),
                 context: Some("image+clinical".into()),
                 filter: Some(filter.into()),
@@ -187,14 +187,8 @@ fn experiment(
         name: Some(format!("demo-{m}")),
         output: Some(args.out.join(m.as_str())),
         dataset: DatasetSpec {
-            path: dataset.to_path_buf(),
             seed: args.seed,
-            train: 0.7,
-            val: 0.1,
-            test: 0.2,
-            image_size: None,
-            limit_per_class: None,
-            split_manifest: None,
+            ..DatasetSpec::new(dataset)
         },
         classifiers,
         energy: EnergySpec {

@@ -96,50 +96,19 @@ pub fn measured<T>(
     project_name: &str,
     f: impl FnOnce() -> anyhow::Result<(T, usize)>,
 ) -> anyhow::Result<T> {
-    measured_with_remote(opts, run_dir, project_name, || {
-        let (value, images) = f()?;
-        Ok(Measured {
-            value,
-            images,
-            remote: Vec::new(),
-        })
-    })
-}
-
-/// [`measured`] for work that decides its run directory itself (`mica classify` derives it
-/// from the classifier): `f` returns its value, the images processed, the run directory and
-/// the remote API usage (empty for local work).
-pub fn measured_dir<T>(
-    opts: &EnergyOpts,
-    project_name: &str,
-    f: impl FnOnce() -> anyhow::Result<(T, usize, PathBuf, Vec<RemoteUsage>)>,
-) -> anyhow::Result<T> {
-    let dir = std::cell::RefCell::new(PathBuf::new());
     measured_with_remote_at(
         opts,
         project_name,
         || {
-            let (value, images, run_dir, remote) = f()?;
-            *dir.borrow_mut() = run_dir;
+            let (value, images) = f()?;
             Ok(Measured {
                 value,
                 images,
-                remote,
+                remote: Vec::new(),
             })
         },
-        || dir.borrow().clone(),
+        || run_dir.to_path_buf(),
     )
-}
-
-/// [`measured`] for work that also calls remote APIs (the LLM arm).
-#[allow(dead_code)] // The contract for LLM runs that report token usage.
-pub fn measured_with_remote<T>(
-    opts: &EnergyOpts,
-    run_dir: &Path,
-    project_name: &str,
-    f: impl FnOnce() -> anyhow::Result<Measured<T>>,
-) -> anyhow::Result<T> {
-    measured_with_remote_at(opts, project_name, f, || run_dir.to_path_buf())
 }
 
 fn measured_with_remote_at<T>(

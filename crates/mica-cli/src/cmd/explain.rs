@@ -23,13 +23,13 @@ pub struct ExplainArgs {
 }
 
 pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
-    let Some(dir) = args.classifier.strip_prefix("cnn:") else {
+    let spec: mica_run::ClassifierSpec =
+        args.classifier.parse().map_err(|e: mica_run::SpecError| usage(e.to_string()))?;
+    let mica_run::ClassifierSpec::Cnn { run: dir } = spec else {
         return Err(usage(format!(
-            "`{}`: explanations need a CNN (--classifier cnn:RUN_DIR)",
-            args.classifier
+            "`{spec}`: explanations need a trained CNN (--classifier cnn:RUN_DIR)"
         )));
     };
-    let dir = PathBuf::from(dir);
     if !dir.is_dir() {
         return Err(usage(format!("{}: no such CNN run directory", dir.display())));
     }

@@ -1,8 +1,6 @@
 //! One module per subcommand. Each owns its flags (a clap `Args` struct) and a `run` function.
 
 pub mod classify;
-pub mod classify_cnn;
-pub mod classify_llm;
 pub mod compare;
 pub mod dataset;
 pub mod demo;

@@ -118,7 +118,14 @@ pub fn config_from(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = config_from(&args)?;
-    let ds = super::classify_cnn::load_split_dataset(&args.dataset, args.seed)?;
+    let split = mica_data::split::SplitConfig { seed: args.seed, ..Default::default() };
+    let (ds, _) = mica_run::load_split(&args.dataset, &split).map_err(|e| {
+        if e.is_usage() {
+            crate::exit::usage(e.to_string())
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
     let project = format!("train {}", args.model);
     let summary = super::energy::measured(&args.energy, &args.out, &project, || {
         let s = train_with_progress(&ds, &cfg, &args.out)?;

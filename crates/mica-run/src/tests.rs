@@ -201,8 +201,157 @@ fn a_changed_experiment_refuses_to_resume_into_the_old_directory() {
     let exp = experiment(&data, &out);
     run(&exp, &RunOptions::default());
     let mut changed = exp.clone();
-    changed.dataset.limit_per_class = Some(1);
+    changed.eval.bootstrap_resamples = 50;
     let err = run_experiment(&changed, &RunOptions::default(), &mut |_| {}).unwrap_err();
     assert!(err.is_usage());
     assert!(err.to_string().contains("use a new output directory"), "{err}");
+}
+
+/// A stand-in for an OpenAI-compatible server, built from OpenAI's documented wire format: it
+/// answers `POST /v1/chat/completions` with `answer(request_number)` (status, JSON body) and
+/// counts requests.
+struct Server {
+    url: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Server {
+    fn start(answer: impl Fn(usize) -> (u16, String) + Send + 'static) -> Server {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (status, json) = answer(n);
+                let reason = if status == 200 { "OK" } else { "Error" };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                    json.len()
+                );
+            }
+        });
+        Server { url, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// OpenAI's documented answer to a wrong key.
+const INVALID_KEY: &str = r#"{"error":{"message":"Incorrect API key provided: sk-abc. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+
+/// A documented `chat.completion` object whose message names `label`.
+fn completion(label: &str) -> String {
+    let content = serde_json::json!({"label": label, "confidence": 0.9, "rationale": "pattern"}).to_string();
+    serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    })
+    .to_string()
+}
+
+fn llm_experiment(data: &Path, out: &Path, url: &str) -> Experiment {
+    let mut exp = experiment(data, out);
+    let mut c = Experiment::classifier_from_flag(&format!("llm:openai-compatible/m@{url}")).unwrap();
+    c.filter = Some("none".into());
+    c.llm.no_cache = Some(true);
+    c.llm.max_attempts = Some(1);
+    c.llm.concurrency = Some(2);
+    exp.classifiers = vec![c];
+    exp
+}
+
+#[test]
+fn a_key_the_server_refuses_stops_the_run_within_a_handful_of_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 20);
+    let server = Server::start(|_| (401, INVALID_KEY.to_string()));
+    let out = tmp.path().join("run");
+    let err = run_experiment(&llm_experiment(&data, &out, &server.url), &RunOptions::default(), &mut |_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, RunError::FailFast { status: Some(401), .. }), "{msg}");
+    assert!(msg.contains("HTTP 401") && msg.contains("Incorrect API key"), "{msg}");
+    assert!(server.requests() <= run::FAIL_FAST_AFTER, "{} requests", server.requests());
+    let recorded = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("predictions.jsonl").is_file())
+        .map(|e| std::fs::read_to_string(e.path().join("predictions.jsonl")).unwrap().lines().count())
+        .sum::<usize>();
+    assert_eq!(recorded, 0, "nothing recorded for the refused images");
+}
+
+#[test]
+fn failed_images_are_asked_again_on_resume() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    // Down (503, retryable, one attempt each) for the first run, answering afterwards.
+    let up = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = up.clone();
+    let server = Server::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            (200, completion("bright"))
+        } else {
+            (503, r#"{"error":{"message":"The server is overloaded","type":"server_error"}}"#.into())
+        }
+    });
+    let out = tmp.path().join("run");
+    let exp = llm_experiment(&data, &out, &server.url);
+    let first = run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+    let c = first.classifiers[0].clone();
+    assert!(c.all_failed() && c.images == 8, "{c:?}");
+    assert_eq!(server.requests(), 8);
+
+    up.store(true, Ordering::SeqCst);
+    let keep = RunOptions { failed: mica_core::FailedOnResume::Keep, ..Default::default() };
+    let kept = run_experiment(&exp, &keep, &mut |_| {}).unwrap();
+    assert!(kept.classifiers[0].reused && server.requests() == 8, "--keep-failed asks nothing");
+
+    let again = run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+    let c2 = &again.classifiers[0];
+    assert_eq!((c2.asked, c2.failed, server.requests()), (8, 0, 16), "every failed image asked again, once");
+    let log = std::fs::read_to_string(c2.dir.join("predictions.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 16, "the failures stay on record");
+    let preds = mica_core::read_predictions(c2.dir.join("predictions.jsonl")).unwrap();
+    assert!(preds.iter().all(|p| p.outcome == mica_core::Outcome::Answered), "readers see the answers");
+    let m = mica_eval::RunMetrics::read(c2.dir.join("metrics.json")).unwrap();
+    assert_eq!((m.images, m.outcomes.failed), (8, 0));
+}
+
+#[test]
+fn a_second_writer_is_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 5);
+    let out = tmp.path().join("run");
+    let exp = experiment(&data, &out);
+    let held = mica_core::RunRoot::new(&out).lock().unwrap();
+    let err = run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap_err();
+    assert!(err.is_usage() && err.to_string().contains("another mica process"), "{err}");
+    assert!(!out.join("manifest.json").exists(), "nothing written");
+    drop(held);
+    run(&exp, &RunOptions::default());
 }

@@ -34,9 +34,11 @@
 
 use std::path::{Path, PathBuf};
 
+use mica_core::Split;
 use serde::{Deserialize, Serialize};
 
-use crate::CompareError;
+use crate::spec::{ClassifierSpec, SpecError};
+use crate::RunError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +51,7 @@ pub struct Experiment {
     pub output: Option<PathBuf>,
     pub dataset: DatasetSpec,
     #[serde(rename = "classifier", default)]
-    pub classifiers: Vec<ClassifierSpec>,
+    pub classifiers: Vec<ClassifierConfig>,
     #[serde(default)]
     pub energy: EnergySpec,
     #[serde(default)]
@@ -77,6 +79,33 @@ pub struct DatasetSpec {
     /// An existing split manifest (`id,label,split`) to reuse instead of drawing a split.
     #[serde(default)]
     pub split_manifest: Option<PathBuf>,
+    /// Which split is classified (`test` unless `mica classify --split` says otherwise).
+    #[serde(default = "test_split", skip_serializing_if = "is_test_split")]
+    pub split: Split,
+}
+
+fn test_split() -> Split {
+    Split::Test
+}
+fn is_test_split(s: &Split) -> bool {
+    *s == Split::Test
+}
+
+impl DatasetSpec {
+    /// The dataset at `path` with the default split (seed 42, 70/10/20) and no limit.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DatasetSpec {
+            path: path.into(),
+            seed: default_seed(),
+            train: default_train(),
+            val: default_val(),
+            test: default_test(),
+            image_size: None,
+            limit_per_class: None,
+            split_manifest: None,
+            split: Split::Test,
+        }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -104,9 +133,17 @@ pub enum Kind {
     Baseline,
 }
 
+/// One `[[classifier]]` entry: which classifier (`spec`, or the older `kind` with `run`,
+/// `train` or `model`) and every setting that changes its answers. `mica classify` builds the
+/// same entry from its flags, so both commands run a classifier the same way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClassifierSpec {
+pub struct ClassifierConfig {
+    /// `cnn:RUN_DIR`, `cnn-train:ARCH`, `llm:PROVIDER/MODEL[@URL]` or `baseline`; read into
+    /// `kind` and `run`/`train`/`model` on load.
+    #[serde(default, skip_serializing)]
+    pub spec: Option<String>,
+    #[serde(default = "default_kind")]
     pub kind: Kind,
     /// Directory name and key in reports; derived from the spec when absent.
     #[serde(default)]
@@ -120,18 +157,23 @@ pub struct ClassifierSpec {
     pub train: Option<String>,
     #[serde(default)]
     pub epochs: Option<usize>,
+    /// Images per `classify` call (CNN inference batch).
     #[serde(default)]
     pub batch: Option<usize>,
+    /// CNN: confidence below which a case is flagged for physician review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_below: Option<f64>,
     /// LLM: `openai/gpt-4o`, `ollama/llama3.2-vision`, `openai-compatible/<model>@<url>`.
     #[serde(default)]
     pub model: Option<String>,
-    /// LLM: context mode (`image`, `image+context`, `image+findings`).
+    /// LLM: context mode (`image`, `image+clinical`, `image+findings`, `findings`).
     #[serde(default)]
     pub context: Option<String>,
-    /// LLM: prompt template name or file.
+    /// LLM: a TOML file overriding prompt templates, class descriptions and synonyms. Its
+    /// content is part of the configuration checked on resume.
     #[serde(default)]
     pub template: Option<String>,
-    /// LLM: filter spec (`none`, `default`, or stages such as `labels,confidence>=0.7`).
+    /// LLM: filter stages (`default`, `none`, or a list such as `validate,confidence=0.7`).
     #[serde(default)]
     pub filter: Option<String>,
     /// LLM: answer from the built-in simulator (results stamped SIMULATED).
@@ -140,25 +182,157 @@ pub struct ClassifierSpec {
     /// Per-class cap for costly classifiers: a deterministic subset of the shared test set.
     #[serde(default)]
     pub limit_per_class: Option<usize>,
+    #[serde(default, skip_serializing_if = "LlmOptions::is_default")]
+    pub llm: LlmOptions,
 }
 
-impl ClassifierSpec {
+/// How an LLM is asked and reached. `None` means the documented default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmOptions {
+    /// Server address replacing the spec's (a proxy, or `mica llm-sim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Environment variable holding the API key (its value is never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// OpenAI image detail: `low`, `high`, `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Send the JSON schema for structured output (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// `stated` or `logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency_temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_max_side: Option<u32>,
+    /// A TOML price table laid over the built-in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<PathBuf>,
+    /// How the run is paced; not part of what decides an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Seconds per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<f64>,
+    /// Neither read nor write the response cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_cache: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl LlmOptions {
+    fn is_default(&self) -> bool {
+        self == &LlmOptions::default()
+    }
+}
+
+fn default_kind() -> Kind {
+    Kind::Baseline
+}
+
+/// The filter an LLM gets when none is named: label validation and a confidence threshold of
+/// 0.5, so low-confidence answers go to a physician. The same in every command.
+pub const DEFAULT_FILTER: &str = "default";
+
+impl ClassifierConfig {
     /// An entry of `kind` with every option unset, to fill with struct-update syntax.
     pub fn new(kind: Kind) -> Self {
-        ClassifierSpec {
+        ClassifierConfig {
+            spec: None,
             kind,
             slug: None,
             run: None,
             train: None,
             epochs: None,
             batch: None,
+            review_below: None,
             model: None,
             context: None,
             template: None,
             filter: None,
             simulated: false,
             limit_per_class: None,
+            llm: LlmOptions::default(),
         }
+    }
+
+    /// The entry for a parsed spec, every option unset.
+    pub fn from_spec(spec: &ClassifierSpec) -> Self {
+        match spec {
+            ClassifierSpec::Cnn { run } => ClassifierConfig {
+                run: Some(run.clone()),
+                ..Self::new(Kind::Cnn)
+            },
+            ClassifierSpec::CnnTrain { arch } => ClassifierConfig {
+                train: Some(arch.clone()),
+                ..Self::new(Kind::Cnn)
+            },
+            ClassifierSpec::Llm(l) => ClassifierConfig {
+                model: Some(l.to_string()),
+                ..Self::new(Kind::Llm)
+            },
+            ClassifierSpec::Baseline => Self::new(Kind::Baseline),
+        }
+    }
+
+    /// Reads `spec = "..."` into the typed fields (an entry gives either `spec` or `kind`).
+    fn resolve_spec(&mut self, at: &str) -> Result<(), String> {
+        let Some(s) = self.spec.take() else {
+            return Ok(());
+        };
+        if self.run.is_some() || self.train.is_some() || self.model.is_some() || self.kind != Kind::Baseline {
+            return Err(format!("{at}: give either `spec` or `kind` with `run`/`train`/`model`, not both"));
+        }
+        let parsed: ClassifierSpec = s.parse().map_err(|e: SpecError| format!("{at}: {e}"))?;
+        let typed = Self::from_spec(&parsed);
+        self.kind = typed.kind;
+        self.run = typed.run;
+        self.train = typed.train;
+        self.model = typed.model;
+        Ok(())
+    }
+
+    /// The classifier this entry names.
+    pub fn spec(&self) -> Result<ClassifierSpec, String> {
+        let at = || format!("classifier `{}`", self.display_name());
+        match self.kind {
+            Kind::Cnn => match (&self.run, &self.train) {
+                (Some(_), Some(_)) => Err(format!("{}: give either `run` or `train`, not both", at())),
+                (None, None) => Err(format!(
+                    "{}: a CNN needs `run = \"RUN_DIR\"` (a mica train run) or `train = \"small\"`",
+                    at()
+                )),
+                (Some(r), None) => Ok(ClassifierSpec::Cnn { run: r.clone() }),
+                (None, Some(a)) => format!("cnn-train:{a}").parse().map_err(|e: SpecError| e.to_string()),
+            },
+            Kind::Llm => match &self.model {
+                None => Err(format!("{}: an LLM needs `model = \"provider/model\"`", at())),
+                Some(m) => format!("llm:{m}").parse().map_err(|e: SpecError| e.to_string()),
+            },
+            Kind::Baseline => Ok(ClassifierSpec::Baseline),
+        }
+    }
+
+    /// The filter in force (LLMs): the entry's, else [`DEFAULT_FILTER`].
+    pub fn filter_or_default(&self) -> &str {
+        self.filter.as_deref().unwrap_or(DEFAULT_FILTER)
     }
 
     /// A short, filesystem-safe, stable identifier.
@@ -176,8 +350,10 @@ impl ClassifierSpec {
                 _ => "cnn".into(),
             },
             Kind::Llm => {
-                let mut s = format!("llm-{}", self.model.as_deref().unwrap_or("model"));
-                if let Some(f) = self.filter.as_deref().filter(|f| *f != "none") {
+                let model = mica_llm::spec::redact_url(self.model.as_deref().unwrap_or("model"));
+                let mut s = format!("llm-{model}");
+                let f = self.filter_or_default();
+                if f != "none" {
                     s.push_str("-filter-");
                     s.push_str(f);
                 }
@@ -191,7 +367,8 @@ impl ClassifierSpec {
         slugify(&raw)
     }
 
-    /// The name predictions carry (`cnn:small`, `llm:openai/gpt-4o+filter`, ...).
+    /// The name predictions carry (`cnn:small`, `llm:openai/gpt-4o+filter:default`, ...):
+    /// the spec string, with the filter for LLMs and credentials removed from URLs.
     pub fn display_name(&self) -> String {
         match self.kind {
             Kind::Cnn => match (&self.train, &self.run) {
@@ -200,8 +377,10 @@ impl ClassifierSpec {
                 _ => "cnn".into(),
             },
             Kind::Llm => {
-                let mut s = format!("llm:{}", self.model.as_deref().unwrap_or("?"));
-                if let Some(f) = self.filter.as_deref().filter(|f| *f != "none") {
+                let model = mica_llm::spec::redact_url(self.model.as_deref().unwrap_or("?"));
+                let mut s = format!("llm:{model}");
+                let f = self.filter_or_default();
+                if f != "none" {
                     s.push_str(&format!("+filter:{f}"));
                 }
                 s
@@ -212,29 +391,17 @@ impl ClassifierSpec {
 
     fn validate(&self, i: usize) -> Result<(), String> {
         let at = format!("classifier #{} ({})", i + 1, self.display_name());
-        match self.kind {
-            Kind::Cnn => match (&self.run, &self.train) {
-                (Some(_), Some(_)) => Err(format!("{at}: give either `run` or `train`, not both")),
-                (None, None) => Err(format!(
-                    "{at}: a CNN needs `run = \"RUN_DIR\"` (a mica train run) or `train = \"small\"`"
-                )),
-                (None, Some(a)) => a
-                    .parse::<mica_cnn::Arch>()
-                    .map(|_| ())
-                    .map_err(|e| format!("{at}: {e}")),
-                _ => Ok(()),
-            },
-            Kind::Llm => {
-                if self.model.is_none() {
-                    Err(format!("{at}: an LLM needs `model = \"provider/model\"`"))
-                } else {
-                    Ok(())
-                }
-            }
-            Kind::Baseline => Ok(()),
-        }?;
+        self.spec().map_err(|e| format!("{at}: {e}"))?;
         if self.limit_per_class == Some(0) {
             return Err(format!("{at}: limit_per_class must be at least 1"));
+        }
+        if self.batch == Some(0) {
+            return Err(format!("{at}: batch must be at least 1"));
+        }
+        if let Some(r) = self.review_below {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(format!("{at}: review_below must be between 0 and 1"));
+            }
         }
         Ok(())
     }
@@ -307,17 +474,40 @@ impl EvalSpec {
 
 impl Experiment {
     /// Reads and checks an experiment file; errors name the file and the problem.
-    pub fn load(path: impl AsRef<Path>) -> Result<Experiment, CompareError> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Experiment, RunError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| CompareError::Io {
+        let text = std::fs::read_to_string(path).map_err(|e| RunError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let exp: Experiment = toml::from_str(&text).map_err(|e| CompareError::Config {
+        // `kind` may only be left out where `spec` names the classifier.
+        if let Ok(toml::Value::Table(t)) = toml::from_str::<toml::Value>(&text) {
+            if let Some(toml::Value::Array(list)) = t.get("classifier") {
+                for (i, c) in list.iter().enumerate() {
+                    if c.get("kind").is_none() && c.get("spec").is_none() {
+                        return Err(RunError::Config {
+                            path: path.to_path_buf(),
+                            message: format!(
+                                "classifier #{}: name it with `spec = \"cnn:RUN_DIR\"` (or cnn-train:ARCH, llm:PROVIDER/MODEL, baseline) or `kind`",
+                                i + 1
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let mut exp: Experiment = toml::from_str(&text).map_err(|e| RunError::Config {
             path: path.to_path_buf(),
             message: e.to_string().replace('\n', " ").trim().to_string(),
         })?;
-        exp.validate().map_err(|message| CompareError::Config {
+        for (i, c) in exp.classifiers.iter_mut().enumerate() {
+            c.resolve_spec(&format!("classifier #{}", i + 1))
+                .map_err(|message| RunError::Config {
+                    path: path.to_path_buf(),
+                    message,
+                })?;
+        }
+        exp.validate().map_err(|message| RunError::Config {
             path: path.to_path_buf(),
             message,
         })?;
@@ -366,32 +556,10 @@ impl Experiment {
         }
     }
 
-    /// Parses a classifier from the quick command-line form: `cnn:RUN_DIR`, `cnn-train:ARCH`,
-    /// `baseline`, `llm:PROVIDER/MODEL` (with `--filter`, `--context` applying to LLMs).
-    pub fn classifier_from_flag(spec: &str) -> Result<ClassifierSpec, String> {
-        let blank = ClassifierSpec::new;
-        if let Some(dir) = spec.strip_prefix("cnn:") {
-            Ok(ClassifierSpec {
-                run: Some(PathBuf::from(dir)),
-                ..blank(Kind::Cnn)
-            })
-        } else if let Some(arch) = spec.strip_prefix("cnn-train:") {
-            Ok(ClassifierSpec {
-                train: Some(arch.to_string()),
-                ..blank(Kind::Cnn)
-            })
-        } else if let Some(model) = spec.strip_prefix("llm:") {
-            Ok(ClassifierSpec {
-                model: Some(model.to_string()),
-                ..blank(Kind::Llm)
-            })
-        } else if spec == "baseline" || spec == "baseline:centroid" {
-            Ok(blank(Kind::Baseline))
-        } else {
-            Err(format!(
-                "classifier `{spec}`: expected cnn:RUN_DIR, cnn-train:ARCH, llm:PROVIDER/MODEL or baseline"
-            ))
-        }
+    /// The entry for a `--classifier` flag (every option unset).
+    pub fn classifier_from_flag(spec: &str) -> Result<ClassifierConfig, String> {
+        let spec: ClassifierSpec = spec.parse().map_err(|e: SpecError| e.to_string())?;
+        Ok(ClassifierConfig::from_spec(&spec))
     }
 }
 
@@ -426,6 +594,7 @@ mod tests {
         assert_eq!(exp.output_dir(), PathBuf::from("runs/brain"));
         let slugs: Vec<String> = exp.classifiers.iter().map(|c| c.slug()).collect();
         assert_eq!(slugs, ["cnn-small", "llm-openai-gpt-4o-filter-default", "baseline-centroid"]);
+        assert_eq!(exp.classifiers[0].spec().unwrap().to_string(), "cnn-train:small");
         assert_eq!(exp.classifiers[1].display_name(), "llm:openai/gpt-4o+filter:default");
     }
 
@@ -471,5 +640,22 @@ mod tests {
         assert_eq!(Experiment::classifier_from_flag("cnn-train:resnet18").unwrap().slug(), "cnn-resnet18");
         assert_eq!(Experiment::classifier_from_flag("baseline").unwrap().kind, Kind::Baseline);
         assert!(Experiment::classifier_from_flag("svm").is_err());
+    }
+
+    #[test]
+    fn spec_key_is_the_same_as_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exp.toml");
+        std::fs::write(
+            &p,
+            "[dataset]\npath = \"d\"\n[[classifier]]\nspec = \"llm:ollama/llava\"\nfilter = \"none\"\n[[classifier]]\nspec = \"cnn-train:small\"\n",
+        )
+        .unwrap();
+        let exp = Experiment::load(&p).unwrap();
+        assert_eq!(exp.classifiers[0], ClassifierConfig { filter: Some("none".into()), ..Experiment::classifier_from_flag("llm:ollama/llava").unwrap() });
+        assert_eq!(exp.classifiers[1].spec().unwrap().to_string(), "cnn-train:small");
+        std::fs::write(&p, "[dataset]\npath = \"d\"\n[[classifier]]\nspec = \"svm\"\n").unwrap();
+        let e = Experiment::load(&p).unwrap_err().to_string();
+        assert!(e.contains("exp.toml") && e.contains("svm"), "{e}");
     }
 }
