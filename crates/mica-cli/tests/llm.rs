@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as StdCommand, Stdio};
 
 use assert_cmd::Command;
+use predicates::prelude::PredicateBooleanExt;
 
 const FAKE_KEY: &str = "sk-mica-cli-test-NEVER-WRITE-5e1d";
 
@@ -14,17 +15,14 @@ fn mica() -> Command {
 }
 
 fn synth(root: &Path) -> PathBuf {
+    synth_n(root, 6)
+}
+
+fn synth_n(root: &Path, per_class: usize) -> PathBuf {
     mica()
-        .args([
-            "synth",
-            "--modality",
-            "mri",
-            "--per-class",
-            "6",
-            "--size",
-            "32",
-            "--out",
-        ])
+        .args(["synth", "--modality", "mri", "--size", "32", "--per-class"])
+        .arg(per_class.to_string())
+        .arg("--out")
         .arg(root)
         .assert()
         .success();
@@ -333,8 +331,9 @@ fn unreachable_server_is_failed_after_retries_not_a_wrong_label() {
         .arg("--out")
         .arg(&out)
         .assert()
-        .success()
-        .stdout(predicates::str::contains("4 failed"));
+        .code(1)
+        .stdout(predicates::str::contains("4 failed"))
+        .stderr(predicates::str::contains("every image failed"));
     for line in std::fs::read_to_string(out.join("predictions.jsonl"))
         .unwrap()
         .lines()
@@ -348,6 +347,84 @@ fn unreachable_server_is_failed_after_retries_not_a_wrong_label() {
                 .unwrap()
                 .contains("gave up after 2 attempts"),
             "{p}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_key_stops_the_run_with_exit_1_and_the_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let server = mica_run::testing::Server::start(|_| (401, mica_run::testing::INVALID_KEY.to_string()));
+    let out = tmp.path().join("run");
+    mica()
+        .env("OPENAI_API_KEY", FAKE_KEY)
+        .args(["classify", "--no-cache", "--dataset"])
+        .arg(&ds)
+        .arg("--classifier")
+        .arg(format!("llm:openai-compatible/m@{}", server.url))
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("HTTP 401").and(predicates::str::contains("Incorrect API key")));
+    assert!(server.requests() <= 4, "{} requests", server.requests());
+    let log = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap_or_default();
+    assert_eq!(log.lines().count(), 0, "nothing recorded: a rerun with the right key asks them all");
+}
+
+/// The parts of a prediction line that do not depend on timing.
+fn untimed(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("latency_ms");
+    if let Some(e) = o.get_mut("extra").and_then(|e| e.as_object_mut()) {
+        e.remove("wall_ms");
+        e.remove("server_timings");
+    }
+    v
+}
+
+#[test]
+fn classify_and_compare_write_the_same_predictions_for_the_same_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 20 per class: 4 test images per class, of which --limit-per-class 2 draws two.
+    let ds = synth_n(&tmp.path().join("data"), 20);
+    let sim = start_sim(&ds, &["--accuracy", "0.7"]);
+    for spec in ["baseline".to_string(), format!("llm:openai-compatible/sim-vlm@{}", sim.url)] {
+        let a = tmp.path().join(format!("classify-{}", spec.len()));
+        let b = tmp.path().join(format!("compare-{}", spec.len()));
+        mica()
+            .env("MICA_CACHE_DIR", tmp.path().join("cache-a"))
+            .args(["classify", "--limit-per-class", "2", "--dataset"])
+            .arg(&ds)
+            .args(["--classifier", &spec, "--out"])
+            .arg(&a)
+            .assert()
+            .success();
+        mica()
+            .env("MICA_CACHE_DIR", tmp.path().join("cache-b"))
+            .args(["compare", "--no-report", "--no-store", "--limit-per-class", "2", "--dataset"])
+            .arg(&ds)
+            .args(["--classifier", &spec, "--out"])
+            .arg(&b)
+            .assert()
+            .success();
+        let one = std::fs::read_to_string(a.join("predictions.jsonl")).unwrap();
+        let slug_dir = std::fs::read_dir(&b)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("predictions.jsonl").is_file())
+            .unwrap();
+        let two = std::fs::read_to_string(slug_dir.join("predictions.jsonl")).unwrap();
+        let (one, two): (Vec<_>, Vec<_>) = (one.lines().map(untimed).collect(), two.lines().map(untimed).collect());
+        assert_eq!(one.len(), 8, "two per class, the same seeded draw: {spec}");
+        assert_eq!(one, two, "{spec}");
+        assert_eq!(
+            std::fs::read(a.join("split.csv")).unwrap(),
+            std::fs::read(b.join("split.csv")).unwrap(),
+            "the same split"
         );
     }
 }

@@ -7,6 +7,7 @@
 //! <root>/<slug>/metrics.json      RunMetrics with its energy section
 //! <root>/<slug>/energy.csv        CodeCarbon-compatible rows, one per energy window
 //! <root>/<slug>/energy_windows.json  the windows of a resumed classifier
+//! <root>/energy.json              the one window of a `mica train` run
 //! <root>/<slug>/classifier.json   what decides the answers (checked on resume)
 //! <root>/shards/<k>-of-<n>/<slug>/...  the same, per shard, before `mica report` merges
 //! <root>/models/<slug>/           CNNs trained for the comparison
@@ -30,6 +31,7 @@ const PREDICTIONS: &str = "predictions.jsonl";
 const METRICS: &str = "metrics.json";
 const ENERGY_CSV: &str = "energy.csv";
 const ENERGY_WINDOWS: &str = "energy_windows.json";
+const ENERGY_REPORT: &str = "energy.json";
 const CLASSIFIER: &str = "classifier.json";
 const LOCK: &str = ".mica.lock";
 
@@ -113,6 +115,10 @@ impl ClassifierDir {
     }
     pub fn energy_csv(&self) -> PathBuf {
         self.dir.join(ENERGY_CSV)
+    }
+    /// One window's report, for runs that are not classifications (`mica train`).
+    pub fn energy_report(&self) -> PathBuf {
+        self.dir.join(ENERGY_REPORT)
     }
     pub fn energy_windows(&self) -> PathBuf {
         self.dir.join(ENERGY_WINDOWS)

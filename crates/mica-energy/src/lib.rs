@@ -38,7 +38,7 @@ pub use meter::{
 pub use nvml::NvmlMeter;
 pub use rapl::RaplMeter;
 pub use remote::{PerTokenEstimate, RemoteUsage, EPOCH_AI_GPT4O_2025};
-pub use report::{ComponentReport, CpuReport, EnergyReport, GpuReport, PerImage, RemoteReport};
+pub use report::{measure, ComponentReport, CpuReport, EnergyReport, GpuReport, PerImage, RemoteReport};
 pub use tdp::{resolve_cpu, CpuSpec, TdpSource};
 
 /// Errors of the energy crate. Messages name the file or setting at fault.

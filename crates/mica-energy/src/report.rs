@@ -357,3 +357,19 @@ mod tests {
         assert!(r.warnings.iter().any(|w| w.contains("NOT MEASURED")));
     }
 }
+
+/// Runs `work` inside one energy window of `meters` and reports it: the one way every command
+/// measures (a run's classifier, `mica train`, `mica energy burn`). `work` returns its value
+/// and the images it processed (for the per-image figures). A meter that fails to start or
+/// stop is an error, never a silent fallback to another method.
+pub fn measure<T, E: From<crate::EnergyError>>(
+    meters: &crate::MeterSet,
+    carbon: &crate::CarbonConfig,
+    project: &str,
+    work: impl FnOnce() -> Result<(T, usize), E>,
+) -> Result<(T, EnergyReport), E> {
+    let window = meters.start()?;
+    let (value, images) = work()?;
+    let m = window.stop()?;
+    Ok((value, EnergyReport::new(project, &m, carbon, images)))
+}

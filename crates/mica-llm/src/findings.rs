@@ -168,9 +168,11 @@ impl Findings {
                 "very bright"
             }
         };
+        // Only what the image shows: its native size, bit depth and format are acquisition
+        // properties, which in public data sets often differ by source and so by class.
         let mut s = format!(
-            "Image {}x{} pixels, overall {} (mean intensity {:.2} on 0-1, spread {:.2}; 5th/50th/95th percentiles {:.2}/{:.2}/{:.2}). ",
-            self.width, self.height, level(self.mean), self.mean, self.std, self.p05, self.p50, self.p95
+            "Image overall {} (mean intensity {:.2} on 0-1, spread {:.2}; 5th/50th/95th percentiles {:.2}/{:.2}/{:.2}). ",
+            level(self.mean), self.mean, self.std, self.p05, self.p50, self.p95
         );
         let texture = if self.gradient < 0.02 {
             "smooth"

@@ -99,7 +99,8 @@ impl SynonymTable {
                 "viral_pneumonia",
                 &[
                     "viral pneumonia",
-                    "pneumonia",
+                    // Not plain "pneumonia": bacterial pneumonia is another disease, and an
+                    // answer that names only "pneumonia" has not said which.
                     "non-covid viral pneumonia",
                     "viral infection",
                 ],
@@ -178,7 +179,7 @@ impl SynonymTable {
                     "no abnormalities",
                     "no acute findings",
                     "no disease",
-                    "benign",
+                    // Not "benign": a benign tumour is a finding, not a normal scan.
                 ],
             ),
         ];

@@ -4,7 +4,6 @@
 //! empty "wrong" answer), the response cache, and the append-only prediction log.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -750,9 +749,4 @@ mod bucket_tests {
         b.settle(5000.0, 0.0).await;
         assert!(b.level().await <= 1000.0);
     }
-}
-
-/// Opens (or resumes) `predictions.jsonl` in `out_dir`.
-pub fn open_log(out_dir: &Path) -> Result<(PredictionLog, Vec<Prediction>), LlmError> {
-    Ok(PredictionLog::open(out_dir.join("predictions.jsonl"))?)
 }

@@ -105,7 +105,7 @@ async fn run_all(
     items: &[WorkItem],
     out: &Path,
 ) -> (RunStats, Vec<Prediction>) {
-    let (mut log, _) = runner::open_log(out).unwrap();
+    let (mut log, _) = PredictionLog::open(mica_core::ClassifierDir::new(out).predictions()).unwrap();
     let stats = r.run(items.to_vec(), &mut log, None).await.unwrap();
     drop(log);
     (

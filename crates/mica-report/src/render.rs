@@ -660,7 +660,8 @@ const CSV_HEADER: [&str; 24] = [
 /// Writes `report.<ext>` (and, for md/html, the figures under `plots/`) into the run
 /// directory; returns the report's path.
 pub fn write_report(run: &RunDir, cmp: &Comparison, format: Format) -> Result<PathBuf, ReportError> {
-    let path = run.root.join(format!("report.{}", format.extension()));
+    let layout = mica_core::RunRoot::new(&run.root);
+    let path = layout.report(format.extension());
     let body = match format {
         Format::Json => {
             let mut b = serde_json::to_string_pretty(cmp).expect("comparison serialises");
@@ -670,7 +671,7 @@ pub fn write_report(run: &RunDir, cmp: &Comparison, format: Format) -> Result<Pa
         Format::Csv => csv(cmp),
         Format::Markdown | Format::Html => {
             let plots = make_plots(run, cmp)?;
-            write_plots(&run.root.join("plots"), &plots)?;
+            write_plots(&layout.plots(), &plots)?;
             if format == Format::Markdown {
                 markdown(cmp, &plots)
             } else {

@@ -391,7 +391,10 @@ impl ClassifierConfig {
 
     fn validate(&self, i: usize) -> Result<(), String> {
         let at = format!("classifier #{} ({})", i + 1, self.display_name());
-        self.spec().map_err(|e| format!("{at}: {e}"))?;
+        let spec = self.spec().map_err(|e| format!("{at}: {e}"))?;
+        if let ClassifierSpec::Llm(l) = &spec {
+            crate::llm::settings(self, l, &self.display_name()).map_err(|e| e.to_string())?;
+        }
         if self.limit_per_class == Some(0) {
             return Err(format!("{at}: limit_per_class must be at least 1"));
         }

@@ -19,6 +19,8 @@ pub mod llm;
 pub mod run;
 pub mod select;
 pub mod spec;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use experiment::{
     ClassifierConfig, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, LlmOptions, DEFAULT_FILTER,

@@ -48,16 +48,23 @@ fn invalid(name: &str, e: impl std::fmt::Display) -> RunError {
     RunError::Invalid(format!("{name}: {e}"))
 }
 
-/// An LLM runner for an entry: the provider client, prompts, prices, cache, limits and filter
-/// the entry asks for. The web app asks it one image at a time; the run loop through
-/// [`LlmClassifier`].
-pub fn runner(
-    cfg: &ClassifierConfig,
-    spec: &LlmSpec,
-    task: &Task,
-    progress: &mut dyn FnMut(Event),
-) -> Result<Ready, RunError> {
-    let name = task.name;
+/// Every LLM setting of an entry, parsed and checked: a typo fails before anything is asked
+/// or written (the experiment's validation calls this too).
+pub(crate) struct Settings {
+    pspec: mica_llm::ProviderSpec,
+    context: ContextMode,
+    filter: FilterSpec,
+    concurrency: usize,
+    max_attempts: u32,
+    timeout: f64,
+    temperature: f64,
+    detail: mica_llm::Detail,
+    confidence_source: ConfidenceSource,
+    prompts: PromptSet,
+    prices: PriceTable,
+}
+
+pub(crate) fn settings(cfg: &ClassifierConfig, spec: &LlmSpec, name: &str) -> Result<Settings, RunError> {
     let o = &cfg.llm;
     let llm_err = |source| RunError::Llm {
         name: name.to_string(),
@@ -105,6 +112,26 @@ pub fn runner(
         None => PriceTable::builtin(),
     };
 
+    Ok(Settings { pspec, context, filter, concurrency, max_attempts, timeout, temperature, detail, confidence_source, prompts, prices })
+}
+
+/// An LLM runner for an entry: the provider client, prompts, prices, cache, limits and filter
+/// the entry asks for. The web app asks it one image at a time; the run loop through
+/// [`LlmClassifier`].
+pub fn runner(
+    cfg: &ClassifierConfig,
+    spec: &LlmSpec,
+    task: &Task,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Ready, RunError> {
+    let name = task.name;
+    let o = &cfg.llm;
+    let llm_err = |source| RunError::Llm {
+        name: name.to_string(),
+        source,
+    };
+    let Settings { mut pspec, context, filter, concurrency, max_attempts, timeout, temperature, detail, confidence_source, prompts, prices } =
+        settings(cfg, spec, name)?;
     let mut sim = None;
     if cfg.simulated {
         let rt = mica_llm::runtime().map_err(llm_err)?;

@@ -325,7 +325,9 @@ fn answer_config(cfg: &ClassifierConfig) -> Result<serde_json::Value, RunError> 
     Ok(v)
 }
 
-fn check_or_record_config(files: &ClassifierDir, cfg: &ClassifierConfig) -> Result<(), RunError> {
+/// Refuses to resume a classifier whose answers were given with other settings; returns what
+/// to record once the classifier is built.
+fn check_config(files: &ClassifierDir, cfg: &ClassifierConfig) -> Result<serde_json::Value, RunError> {
     let path = files.config();
     let now = answer_config(cfg)?;
     if path.is_file() {
@@ -350,14 +352,13 @@ fn check_or_record_config(files: &ClassifierDir, cfg: &ClassifierConfig) -> Resu
             return Err(RunError::Config {
                 path: files.path().to_path_buf(),
                 message: format!(
-                    "this run directory holds answers given with other settings ({}); use another output directory",
+                    "this run directory holds a run with different settings ({}); use another output directory",
                     diff.join(", ")
                 ),
             });
         }
-        return Ok(());
     }
-    write_json(&path, &now)
+    Ok(now)
 }
 
 fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)) -> Result<ClassifierOutcome, RunError> {
@@ -365,7 +366,7 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
     let name = cfg.display_name();
     let pred_path = files.predictions();
     let wanted: HashSet<&str> = samples.iter().map(|s| s.id.as_str()).collect();
-    check_or_record_config(files, cfg)?;
+    let config = check_config(files, cfg)?;
     let (mut log, _) = PredictionLog::open_with(&pred_path, job.opts.failed)?;
     let todo: Vec<Sample> = samples.iter().filter(|s| !log.is_done(&name, &s.id)).cloned().collect();
     let outcome = |preds: &[Prediction], asked: usize, reused: bool| ClassifierOutcome {
@@ -413,51 +414,55 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
             name: &name,
         };
         let mut built = factory::build(cfg, &ctx, progress)?;
+        // Recorded once the classifier exists, so a typo or a missing key leaves nothing that
+        // a corrected run would have to match.
+        write_json(&files.config(), &config)?;
         simulated |= built.simulated;
         extra.extend(std::mem::take(&mut built.extra));
         summarize = built.summarize.take();
         let meters = MeterSet::auto(job.meter);
-        let window = meters.start()?;
-        let t0 = Instant::now();
-        let mut gate = FailFast::default();
-        let mut done = samples.len() - todo.len();
-        let mut rest: &[Sample] = &todo;
-        while !rest.is_empty() {
-            // Small batches until an answer shows the classifier works, so a wrong key costs a
-            // handful of requests, not a batch of them.
-            let n = if gate.open { built.batch } else { built.batch.min(FAIL_FAST_AFTER) };
-            let (chunk, tail) = rest.split_at(n.max(1).min(rest.len()));
-            rest = tail;
-            let results = built.classifier.classify(chunk);
-            for (s, r) in chunk.iter().zip(results) {
-                let mut p = match r {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let mut p = Prediction::new(&s.id, &name, Outcome::Failed);
-                        p.error = Some(e.message);
-                        p
+        let project = format!("{}/{slug}", job.root.path().display());
+        let classifier = &mut built.classifier;
+        let batch = built.batch;
+        let (seconds, mut r) = mica_energy::measure(&meters, job.carbon, &project, || {
+            let t0 = Instant::now();
+            let mut gate = FailFast::default();
+            let mut done = samples.len() - todo.len();
+            let mut rest: &[Sample] = &todo;
+            while !rest.is_empty() {
+                // Small batches until an answer shows the classifier works, so a wrong key
+                // costs a handful of requests, not a batch of them.
+                let n = if gate.open { batch } else { batch.min(FAIL_FAST_AFTER) };
+                let (chunk, tail) = rest.split_at(n.max(1).min(rest.len()));
+                rest = tail;
+                let results = classifier.classify(chunk);
+                for (s, r) in chunk.iter().zip(results) {
+                    let mut p = match r {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let mut p = Prediction::new(&s.id, &name, Outcome::Failed);
+                            p.error = Some(e.message);
+                            p
+                        }
+                    };
+                    // The run's name keys the log, whatever the backend calls itself; the
+                    // truth comes from the dataset, never from the classifier.
+                    p.classifier = name.clone();
+                    p.true_label = (s.label < ds.labels.len()).then(|| ds.labels.name(s.label).to_string());
+                    for p in gate.admit(p, &name)? {
+                        log.append(&p)?;
                     }
-                };
-                // The run's name keys the log, whatever the backend calls itself; the truth
-                // comes from the dataset, never from the classifier.
-                p.classifier = name.clone();
-                p.true_label = (s.label < ds.labels.len()).then(|| ds.labels.name(s.label).to_string());
-                for p in gate.admit(p, &name)? {
-                    log.append(&p)?;
                 }
+                done += chunk.len();
+                progress(Event::Progress {
+                    slug: slug.to_string(),
+                    done,
+                    total: samples.len(),
+                });
             }
-            done += chunk.len();
-            progress(Event::Progress {
-                slug: slug.to_string(),
-                done,
-                total: samples.len(),
-            });
-        }
-        gate.finish(&name)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        drop(built.classifier);
-        let m = window.stop()?;
-        let mut r = EnergyReport::new(&format!("{}/{slug}", job.root.path().display()), &m, job.carbon, todo.len());
+            gate.finish(&name)?;
+            Ok::<_, RunError>((t0.elapsed().as_secs_f64(), todo.len()))
+        })?;
         if let Some(remote) = &built.remote_usage {
             let asked: HashSet<&str> = todo.iter().map(|s| s.id.as_str()).collect();
             r.add_remote(remote(&log_predictions(&pred_path, &asked)?));

@@ -175,7 +175,9 @@ fn experiment(
         for filter in ["none", "default"] {
             classifiers.push(ClassifierConfig {
                 model: Some(model.clone()),
-                context: Some("image+clinical".into()),
+                // The same evidence as the CNNs: the image only. The synthetic clinical context
+                // is label-correlated by construction and would hand the LLM the answer.
+                context: Some("image".into()),
                 filter: Some(filter.into()),
                 simulated: *simulated,
                 limit_per_class: Some(plan.llm_limit_per_class),

@@ -1,5 +1,4 @@
-//! `mica energy ...`, and the energy flags and measurement wrapper that `mica train` and
-//! `mica classify` share.
+//! `mica energy ...`, and the energy flags and the measurement wrapper of `mica train`.
 //!
 //! Other commands flatten [`EnergyOpts`] into their flags and run their work inside
 //! [`measured`]; everything about meters, carbon and output files stays here and in
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mica_energy::{
-    append_energy_csv, CarbonConfig, EnergyReport, MeterConfig, MeterSet, RemoteUsage,
+    append_energy_csv, CarbonConfig, EnergyReport, MeterConfig, MeterSet,
 };
 
 use crate::exit::usage;
@@ -78,14 +77,6 @@ impl EnergyOpts {
     }
 }
 
-/// What a measured piece of work returns: its value, the images it processed (for per-image
-/// figures) and any remote API usage (recorded as not measured).
-pub struct Measured<T> {
-    pub value: T,
-    pub images: usize,
-    pub remote: Vec<RemoteUsage>,
-}
-
 /// Runs `f` inside an energy window, then appends a row to `run_dir/energy.csv`, writes
 /// `run_dir/energy.json`, merges an `energy` section into `run_dir/metrics.json` if it exists,
 /// and prints a one-line summary (method label, warnings) to stderr. `f` returns its value and
@@ -96,55 +87,13 @@ pub fn measured<T>(
     project_name: &str,
     f: impl FnOnce() -> anyhow::Result<(T, usize)>,
 ) -> anyhow::Result<T> {
-    measured_with_remote_at(
-        opts,
-        project_name,
-        || {
-            let (value, images) = f()?;
-            Ok(Measured {
-                value,
-                images,
-                remote: Vec::new(),
-            })
-        },
-        || run_dir.to_path_buf(),
-    )
-}
-
-fn measured_with_remote_at<T>(
-    opts: &EnergyOpts,
-    project_name: &str,
-    f: impl FnOnce() -> anyhow::Result<Measured<T>>,
-    run_dir: impl FnOnce() -> PathBuf,
-) -> anyhow::Result<T> {
     // Settings are checked before the work, so a typo fails in a second, not after an hour.
     let carbon = opts.carbon()?;
     let meters = MeterSet::auto(&opts.meter_config()?);
-    let window = match meters.start() {
-        Ok(w) => Some(w),
-        Err(e) => {
-            eprintln!("warning: energy not measured: {e}");
-            None
-        }
-    };
-    let out = f()?;
-    let Some(window) = window else {
-        return Ok(out.value);
-    };
-    let measurement = match window.stop() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("warning: energy not measured: {e}");
-            return Ok(out.value);
-        }
-    };
-    let mut report = EnergyReport::new(project_name, &measurement, &carbon, out.images);
-    for r in out.remote {
-        report.add_remote(r);
-    }
-    record(&run_dir(), &report)?;
+    let (value, report) = mica_energy::measure(&meters, &carbon, project_name, f)?;
+    record(run_dir, &report)?;
     print_summary(&report);
-    Ok(out.value)
+    Ok(value)
 }
 
 /// Writes a finished report into a run directory (energy.csv row, energy.json, metrics.json's
@@ -152,9 +101,10 @@ fn measured_with_remote_at<T>(
 pub fn record(run_dir: &Path, report: &EnergyReport) -> anyhow::Result<()> {
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
-    append_energy_csv(&run_dir.join("energy.csv"), report)?;
+    let files = mica_core::ClassifierDir::new(run_dir);
+    append_energy_csv(&files.energy_csv(), report)?;
     let json = serde_json::to_vec_pretty(report).expect("energy report serialises");
-    mica_core::write_atomic(run_dir.join("energy.json"), &json)?;
+    mica_core::write_atomic(files.energy_report(), &json)?;
     merge_energy_into_metrics(run_dir)?;
     Ok(())
 }
@@ -162,8 +112,8 @@ pub fn record(run_dir: &Path, report: &EnergyReport) -> anyhow::Result<()> {
 /// Copies `run_dir/energy.json` into the `energy` key of `run_dir/metrics.json`, if both exist.
 /// Commands that write metrics.json after the energy window call this again afterwards.
 pub fn merge_energy_into_metrics(run_dir: &Path) -> anyhow::Result<bool> {
-    let metrics_path = run_dir.join("metrics.json");
-    let energy_path = run_dir.join("energy.json");
+    let files = mica_core::ClassifierDir::new(run_dir);
+    let (metrics_path, energy_path) = (files.metrics(), files.energy_report());
     if !metrics_path.exists() || !energy_path.exists() {
         return Ok(false);
     }
@@ -323,15 +273,15 @@ fn burn(args: BurnArgs) -> anyhow::Result<()> {
         let mut line = String::new();
         stdin.lock().read_line(&mut line)?;
     }
-    let window = meters.start()?;
     let dur = Duration::from_secs_f64(args.seconds);
-    std::thread::scope(|s| {
-        for _ in 0..args.threads {
-            s.spawn(|| spin(dur));
-        }
-    });
-    let m = window.stop()?;
-    let report = EnergyReport::new("burn", &m, &carbon, 0);
+    let ((), report) = mica_energy::measure(&meters, &carbon, "burn", || {
+        std::thread::scope(|s| {
+            for _ in 0..args.threads {
+                s.spawn(|| spin(dur));
+            }
+        });
+        Ok::<_, mica_energy::EnergyError>(((), 0))
+    })?;
     if let Some(dir) = &args.out {
         record(dir, &report)?;
     }
