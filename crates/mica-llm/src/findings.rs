@@ -310,6 +310,7 @@ mod tests {
         assert!(f.bright.is_none() && f.dark.is_none());
         assert!(f.asymmetry < 1e-9 && f.std < 1e-9);
         assert!(f.to_text().contains("nearly symmetric"));
-        assert!(f.to_text().contains("64x48"));
+        // The native size is an acquisition property that can give the class away.
+        assert!(!f.to_text().contains("64") && !f.to_text().contains("48"), "{}", f.to_text());
     }
 }
