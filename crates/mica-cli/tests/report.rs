@@ -11,31 +11,8 @@ fn mica() -> Command {
     Command::cargo_bin("mica").unwrap()
 }
 
-const CLASSES: [&str; 4] = ["bright", "dark", "left", "top"];
-
 fn make_dataset(root: &Path, per_class: usize) {
-    let mut state: u64 = 11;
-    let mut noise = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) % 256) as i32
-    };
-    for (c, name) in CLASSES.iter().enumerate() {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..per_class {
-            let strength = if i % 4 == 0 { 2 } else { 6 };
-            let img = image::GrayImage::from_fn(16, 16, |x, y| {
-                let base: i32 = match c {
-                    0 => 190,
-                    1 => 60,
-                    2 => if x < 8 { 200 } else { 50 },
-                    _ => if y < 8 { 200 } else { 50 },
-                };
-                image::Luma([(base + (noise() - 128) * strength / 4).clamp(0, 255) as u8])
-            });
-            img.save(dir.join(format!("{name}_{i:03}.png"))).unwrap();
-        }
-    }
+    mica_run::testing::tiny_dataset(root, per_class, 11, 4);
 }
 
 struct Fixture {

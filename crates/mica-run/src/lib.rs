@@ -16,6 +16,7 @@ pub mod cnn;
 pub mod experiment;
 pub mod factory;
 pub mod llm;
+pub mod record;
 pub mod run;
 pub mod select;
 pub mod spec;
@@ -25,6 +26,7 @@ pub mod testing;
 pub use experiment::{
     ClassifierConfig, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, LlmOptions, DEFAULT_FILTER,
 };
+pub use record::record_energy;
 pub use run::{run_experiment, ClassifierOutcome, Event, Layout, RunOptions, RunOutcome};
 pub use select::{load_split, select};
 pub use spec::{ClassifierSpec, LlmSpec, SpecError};

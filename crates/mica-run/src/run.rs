@@ -73,6 +73,8 @@ pub struct ClassifierOutcome {
     /// Images asked in this invocation.
     pub asked: usize,
     pub failed: usize,
+    /// Cases flagged for physician review.
+    pub needs_review: usize,
     /// Finished in an earlier run; nothing was asked.
     pub reused: bool,
 }
@@ -376,6 +378,7 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         images: preds.len(),
         asked,
         failed: preds.iter().filter(|p| p.outcome == Outcome::Failed).count(),
+        needs_review: preds.iter().filter(|p| p.needs_review).count(),
         reused,
     };
     if todo.is_empty() && files.is_finished() {

@@ -5,34 +5,8 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
-const CLASSES: [&str; 4] = ["bright", "dark", "left", "top"];
-
-/// 4 classes x `per_class` 16x16 PNGs with class-specific patterns plus noise; some noise is
-/// strong enough that the baseline makes mistakes, so metrics are not trivially perfect.
-pub(crate) fn make_dataset(root: &Path, per_class: usize) {
-    let mut state: u64 = 7;
-    let mut noise = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) % 256) as i32
-    };
-    for (c, name) in CLASSES.iter().enumerate() {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..per_class {
-            let strength = if i % 5 == 0 { 2 } else { 6 };
-            let img = image::GrayImage::from_fn(16, 16, |x, y| {
-                let base: i32 = match c {
-                    0 => 190,
-                    1 => 60,
-                    2 => if x < 8 { 200 } else { 50 },
-                    _ => if y < 8 { 200 } else { 50 },
-                };
-                let n = (noise() - 128) * strength / 4;
-                image::Luma([(base + n).clamp(0, 255) as u8])
-            });
-            img.save(dir.join(format!("{name}_{i:03}.png"))).unwrap();
-        }
-    }
+fn make_dataset(root: &Path, per_class: usize) {
+    crate::testing::tiny_dataset(root, per_class, 7, 5);
 }
 
 fn experiment(data: &Path, out: &Path) -> Experiment {

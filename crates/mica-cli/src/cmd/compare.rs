@@ -49,17 +49,8 @@ pub struct CompareArgs {
     /// Bootstrap resamples for the confidence intervals.
     #[arg(long)]
     pub bootstrap: Option<usize>,
-    /// Country of the grid (ISO 3166-1 alpha-3) for CO2.
-    #[arg(long, value_name = "ISO3")]
-    pub country: Option<String>,
-    /// Grid carbon intensity in gCO2e/kWh.
-    #[arg(long, value_name = "G")]
-    pub grid_intensity: Option<f64>,
-    #[arg(long, value_name = "P")]
-    pub pue: Option<f64>,
-    /// CPU TDP in watts for the CPU-time energy estimate.
-    #[arg(long, value_name = "W")]
-    pub tdp: Option<f64>,
+    #[command(flatten)]
+    pub energy: super::energy::EnergyOpts,
     /// Results store (SQLite); default $MICA_STORE or ~/.local/share/mica/runs.sqlite.
     #[arg(long, value_name = "PATH")]
     pub store: Option<PathBuf>,
@@ -134,17 +125,18 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
     if let Some(b) = args.bootstrap {
         exp.eval.bootstrap_resamples = b;
     }
-    if args.country.is_some() {
-        exp.energy.country = args.country.clone();
+    let e = &args.energy;
+    if e.country.is_some() {
+        exp.energy.country = e.country.clone();
     }
-    if args.grid_intensity.is_some() {
-        exp.energy.grid_intensity = args.grid_intensity;
+    if e.grid_intensity.is_some() {
+        exp.energy.grid_intensity = e.grid_intensity;
     }
-    if args.pue.is_some() {
-        exp.energy.pue = args.pue;
+    if e.pue.is_some() {
+        exp.energy.pue = e.pue;
     }
-    if args.tdp.is_some() {
-        exp.energy.tdp_w = args.tdp;
+    if e.tdp.is_some() {
+        exp.energy.tdp_w = e.tdp;
     }
     if !exp.dataset.path.exists() {
         return Err(usage(format!("{}: dataset folder not found", exp.dataset.path.display())));
@@ -257,9 +249,7 @@ pub fn print_classifier(m: &mica_eval::RunMetrics, c: &mica_run::ClassifierOutco
         m.coverage,
         m.accepted.as_ref().map_or(String::new(), |r| format!(", accuracy {:.3} on accepted cases", r.accuracy)),
     );
-    if let Some(n) = m.extra.get("needs_review").and_then(|v| v.as_u64()) {
-        println!("{n} of {} flagged for physician review", m.images);
-    }
+    println!("{} of {} flagged for physician review", c.needs_review, m.images);
     if c.asked > 0 {
         if let (Some(t), Some(l)) = (m.throughput_images_per_s, &m.latency_ms) {
             println!(
@@ -318,6 +308,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         store,
         command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
         failed: if args.keep_failed { mica_core::FailedOnResume::Keep } else { mica_core::FailedOnResume::Retry },
+        meter: args.energy.meter_config()?,
         ..Default::default()
     };
     let outcome = run_with_progress(&exp, &opts)?;

@@ -8,10 +8,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use mica_energy::{
-    append_energy_csv, CarbonConfig, EnergyReport, MeterConfig, MeterSet,
-};
+use mica_energy::{CarbonConfig, EnergyReport, MeterConfig, MeterSet};
 
 use crate::exit::usage;
 
@@ -99,41 +96,7 @@ pub fn measured<T>(
 /// Writes a finished report into a run directory (energy.csv row, energy.json, metrics.json's
 /// `energy` section when metrics.json exists).
 pub fn record(run_dir: &Path, report: &EnergyReport) -> anyhow::Result<()> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
-    let files = mica_core::ClassifierDir::new(run_dir);
-    append_energy_csv(&files.energy_csv(), report)?;
-    let json = serde_json::to_vec_pretty(report).expect("energy report serialises");
-    mica_core::write_atomic(files.energy_report(), &json)?;
-    merge_energy_into_metrics(run_dir)?;
-    Ok(())
-}
-
-/// Copies `run_dir/energy.json` into the `energy` key of `run_dir/metrics.json`, if both exist.
-/// Commands that write metrics.json after the energy window call this again afterwards.
-pub fn merge_energy_into_metrics(run_dir: &Path) -> anyhow::Result<bool> {
-    let files = mica_core::ClassifierDir::new(run_dir);
-    let (metrics_path, energy_path) = (files.metrics(), files.energy_report());
-    if !metrics_path.exists() || !energy_path.exists() {
-        return Ok(false);
-    }
-    let read_json = |p: &Path| -> anyhow::Result<serde_json::Value> {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))
-    };
-    let energy = read_json(&energy_path)?;
-    let mut metrics = read_json(&metrics_path)?;
-    let Some(obj) = metrics.as_object_mut() else {
-        anyhow::bail!(
-            "{}: expected a JSON object to add the energy section to",
-            metrics_path.display()
-        );
-    };
-    obj.insert("energy".into(), energy);
-    let bytes = serde_json::to_vec_pretty(&metrics).expect("JSON value serialises");
-    mica_core::write_atomic(&metrics_path, &bytes)?;
-    Ok(true)
+    Ok(mica_run::record_energy(run_dir, report)?)
 }
 
 fn print_summary(report: &EnergyReport) {
