@@ -60,6 +60,8 @@ fn toy_dataset(dir: &Path, train: usize, val: usize) -> Dataset {
         labels: labels(),
         samples,
         skipped: vec![],
+        context_columns: Vec::new(),
+        label_like_context: Vec::new(),
     }
 }
 

@@ -149,6 +149,13 @@ pub struct Dataset {
     pub labels: LabelSet,
     pub samples: Vec<Sample>,
     pub skipped: Vec<SkippedFile>,
+    /// The metadata columns whose values became the samples' clinical context.
+    #[serde(default)]
+    pub context_columns: Vec<String>,
+    /// Of those, the ones that name or imply a class, let through only because the user said
+    /// so (`--allow-label-like-context`): every figure of a run that uses them is stamped.
+    #[serde(default)]
+    pub label_like_context: Vec<String>,
 }
 
 impl Dataset {

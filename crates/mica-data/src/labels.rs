@@ -25,7 +25,7 @@ pub fn fold(name: &str) -> String {
 
 /// Folded spellings of each canonical label. A folded name matches when it equals a spelling
 /// or starts with it followed by `_` (which covers staging suffixes and `_tumor` endings).
-fn spellings(modality: Modality, label: &str) -> &'static [&'static str] {
+pub(crate) fn spellings(modality: Modality, label: &str) -> &'static [&'static str] {
     match (modality, label) {
         (Modality::Xray, "covid") => &["covid", "covid_19", "covid19", "covid_positive"],
         (Modality::Xray, "lung_opacity") => &["lung_opacity", "opacity", "lung_opacities"],

@@ -4,7 +4,7 @@
 //! header so obviously broken files are listed as skipped up front instead of failing a
 //! training run half-way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use mica_core::{Dataset, ImageSource, LabelSet, Layout, Modality, Sample, SkippedFile, Split};
@@ -18,6 +18,8 @@ use crate::DataError;
 pub const COVID_TOP: &str = "COVID-19_Radiography_Dataset";
 /// Optional per-image clinical context next to the dataset root.
 pub const METADATA_FILE: &str = "metadata.csv";
+
+pub use crate::context::ContextSpec;
 
 /// One folder whose images all have one class (and maybe one official split).
 #[derive(Debug, Clone)]
@@ -54,7 +56,20 @@ pub fn detect(path: &Path) -> Result<Layout, DataError> {
 /// Samples come sorted by id. Classes get the canonical labels when the class names belong to
 /// one of the study tasks; samples keep the layout's official split, if any. Files that cannot
 /// be used are listed in `skipped`, never fatal.
+///
+/// No clinical context is read: images and labels only (what a CNN, a split or an inspection
+/// needs). [`load_with`] adds the context a prompt may carry.
 pub fn load(path: &Path) -> Result<Dataset, DataError> {
+    load_inner(path, None)
+}
+
+/// [`load`], with the metadata columns `context` says may reach a prompt (see
+/// [`crate::context`]): a CSV manifest's own columns, else `metadata.csv` beside the images.
+pub fn load_with(path: &Path, context: &ContextSpec) -> Result<Dataset, DataError> {
+    load_inner(path, Some(context))
+}
+
+fn load_inner(path: &Path, context: Option<&ContextSpec>) -> Result<Dataset, DataError> {
     let root = path.to_path_buf();
     let mut ds = match plan(path)? {
         Plan::Folders {
@@ -62,12 +77,14 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
             classes,
             skip_dirs,
         } => load_folders(&root, layout, classes, skip_dirs)?,
-        Plan::Csv(p) => load_csv_manifest(&p)?,
+        Plan::Csv(p) => load_csv_manifest(&p, context)?,
         Plan::Npz(p) => load_npz(&p)?,
     };
     ds.samples.sort_by(|a, b| a.id.cmp(&b.id));
     ds.skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    attach_metadata(&mut ds)?;
+    if let (Some(c), false) = (context, ds.layout == Layout::CsvManifest) {
+        attach_metadata(&mut ds, c)?;
+    }
     Ok(ds)
 }
 
@@ -355,6 +372,8 @@ fn load_folders(
         labels,
         samples,
         skipped,
+        context_columns: Vec::new(),
+        label_like_context: Vec::new(),
     })
 }
 
@@ -377,8 +396,9 @@ fn csv_err(path: &Path, e: csv::Error) -> DataError {
     DataError::invalid(path, format!("{line}malformed CSV: {e}"))
 }
 
-/// A CSV manifest `path,label[,split][,context]`; paths relative to the manifest's folder.
-fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
+/// A CSV manifest `path,label[,split][,context][,...]`; paths relative to the manifest's
+/// folder. Its `context` column, and the columns `context` names, become the clinical context.
+fn load_csv_manifest(manifest: &Path, context: Option<&ContextSpec>) -> Result<Dataset, DataError> {
     let root = manifest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -394,14 +414,14 @@ fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
         DataError::invalid(manifest, format!("missing column `label` (header: {shown})"))
     })?;
     let col_split = header_index(&headers, &["split"]);
-    let col_context = header_index(&headers, &["context"]);
+    let header_names: Vec<String> = headers.iter().map(String::from).collect();
 
     struct Row {
         line: u64,
         path: String,
         label: String,
         split: Option<Split>,
-        context: Option<String>,
+        cells: Vec<String>,
     }
     let mut rows = Vec::new();
     for rec in rdr.records() {
@@ -423,13 +443,13 @@ fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
             ),
             None => None,
         };
-        let context = col_context.map(get).filter(|s| !s.is_empty());
+        let cells = rec.iter().map(String::from).collect();
         rows.push(Row {
             line,
             path,
             label,
             split,
-            context,
+            cells,
         });
     }
     if rows.is_empty() {
@@ -443,6 +463,11 @@ fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
     }
     let (modality, labels, index) = label_set_for(&names);
     let label_of: HashMap<&str, usize> = names.iter().map(|n| n.as_str()).zip(index).collect();
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| r.cells.clone()).collect();
+    let (chosen, label_like) = match context {
+        Some(c) => crate::context::select_columns(manifest, &header_names, &cells, c, &labels, modality)?,
+        None => (Vec::new(), Vec::new()),
+    };
     let results: Vec<Result<Sample, SkippedFile>> = rows
         .par_iter()
         .map(|r| {
@@ -466,7 +491,7 @@ fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
                     source,
                     label: label_of[r.label.as_str()],
                     split: r.split,
-                    context: r.context.clone(),
+                    context: crate::context::compose(&header_names, &r.cells, &chosen),
                 }),
                 Err(e) => Err(SkippedFile {
                     path: full,
@@ -490,6 +515,8 @@ fn load_csv_manifest(manifest: &Path) -> Result<Dataset, DataError> {
         labels,
         samples,
         skipped,
+        context_columns: chosen.iter().map(|(i, _)| header_names[*i].clone()).collect(),
+        label_like_context: label_like,
     })
 }
 
@@ -612,79 +639,58 @@ fn load_npz(path: &Path) -> Result<Dataset, DataError> {
         labels,
         samples,
         skipped: Vec::new(),
+        context_columns: Vec::new(),
+        label_like_context: Vec::new(),
     })
 }
 
-/// Fills `context` from `metadata.csv` next to the dataset (matched by id, file name or file
-/// stem, since public metadata sheets name images in all three ways).
-fn attach_metadata(ds: &mut Dataset) -> Result<(), DataError> {
+/// Fills `context` from `metadata.csv` next to the dataset: its `context` column and the
+/// columns `context` names, matched to images by their path relative to the dataset root (a
+/// bare file name or stem only where it names one image).
+fn attach_metadata(ds: &mut Dataset, context: &ContextSpec) -> Result<(), DataError> {
     let base = if ds.root.is_dir() { ds.root.clone() } else { return Ok(()) };
     let meta = base.join(METADATA_FILE);
-    if !meta.is_file() || ds.layout == Layout::CsvManifest && ds.samples.iter().any(|s| s.context.is_some()) {
+    if !meta.is_file() {
+        if !context.columns.is_empty() {
+            return Err(DataError::usage(
+                &meta,
+                "--context-columns needs a metadata.csv beside the images (path column plus the named columns)",
+            ));
+        }
         return Ok(());
     }
-    let table = read_metadata(&meta)?;
-    for s in &mut ds.samples {
-        if s.context.is_some() {
-            continue;
-        }
-        let name = s.id.rsplit('/').next().unwrap_or(&s.id);
-        let stem = name.rsplit_once('.').map(|(a, _)| a).unwrap_or(name);
-        if let Some(c) = table.get(&s.id).or_else(|| table.get(name)).or_else(|| table.get(stem)) {
-            s.context = Some(c.clone());
-        }
+    let mut rdr = csv_reader(&meta)?;
+    let headers: Vec<String> = rdr.headers().map_err(|e| csv_err(&meta, e))?.iter().map(String::from).collect();
+    let rows: Vec<Vec<String>> = rdr
+        .records()
+        .map(|r| r.map(|r| r.iter().map(String::from).collect()).map_err(|e| csv_err(&meta, e)))
+        .collect::<Result<_, _>>()?;
+    let (chosen, label_like) =
+        crate::context::select_columns(&meta, &headers, &rows, context, &ds.labels, ds.modality)?;
+    if chosen.is_empty() {
+        return Ok(());
     }
+    let col_path = headers
+        .iter()
+        .position(|h| PATH_COLUMNS.contains(&crate::labels::fold(h).as_str()))
+        .ok_or_else(|| {
+            DataError::invalid(
+                &meta,
+                format!("missing a path column (one of {}; header: {})", PATH_COLUMNS.join(", "), headers.join(",")),
+            )
+        })?;
+    let ids: Vec<&str> = ds.samples.iter().map(|s| s.id.as_str()).collect();
+    let matched = crate::context::match_rows(
+        &meta,
+        rows.iter().enumerate().map(|(i, r)| (i, r.get(col_path).map(|s| s.as_str()).unwrap_or(""))),
+        &ids,
+    )?;
+    for (sample, row) in matched {
+        ds.samples[sample].context = crate::context::compose(&headers, &rows[row], &chosen);
+    }
+    ds.context_columns = chosen.iter().map(|(i, _)| headers[*i].clone()).collect();
+    ds.label_like_context = label_like;
     Ok(())
-}
-
-/// `metadata.csv` → key (path, file name and stem) → context text. A `context` column is used
-/// as is; otherwise the other columns are joined as `name: value; ...`.
-pub fn read_metadata(meta: &Path) -> Result<HashMap<String, String>, DataError> {
-    let mut rdr = csv_reader(meta)?;
-    let headers = rdr.headers().map_err(|e| csv_err(meta, e))?.clone();
-    let col_path = header_index(&headers, &PATH_COLUMNS).ok_or_else(|| {
-        DataError::invalid(
-            meta,
-            format!(
-                "missing a path column (one of {}; header: {})",
-                PATH_COLUMNS.join(", "),
-                headers.iter().collect::<Vec<_>>().join(",")
-            ),
-        )
-    })?;
-    let col_context = header_index(&headers, &["context"]);
-    let mut out = HashMap::new();
-    for rec in rdr.records() {
-        let rec = rec.map_err(|e| csv_err(meta, e))?;
-        let key = rec.get(col_path).unwrap_or("").replace('\\', "/");
-        if key.is_empty() {
-            continue;
-        }
-        let text = match col_context {
-            Some(c) => rec.get(c).unwrap_or("").to_string(),
-            None => {
-                let parts: BTreeMap<usize, String> = headers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != col_path)
-                    .filter_map(|(i, h)| {
-                        let v = rec.get(i).unwrap_or("");
-                        (!v.is_empty()).then(|| (i, format!("{h}: {v}")))
-                    })
-                    .collect();
-                parts.into_values().collect::<Vec<_>>().join("; ")
-            }
-        };
-        if text.is_empty() {
-            continue;
-        }
-        let name = key.rsplit('/').next().unwrap_or(&key).to_string();
-        let stem = name.rsplit_once('.').map(|(a, _)| a.to_string()).unwrap_or(name.clone());
-        out.insert(stem, text.clone());
-        out.insert(name, text.clone());
-        out.insert(key, text);
-    }
-    Ok(out)
 }
 
 /// Index of `name` in a study task's canonical labels (re-exported for manifest readers).
@@ -815,6 +821,8 @@ mod tests {
         assert_eq!(ds.layout, Layout::CsvManifest);
         assert_eq!(ds.modality, Modality::Mri);
         assert_eq!(ds.samples.len(), 2);
+        assert_eq!(ds.samples[0].context, None, "images and labels only");
+        let ds = load_with(&m, &ContextSpec::default()).unwrap();
         assert_eq!(ds.samples[0].context.as_deref(), Some("age 40"));
         assert_eq!(ds.samples[1].split, Some(Split::Test));
         assert_eq!(ds.skipped.len(), 1);
@@ -893,13 +901,74 @@ mod tests {
     }
 
     #[test]
-    fn metadata_csv_adds_context_by_file_name() {
+    fn metadata_csv_adds_only_the_columns_asked_for() {
         let d = tempfile::tempdir().unwrap();
         png(&d.path().join("a/x1.png"), 1);
         png(&d.path().join("b/x2.png"), 2);
         std::fs::write(d.path().join(METADATA_FILE), "FILE NAME,age,sex\nx1,61,F\n").unwrap();
-        let ds = load(d.path()).unwrap();
+        let ds = load_with(d.path(), &ContextSpec::default()).unwrap();
+        assert!(ds.samples.iter().all(|s| s.context.is_none()), "no context column: nothing unless asked");
+        let cols = ContextSpec { columns: vec!["age".into(), "sex".into()], ..Default::default() };
+        let ds = load_with(d.path(), &cols).unwrap();
         assert_eq!(ds.samples[0].context.as_deref(), Some("age: 61; sex: F"));
         assert_eq!(ds.samples[1].context, None);
+        assert_eq!(ds.context_columns, ["age", "sex"]);
+    }
+
+    #[test]
+    fn label_like_metadata_never_reaches_the_context() {
+        let d = tempfile::tempdir().unwrap();
+        for (class, n) in [("glioma", 1), ("meningioma", 2), ("pituitary", 3), ("notumor", 4)] {
+            png(&d.path().join("Training").join(class).join(format!("Tr-{n}.png")), n);
+            png(&d.path().join("Testing").join(class).join(format!("Te-{n}.png")), n);
+        }
+        std::fs::write(
+            d.path().join(METADATA_FILE),
+            "path,diagnosis,finding,notes,age\nTraining/glioma/Tr-1.png,glioma,mass,seen by Dr A,40\nTraining/notumor/Tr-4.png,no tumor,none,history of meningioma,30\n",
+        )
+        .unwrap();
+        for (cols, column) in [(vec!["diagnosis"], "diagnosis"), (vec!["finding"], "finding"), (vec!["age", "notes"], "notes")] {
+            let spec = ContextSpec { columns: cols.iter().map(|c| c.to_string()).collect(), ..Default::default() };
+            let e = load_with(d.path(), &spec).unwrap_err();
+            assert!(e.is_usage(), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("column `{column}`")) && !msg.contains('\n'), "{msg}");
+        }
+        let ok = load_with(d.path(), &ContextSpec { columns: vec!["age".into()], ..Default::default() }).unwrap();
+        assert_eq!(ok.samples.iter().filter(|s| s.context.is_some()).count(), 2);
+        let forced = ContextSpec { columns: vec!["diagnosis".into()], allow_label_like: true };
+        let ds = load_with(d.path(), &forced).unwrap();
+        assert_eq!(ds.label_like_context, ["diagnosis"]);
+    }
+
+    #[test]
+    fn a_bare_name_shared_by_two_class_folders_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("a/img1.png"), 1);
+        png(&d.path().join("b/img1.png"), 2);
+        std::fs::write(d.path().join(METADATA_FILE), "file,context\nimg1.png,age 50\n").unwrap();
+        let any = ContextSpec::default();
+        assert!(load(d.path()).unwrap().samples.iter().all(|s| s.context.is_none()), "images only");
+        let e = load_with(d.path(), &any).unwrap_err().to_string();
+        assert!(e.contains("names several images") && e.contains("a/img1.png"), "{e}");
+        std::fs::write(d.path().join(METADATA_FILE), "file,context\nb/img1.png,age 50\n").unwrap();
+        let ds = load_with(d.path(), &any).unwrap();
+        assert_eq!(ds.samples[1].context.as_deref(), Some("age 50"));
+        assert_eq!(ds.samples[0].context, None);
+    }
+
+    #[test]
+    fn a_manifest_label_column_never_becomes_context() {
+        let d = tempfile::tempdir().unwrap();
+        png(&d.path().join("img/1.png"), 1);
+        png(&d.path().join("img/2.png"), 2);
+        let m = d.path().join(METADATA_FILE);
+        std::fs::write(&m, "path,label,age\nimg/1.png,glioma,40\nimg/2.png,pituitary,50\n").unwrap();
+        let ds = load_with(&m, &ContextSpec::default()).unwrap();
+        assert!(ds.samples.iter().all(|s| s.context.is_none()), "a manifest named metadata.csv is not its own metadata");
+        let e = load_with(&m, &ContextSpec { columns: vec!["label".into()], ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("column `label`"), "{e}");
+        let ds = load_with(&m, &ContextSpec { columns: vec!["age".into()], ..Default::default() }).unwrap();
+        assert_eq!(ds.samples[0].context.as_deref(), Some("age: 40"));
     }
 }

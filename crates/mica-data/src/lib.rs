@@ -4,6 +4,7 @@
 //! Everything downstream (CNN trainer, LLM clients, the web server) gets pixels only through
 //! [`image`], so DICOM windowing, `.npz` arrays and colour handling are decided in one place.
 
+pub mod context;
 pub mod error;
 pub mod image;
 pub mod inspect;
@@ -16,5 +17,6 @@ pub mod upload;
 
 pub use error::DataError;
 pub use inspect::{inspect, InspectOptions, Inspection};
-pub use layout::{detect, load};
+pub use context::ContextSpec;
+pub use layout::{detect, load, load_with};
 pub use mica_core;

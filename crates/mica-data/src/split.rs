@@ -310,6 +310,8 @@ mod tests {
             labels,
             samples,
             skipped: vec![],
+            context_columns: Vec::new(),
+            label_like_context: Vec::new(),
         }
     }
 

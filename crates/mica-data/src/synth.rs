@@ -558,39 +558,10 @@ struct MetaRow {
     context: String,
 }
 
-/// Clinical context whose wording leans towards the class only weakly (typical phrase with
-/// probability 0.35, otherwise one common to all classes), so context can help an LLM a little
-/// but cannot give the answer away.
-fn clinical_context(modality: Modality, class: usize, path: &str, rng: &mut ChaCha8Rng) -> MetaRow {
-    let (typical, age_range): (&[&[&str]], [(u32, u32); 4]) = match modality {
-        Modality::Xray => (
-            &[
-                &["fever and dry cough for 6 days", "loss of smell, fever", "contact with a confirmed case, cough"],
-                &["productive cough, crackles on the right", "fever and pleuritic chest pain"],
-                &["fever, myalgia and dry cough", "influenza-like illness, worsening dyspnoea"],
-                &["pre-operative check", "routine screening, no complaints"],
-            ],
-            [(25, 85), (30, 90), (5, 80), (18, 80)],
-        ),
-        Modality::Mri => (
-            &[
-                &["new-onset seizure", "progressive headache and personality change"],
-                &["slowly worsening headache over months", "incidental finding follow-up"],
-                &["bitemporal visual field loss", "irregular menstruation, raised prolactin"],
-                &["tension-type headache", "dizziness, normal neurological exam"],
-            ],
-            [(35, 80), (40, 85), (20, 65), (18, 80)],
-        ),
-        _ => (
-            &[
-                &["never-smoker with persistent cough", "incidental peripheral nodule on prior scan"],
-                &["weight loss and cough", "rapidly growing mass on follow-up"],
-                &["heavy smoker, haemoptysis", "central mass suspected on radiograph"],
-                &["lung cancer screening, smoker", "chronic cough, no weight loss"],
-            ],
-            [(40, 85), (45, 85), (50, 88), (40, 80)],
-        ),
-    };
+/// Clinical context drawn without reference to the class: the same phrases and the same age
+/// range for every class. Synthetic context that leaned towards the class would hand an LLM
+/// the answer that the CNN, which sees only pixels, never gets.
+fn clinical_context(_modality: Modality, _class: usize, path: &str, rng: &mut ChaCha8Rng) -> MetaRow {
     let common = [
         "shortness of breath",
         "fatigue",
@@ -601,15 +572,8 @@ fn clinical_context(modality: Modality, class: usize, path: &str, rng: &mut ChaC
         "chest discomfort",
         "referred by general practitioner",
     ];
-    let symptoms = if rng.random_bool(0.35) {
-        let opts = typical[class];
-        opts[rng.random_range(0..opts.len())].to_string()
-    } else {
-        common[rng.random_range(0..common.len())].to_string()
-    };
-    // Ages overlap widely; the class shifts the range a little.
-    let (lo, hi) = if rng.random_bool(0.5) { age_range[class] } else { (18, 85) };
-    let age = rng.random_range(lo..=hi);
+    let symptoms = common[rng.random_range(0..common.len())].to_string();
+    let age = rng.random_range(18..=85);
     let sex = if rng.random_bool(0.5) { 'F' } else { 'M' };
     let word = if sex == 'F' { "female" } else { "male" };
     MetaRow {
@@ -638,7 +602,7 @@ mod tests {
             (Modality::Ct, mica_core::Layout::ChestCt),
         ] {
             let root = generate(d.path(), m, &cfg(10)).unwrap();
-            let ds = crate::load(&root).unwrap();
+            let ds = crate::load_with(&root, &crate::ContextSpec::default()).unwrap();
             assert_eq!(ds.layout, layout);
             assert_eq!(ds.modality, m);
             assert!(ds.skipped.is_empty(), "{:?}", ds.skipped);

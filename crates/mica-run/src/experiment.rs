@@ -82,6 +82,13 @@ pub struct DatasetSpec {
     /// Which split is classified (`test` unless `mica classify --split` says otherwise).
     #[serde(default = "test_split", skip_serializing_if = "is_test_split")]
     pub split: Split,
+    /// Metadata columns that may reach an LLM's prompt (`image+clinical`), besides a `context`
+    /// column. Columns that name or imply a class are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_columns: Vec<String>,
+    /// Let label-like context columns through anyway; every figure of the run says so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_label_like_context: bool,
 }
 
 fn test_split() -> Split {
@@ -104,6 +111,16 @@ impl DatasetSpec {
             limit_per_class: None,
             split_manifest: None,
             split: Split::Test,
+            context_columns: Vec::new(),
+            allow_label_like_context: false,
+        }
+    }
+
+    /// What metadata may reach a prompt.
+    pub fn context(&self) -> mica_data::ContextSpec {
+        mica_data::ContextSpec {
+            columns: self.context_columns.clone(),
+            allow_label_like: self.allow_label_like_context,
         }
     }
 }
@@ -252,6 +269,13 @@ fn default_kind() -> Kind {
 pub const DEFAULT_FILTER: &str = "default";
 
 impl ClassifierConfig {
+    /// True for an LLM whose prompt carries the dataset's clinical context.
+    pub fn uses_clinical_context(&self) -> bool {
+        self.kind == Kind::Llm
+            && self.context.as_deref().and_then(|c| c.parse::<mica_llm::ContextMode>().ok())
+                == Some(mica_llm::ContextMode::ImageClinical)
+    }
+
     /// An entry of `kind` with every option unset, to fill with struct-update syntax.
     pub fn new(kind: Kind) -> Self {
         ClassifierConfig {

@@ -126,7 +126,19 @@ pub fn run_experiment(
 
     // 1. One split for everyone, pinned in split.csv so a resumed run (or another shard)
     //    classifies exactly the same images.
-    let ds = prepare(&exp.dataset, &root, &mut |n| progress(Event::Notice(n)))?;
+    let with_context = exp.classifiers.iter().any(|c| c.uses_clinical_context());
+    if !with_context && !exp.dataset.context_columns.is_empty() {
+        return Err(RunError::Invalid(
+            "context columns are given, but no classifier is an LLM with context `image+clinical`".into(),
+        ));
+    }
+    let ds = prepare(&exp.dataset, &root, with_context, &mut |n| progress(Event::Notice(n)))?;
+    if !ds.label_like_context.is_empty() {
+        progress(Event::Notice(format!(
+            "LABEL-LIKE CONTEXT: columns [{}] name or imply the class and reach the prompt because --allow-label-like-context was given; every figure of this run is stamped",
+            ds.label_like_context.join(", ")
+        )));
+    }
     let split_hash = mica_data::split::fingerprint(&ds);
     let chosen = select(&ds, exp.dataset.split, exp.dataset.limit_per_class, exp.dataset.seed);
     if chosen.is_empty() {
@@ -266,6 +278,12 @@ fn write_or_check_manifest(
             "labels": ds.labels.names(),
             "test_images": images,
             "eval": exp.eval.options(),
+            // What may reach a prompt besides the image: metadata columns (label-like ones
+            // only by explicit request) and the acquisition properties in the findings text
+            // (none: size, bit depth and format are left out because they can carry the class).
+            "context_columns": ds.context_columns,
+            "label_like_context": ds.label_like_context,
+            "findings_acquisition_properties": Vec::<String>::new(),
         }),
     };
     write_json(&path, &m)
@@ -524,6 +542,9 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         );
     }
     extra.insert("needs_review".into(), preds.iter().filter(|p| p.needs_review).count().into());
+    if cfg.uses_clinical_context() && !ds.label_like_context.is_empty() {
+        extra.insert("label_like_context".into(), serde_json::json!(ds.label_like_context));
+    }
     if let Some(f) = &summarize {
         extra.extend(f(&preds));
     }

@@ -25,21 +25,29 @@ pub fn load_split(path: &Path, cfg: &SplitConfig) -> Result<(Dataset, Vec<String
 /// The dataset of a run, its split pinned in `root/split.csv`: read back from there when the
 /// run is resumed (or another shard runs), else taken from the experiment's split manifest or
 /// drawn, and written there.
+///
+/// Clinical context is read only when `with_context` (an LLM will be shown it), so a CNN run is
+/// never stopped by metadata it does not use.
 pub fn prepare(
     spec: &DatasetSpec,
     root: &RunRoot,
+    with_context: bool,
     notice: &mut dyn FnMut(String),
 ) -> Result<Dataset, RunError> {
+    let load = || match with_context {
+        true => mica_data::load_with(&spec.path, &spec.context()),
+        false => mica_data::load(&spec.path),
+    };
     let split_path = root.split();
     let ds = if split_path.is_file() {
-        let mut ds = mica_data::load(&spec.path)?;
+        let mut ds = load()?;
         mica_data::split::apply_manifest(&mut ds, &split_path).map_err(|e| RunError::DatasetChanged {
             path: split_path.clone(),
             source: e,
         })?;
         ds
     } else if let Some(m) = &spec.split_manifest {
-        let mut ds = mica_data::load(&spec.path)?;
+        let mut ds = load()?;
         mica_data::split::apply_manifest(&mut ds, m)?;
         mica_data::split::write_manifest(&ds, &split_path)?;
         ds
@@ -50,8 +58,8 @@ pub fn prepare(
             val: spec.val,
             test: spec.test,
         };
-        let (ds, notes) = load_split(&spec.path, &cfg)?;
-        for n in notes {
+        let mut ds = load()?;
+        for n in mica_data::split::assign(&mut ds, &cfg)?.notes {
             notice(n);
         }
         mica_data::split::write_manifest(&ds, &split_path)?;

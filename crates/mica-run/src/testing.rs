@@ -7,6 +7,7 @@
 pub struct Server {
     pub url: String,
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -16,6 +17,8 @@ impl Server {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = requests.clone();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = bodies.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
@@ -32,6 +35,7 @@ impl Server {
                 }
                 let mut body = vec![0; len];
                 let _ = reader.read_exact(&mut body);
+                seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
                 let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (status, json) = answer(n);
                 let reason = if status == 200 { "OK" } else { "Error" };
@@ -42,7 +46,12 @@ impl Server {
                 );
             }
         });
-        Server { url, requests }
+        Server { url, requests, bodies }
+    }
+
+    /// Every request body received so far (the prompts as sent).
+    pub fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
     }
 
     pub fn requests(&self) -> usize {

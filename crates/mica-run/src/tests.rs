@@ -268,3 +268,64 @@ fn a_second_writer_is_refused_at_once() {
     drop(held);
     run(&exp, &RunOptions::default());
 }
+
+#[test]
+fn no_prompt_of_any_context_mode_carries_a_label_like_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    // Metadata built to tempt: a diagnosis column, free text that names the class, a harmless
+    // age, and a `context` column that is allowed through in image+clinical mode.
+    let mut meta = String::from("path,diagnosis,notes,age,context\n");
+    for class in crate::testing::CLASSES {
+        for i in 0..10 {
+            meta.push_str(&format!(
+                "{class}/{class}_{i:03}.png,proven-{class}-case-{i},report 9931 says {class},{},cough for {i} days\n",
+                40 + i
+            ));
+        }
+    }
+    std::fs::write(data.join("metadata.csv"), meta).unwrap();
+    let server = Server::start(|_| (200, completion("bright")));
+    let mut exp = llm_experiment(&data, &tmp.path().join("run"), &server.url);
+    exp.classifiers = ["image", "image+clinical", "image+findings", "findings"]
+        .iter()
+        .map(|mode| {
+            let mut c = exp.classifiers[0].clone();
+            c.context = Some(mode.to_string());
+            c.slug = Some(format!("llm-{mode}"));
+            c
+        })
+        .collect();
+    exp.dataset.context_columns = vec!["age".into()];
+    run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+    let bodies = server.bodies();
+    assert_eq!(bodies.len(), 4 * 8, "every mode asked about every test image");
+    for b in &bodies {
+        assert!(!b.contains("proven-") && !b.contains("9931"), "a label-like value reached a prompt: {b}");
+    }
+    let clinical = bodies.iter().filter(|b| b.contains("cough for")).count();
+    assert_eq!(clinical, 8, "the context column and the age reach image+clinical prompts only");
+    assert!(bodies.iter().filter(|b| b.contains("age: 4")).count() == 8);
+
+    // Asking for the label-like columns is refused, naming the column, before anything is sent.
+    for col in ["diagnosis", "notes"] {
+        let mut bad = exp.clone();
+        bad.output = Some(tmp.path().join(format!("bad-{col}")));
+        bad.dataset.context_columns = vec![col.into()];
+        let before = server.requests();
+        let err = run_experiment(&bad, &RunOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(err.is_usage() && err.to_string().contains(&format!("column `{col}`")), "{err}");
+        assert_eq!(server.requests(), before);
+    }
+
+    // By explicit request it goes through, and the run says so in its metrics.
+    let mut forced = exp.clone();
+    forced.output = Some(tmp.path().join("forced"));
+    forced.classifiers.truncate(2);
+    forced.dataset.context_columns = vec!["diagnosis".into()];
+    forced.dataset.allow_label_like_context = true;
+    let out = run_experiment(&forced, &RunOptions::default(), &mut |_| {}).unwrap();
+    let m = mica_eval::RunMetrics::read(out.classifiers[1].dir.join("metrics.json")).unwrap();
+    assert_eq!(m.extra["label_like_context"], serde_json::json!(["diagnosis"]));
+}

@@ -32,11 +32,26 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub keep_failed: bool,
     #[command(flatten)]
+    pub context: ContextArgs,
+    #[command(flatten)]
     pub cnn: CnnArgs,
     #[command(flatten)]
     pub llm: LlmArgs,
     #[command(flatten)]
     pub energy: super::energy::EnergyOpts,
+}
+
+/// Which metadata may reach an LLM's prompt (`--context image+clinical`).
+#[derive(clap::Args, Debug, Default)]
+pub struct ContextArgs {
+    /// Metadata columns (of a CSV manifest, or of metadata.csv beside the images) joined into
+    /// the clinical context, besides a `context` column. Columns that name or imply a class
+    /// are refused.
+    #[arg(long, value_delimiter = ',', value_name = "COL,...")]
+    pub context_columns: Vec<String>,
+    /// Let label-like context columns through anyway (every figure of the run says so).
+    #[arg(long)]
+    pub allow_label_like_context: bool,
 }
 
 /// Flags that only CNNs read.
@@ -192,6 +207,8 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
             seed: args.seed,
             limit_per_class: args.limit_per_class,
             split,
+            context_columns: args.context.context_columns.clone(),
+            allow_label_like_context: args.context.allow_label_like_context,
             ..DatasetSpec::new(&args.dataset)
         },
         classifiers: vec![cfg],

@@ -27,6 +27,8 @@ pub struct CompareArgs {
     /// Context mode for the --classifier LLMs.
     #[arg(long)]
     pub context: Option<String>,
+    #[command(flatten)]
+    pub context_columns: super::classify::ContextArgs,
     /// Epochs for cnn-train: classifiers.
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -121,6 +123,12 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
     }
     if let Some(s) = args.image_size {
         exp.dataset.image_size = Some(s);
+    }
+    if !args.context_columns.context_columns.is_empty() {
+        exp.dataset.context_columns = args.context_columns.context_columns.clone();
+    }
+    if args.context_columns.allow_label_like_context {
+        exp.dataset.allow_label_like_context = true;
     }
     if let Some(b) = args.bootstrap {
         exp.eval.bootstrap_resamples = b;
