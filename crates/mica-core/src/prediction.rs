@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// What became of an image. Only `Answered` and `Deferred` carry a label; the other two are
+/// What became of an image. Only `Answered` and `Deferred` carry a label; the other three are
 /// reported as their own outcomes and never silently counted as some class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -15,16 +15,35 @@ pub enum Outcome {
     Deferred,
     /// The model answered, but nothing in the answer maps onto the label set.
     Unparseable,
+    /// The model declined to answer (an OpenAI `refusal`, or prose such as "I can't help with
+    /// medical images"); counted as no answer. Its text is kept in `raw_answer`.
+    Refused,
     /// No answer at all (HTTP error after all retries, unreadable image, ...).
     Failed,
 }
 
 impl Outcome {
+    /// Every outcome, in report order.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Answered,
+        Outcome::Deferred,
+        Outcome::Unparseable,
+        Outcome::Refused,
+        Outcome::Failed,
+    ];
+
+    /// True for the outcomes that carry no label (unparseable, refused, failed): they count as
+    /// wrong in accuracy over all images.
+    pub fn is_no_answer(self) -> bool {
+        matches!(self, Outcome::Unparseable | Outcome::Refused | Outcome::Failed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Answered => "answered",
             Outcome::Deferred => "deferred",
             Outcome::Unparseable => "unparseable",
+            Outcome::Refused => "refused",
             Outcome::Failed => "failed",
         }
     }
@@ -40,7 +59,7 @@ pub struct TokenUsage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FilterStage {
     pub stage: String,
-    /// `kept` or `deferred` (or `unparseable` for label validation).
+    /// `kept` or `deferred` (or `unparseable` / `refused` for label validation).
     pub verdict: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -172,5 +191,20 @@ mod tests {
         assert_eq!(p.extra.len(), 1, "only backend extras stay: {:?}", p.extra);
         let back = serde_json::to_string(&p).unwrap();
         assert!(back.contains(r#""simulated":true"#) && !back.contains("cached"), "{back}");
+    }
+
+    #[test]
+    fn refused_is_its_own_outcome_and_old_outcomes_still_read() {
+        let line = r#"{"sample_id":"a","classifier":"c","true_label":"x","predicted":null,"outcome":"refused","confidence":null,"latency_ms":1.0,"raw_answer":"I can't help with that."}"#;
+        let p: Prediction = serde_json::from_str(line).unwrap();
+        assert_eq!(p.outcome, Outcome::Refused);
+        assert!(p.outcome.is_no_answer() && !p.is_accepted());
+        assert!(serde_json::to_string(&p).unwrap().contains(r#""outcome":"refused""#));
+        for o in Outcome::ALL {
+            let s = serde_json::to_string(&o).unwrap();
+            assert_eq!(s, format!("\"{}\"", o.as_str()));
+            assert_eq!(serde_json::from_str::<Outcome>(&s).unwrap(), o);
+        }
+        assert!(!Outcome::Answered.is_no_answer() && !Outcome::Deferred.is_no_answer());
     }
 }

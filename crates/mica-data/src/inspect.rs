@@ -106,6 +106,9 @@ pub struct Inspection {
     /// Near-duplicate pairs whose two images are in the same split / in different splits.
     pub duplicate_pairs_within_split: usize,
     pub duplicate_pairs_across_splits: usize,
+    /// How well each acquisition property alone predicts the class (see [`crate::shortcut`]).
+    #[serde(default)]
+    pub shortcuts: Vec<crate::shortcut::PropertyCheck>,
 }
 
 /// Loads, fully decodes and hashes every image of the dataset at `path`.
@@ -120,6 +123,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         frames: u32,
         hash: u64,
         thumb: Vec<f32>,
+        props: crate::shortcut::Properties,
     }
     let decoded: Vec<Result<Decoded, DataError>> = ds
         .samples
@@ -127,6 +131,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         .map(|s| {
             let (g, frames) = load_gray_with_frames(&s.source)?;
             Ok(Decoded {
+                props: crate::shortcut::Properties::of(&s.source, &g),
                 w: g.width(),
                 h: g.height(),
                 frames,
@@ -243,6 +248,9 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         })
         .collect();
 
+    let props: Vec<crate::shortcut::Properties> = info.iter().map(|d| d.props.clone()).collect();
+    let shortcuts = crate::shortcut::check(&props, &kept.iter().map(|s| s.label).collect::<Vec<_>>());
+
     Ok(Inspection {
         root: ds.root.clone(),
         layout: ds.layout,
@@ -261,6 +269,7 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         duplicates,
         duplicate_pairs_within_split: within,
         duplicate_pairs_across_splits: across,
+        shortcuts,
     })
 }
 
@@ -297,6 +306,17 @@ impl Inspection {
             s.mean_height,
             s.common.iter().map(|(k, n)| format!("{k} ({n})")).collect::<Vec<_>>().join(", ")
         );
+        let flagged: Vec<&crate::shortcut::PropertyCheck> = self.shortcuts.iter().filter(|c| c.flagged).collect();
+        if flagged.is_empty() {
+            let _ = writeln!(
+                o,
+                "shortcuts   none: no acquisition property (size, aspect, format, file size, mean intensity) predicts the class far above chance"
+            );
+        } else {
+            for c in flagged {
+                let _ = writeln!(o, "SHORTCUT    {}", c.sentence());
+            }
+        }
         if !self.unreadable.is_empty() {
             let _ = writeln!(o, "\nunreadable files ({}), skipped:", self.unreadable.len());
             for u in &self.unreadable {
@@ -343,6 +363,35 @@ impl Inspection {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn synthetic_sets_show_no_shortcut_and_a_size_tied_set_does() {
+        let d = tempfile::tempdir().unwrap();
+        for m in mica_core::Modality::STUDY {
+            let cfg = crate::synth::SynthConfig { per_class: 30, size: 64, seed: 5 };
+            let root = crate::synth::generate(d.path(), m, &cfg).unwrap();
+            let r = inspect(&root, &InspectOptions::default()).unwrap();
+            let flagged: Vec<String> = r.shortcuts.iter().filter(|c| c.flagged).map(|c| c.sentence()).collect();
+            assert!(flagged.is_empty(), "{m}: {flagged:?}");
+            assert_eq!(r.shortcuts.len(), 6);
+        }
+        // Two sources: glioma and meningioma scanned at 40x40, the others at 32x48.
+        let tied = d.path().join("tied");
+        for (c, class) in ["glioma", "meningioma", "pituitary", "notumor"].iter().enumerate() {
+            for i in 0..12u32 {
+                let (w, h) = if c < 2 { (40, 40) } else { (32, 48) };
+                let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3 + i * 11) % 256) as u8]));
+                let dir = tied.join(class);
+                std::fs::create_dir_all(&dir).unwrap();
+                img.save(dir.join(format!("{i}.png"))).unwrap();
+            }
+        }
+        let r = inspect(&tied, &InspectOptions::default()).unwrap();
+        let w = r.shortcuts.iter().find(|c| c.property == "native width").unwrap();
+        assert!(w.flagged, "{w:?}");
+        assert!(r.to_text().contains("SHORTCUT    Native width alone predicts the class with"), "{}", r.to_text());
+    }
+
     use super::*;
 
     #[test]

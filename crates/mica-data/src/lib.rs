@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod labels;
 pub mod layout;
 pub mod phash;
+pub mod shortcut;
 pub mod split;
 pub mod synth;
 pub mod upload;

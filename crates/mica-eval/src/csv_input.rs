@@ -2,8 +2,8 @@
 //!
 //! Format: a header row, then one row per image.
 //! - `label` (required): the true class name;
-//! - `prediction` (required): the predicted class name; an empty cell, `unparseable` or
-//!   `failed` (any case) means the model gave no answer, which counts as wrong and gets its own
+//! - `prediction` (required): the predicted class name; an empty cell, `unparseable`,
+//!   `refused` or `failed` (any case) means the model gave no answer, which counts as wrong and gets its own
 //!   confusion-matrix column;
 //! - `prob_<class>` (optional): the probability of `<class>`, 0..=1; a row may leave all of
 //!   them empty (e.g. a failed call), which turns ROC AUC and ECE off for the file; they need
@@ -65,7 +65,7 @@ impl EncodedPredictions {
 }
 
 /// Prediction cell values that mean "no answer".
-pub const NO_ANSWER_TOKENS: [&str; 2] = ["unparseable", "failed"];
+pub const NO_ANSWER_TOKENS: [&str; 3] = ["unparseable", "refused", "failed"];
 
 fn is_no_answer(v: &str) -> bool {
     v.is_empty() || NO_ANSWER_TOKENS.iter().any(|t| v.eq_ignore_ascii_case(t))
@@ -229,7 +229,7 @@ impl PredictionsCsv {
                     row_err(
                         r.line,
                         format!(
-                            "prediction `{p}` is not a known label (labels: {}); write `unparseable` or `failed` for a case without an answer",
+                            "prediction `{p}` is not a known label (labels: {}); write `unparseable`, `refused` or `failed` for a case without an answer",
                             known()
                         ),
                     )
@@ -336,12 +336,12 @@ mod tests {
 
     #[test]
     fn no_answer_tokens_and_blank_lines() {
-        let f = parse("label,prediction\na,a\nb,\n\nb,FAILED\na, unparseable \nb,b\n").unwrap();
+        let f = parse("label,prediction\na,a\nb,\n\nb,FAILED\na, unparseable \nb,b\na,Refused\n").unwrap();
         let e = f.encode(&f.label_set().unwrap()).unwrap();
-        assert_eq!(e.y_pred, vec![0, NO_ANSWER, NO_ANSWER, NO_ANSWER, 1]);
+        assert_eq!(e.y_pred, vec![0, NO_ANSWER, NO_ANSWER, NO_ANSWER, 1, NO_ANSWER]);
         assert_eq!(f.rows[4].line, 7);
         let r = e.evaluate(&EvalOptions::default()).unwrap();
-        assert_eq!(r.no_answer, 3);
+        assert_eq!(r.no_answer, 4);
     }
 
     #[test]

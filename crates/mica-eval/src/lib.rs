@@ -32,7 +32,7 @@ pub use stats::{mcnemar, McNemar};
 
 use std::path::PathBuf;
 
-/// Marks "no answer" (unparseable or failed) in a `y_pred` slice. Such a case counts as wrong
+/// Marks "no answer" (unparseable, refused or failed) in a `y_pred` slice. Such a case counts as wrong
 /// and has its own column in the confusion matrix; it is never mapped onto a class.
 pub const NO_ANSWER: usize = usize::MAX;
 

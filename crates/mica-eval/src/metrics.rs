@@ -87,7 +87,7 @@ pub struct ClassMetrics {
 }
 
 /// Rows are true classes, columns predicted classes, both in label order; `no_answer[i]` counts
-/// the cases of true class `i` that got no label (unparseable or failed).
+/// the cases of true class `i` that got no label (unparseable, refused or failed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfusionMatrix {
     pub labels: Vec<String>,

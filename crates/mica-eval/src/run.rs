@@ -1,8 +1,8 @@
 //! `metrics.json`: the metrics of one classifier run, built from its predictions.
 //!
 //! Three views, because a filter that defers or drops cases must not look better for it:
-//! - `all`: every image; unparseable and failed answers count as wrong and sit in the
-//!   confusion matrix's `no_answer` column;
+//! - `all`: every image; unparseable, refused and failed answers count as wrong and sit in
+//!   the confusion matrix's `no_answer` column;
 //! - `answered`: the images that got a label (answered or deferred), as if no filter ran;
 //! - `accepted`: the images the filter let through (outcome `answered`), next to `coverage`.
 
@@ -25,7 +25,18 @@ pub struct OutcomeCounts {
     pub answered: usize,
     pub deferred: usize,
     pub unparseable: usize,
+    /// The model declined to answer. Absent from `metrics.json` files written before
+    /// refusals were told apart (they counted them as unparseable or as an answer).
+    #[serde(default)]
+    pub refused: usize,
     pub failed: usize,
+}
+
+impl OutcomeCounts {
+    /// Images without a label: unparseable + refused + failed.
+    pub fn no_answer(&self) -> usize {
+        self.unparseable + self.refused + self.failed
+    }
 }
 
 /// Token totals over the run; per-image means divide by all images of the run, so they are
@@ -129,6 +140,7 @@ impl RunMetrics {
                 Outcome::Answered => outcomes.answered += 1,
                 Outcome::Deferred => outcomes.deferred += 1,
                 Outcome::Unparseable => outcomes.unparseable += 1,
+                Outcome::Refused => outcomes.refused += 1,
                 Outcome::Failed => outcomes.failed += 1,
             }
         }
@@ -235,7 +247,7 @@ fn case(labels: &LabelSet, p: &Prediction, notes: &mut Vec<String>) -> Result<Ca
         ))
     })?;
     let pred = match p.outcome {
-        Outcome::Unparseable | Outcome::Failed => NO_ANSWER,
+        Outcome::Unparseable | Outcome::Refused | Outcome::Failed => NO_ANSWER,
         Outcome::Answered | Outcome::Deferred => {
             let name = p.predicted.as_deref().ok_or_else(|| {
                 EvalError::input(format!("sample `{id}`: outcome {} but no predicted label", p.outcome.as_str()))
@@ -345,7 +357,7 @@ mod tests {
         let opts = EvalOptions { bootstrap_resamples: 50, ..Default::default() };
         let m = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &sample_preds(), 2.0, &opts).unwrap();
         assert_eq!(m.images, 6);
-        assert_eq!(m.outcomes, OutcomeCounts { answered: 2, deferred: 2, unparseable: 1, failed: 1 });
+        assert_eq!(m.outcomes, OutcomeCounts { answered: 2, deferred: 2, unparseable: 1, refused: 0, failed: 1 });
         // all: right on 1, 3, 5 -> 3/6; the two no-answers are in their own column.
         assert_eq!(m.all.accuracy, 0.5);
         assert_eq!(m.all.confusion.no_answer, vec![0, 1, 1]);
@@ -430,6 +442,51 @@ mod tests {
         ps[2].predicted = None;
         assert!(RunMetrics::from_predictions("x", "d", "test", &l, &ps, 1.0, &o).is_err());
         assert!(RunMetrics::from_predictions("x", "d", "test", &l, &[], 1.0, &o).is_err());
+    }
+
+    #[test]
+    fn refused_is_counted_as_no_answer() {
+        let mut ps = sample_preds();
+        // Image 5 (a deferred right answer) becomes a refusal: it has no label any more.
+        ps[4] = pred("5", "no_tumor", None, Outcome::Refused, None);
+        ps[4].raw_answer = Some("I'm sorry, I can't assist with that request.".into());
+        let opts = EvalOptions { bootstrap_resamples: 0, ..Default::default() };
+        let m = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &ps, 2.0, &opts).unwrap();
+        assert_eq!(m.outcomes, OutcomeCounts { answered: 2, deferred: 1, unparseable: 1, refused: 1, failed: 1 });
+        assert_eq!(m.outcomes.no_answer(), 3);
+        // all: right on 1 and 3 only -> 2/6; three images in the no-answer column.
+        assert!((m.all.accuracy - 2.0 / 6.0).abs() < 1e-15);
+        assert_eq!(m.all.no_answer, 3);
+        assert_eq!(m.all.confusion.no_answer, vec![0, 1, 2]);
+        // answered: 1, 2, 3 -> 2/3; the refusal is not a labelled case.
+        let a = m.answered.as_ref().unwrap();
+        assert_eq!(a.n, 3);
+        assert!((m.coverage - 2.0 / 6.0).abs() < 1e-15);
+        // A refusal that carries a label by mistake still counts as no answer.
+        ps[4].predicted = Some("no_tumor".into());
+        let m2 = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &ps, 2.0, &opts).unwrap();
+        assert_eq!(m2.all.no_answer, 3);
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains(r#""refused":1"#), "{json}");
+    }
+
+    #[test]
+    fn metrics_written_before_refusals_still_read() {
+        let opts = EvalOptions { bootstrap_resamples: 0, ..Default::default() };
+        let m = RunMetrics::from_predictions("llm:test", "brain", "test", &labels(), &sample_preds(), 2.0, &opts).unwrap();
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["outcomes"].as_object_mut().unwrap().remove("refused");
+        assert!(!v.to_string().contains("refused"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        let back = RunMetrics::read(&path).unwrap();
+        assert_eq!(back.outcomes.refused, 0);
+        assert_eq!(back, m);
+        // And an old predictions line (no refused outcome anywhere) still loads.
+        let line = r#"{"sample_id":"a","classifier":"c","true_label":"glioma","predicted":null,"outcome":"unparseable","confidence":null,"latency_ms":1.0}"#;
+        let p: Prediction = serde_json::from_str(line).unwrap();
+        assert_eq!(p.outcome, Outcome::Unparseable);
     }
 
     #[test]

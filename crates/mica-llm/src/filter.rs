@@ -2,12 +2,19 @@
 //! every prediction so every deferral can be explained and counted:
 //!
 //! 1. `label_validation`: the answer must map onto the label set (strict JSON or exact label;
-//!    with the stage on, also by synonym or fuzzily), else `unparseable`;
+//!    with the stage on, also by synonym or fuzzily), else `unparseable`; an answer in which
+//!    the model declines is `refused` (verdict `refused`);
 //! 2. `confidence`: below the threshold the case is `deferred` to a physician;
 //! 3. `self_consistency`: k samples (or k prompt variants) must agree, else `deferred`;
 //! 4. `cnn_crosscheck`: disagreement with a CNN's predictions file is `deferred`.
 //!
 //! Stages run in this order and stop at the first deferral.
+//!
+//! Refusals under self-consistency (k answers): a refusal is a vote for "refused" next to the
+//! votes for labels (unparseable answers are no vote). The majority answer, ties going to the
+//! earlier answer as for labels, is the lead answer. If the lead answer is a refusal, the image
+//! is `refused`, even when a minority of the answers named a label. Otherwise the refusals
+//! count against the agreement like any other dissenting answer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -205,20 +212,43 @@ pub fn decide(
     cnn: Option<Option<&str>>,
 ) -> Decision {
     let mut stages = Vec::new();
-    // Majority vote over mapped labels, ties broken by first appearance.
-    let mut votes: Vec<(String, usize)> = Vec::new();
+    // Majority vote over mapped labels and refusals (`None`), ties broken by first appearance.
+    let mut votes: Vec<(Option<String>, usize)> = Vec::new();
     for a in answers {
-        if let Some(l) = &a.label {
-            match votes.iter_mut().find(|(v, _)| v == l) {
-                Some(v) => v.1 += 1,
-                None => votes.push((l.clone(), 1)),
-            }
+        let vote = match (&a.label, a.refused) {
+            (Some(l), _) => Some(l.clone()),
+            (None, true) => None,
+            (None, false) => continue,
+        };
+        match votes.iter_mut().find(|(v, _)| *v == vote) {
+            Some(v) => v.1 += 1,
+            None => votes.push((vote, 1)),
         }
     }
     let best = votes
         .iter()
         .max_by(|a, b| a.1.cmp(&b.1).then(std::cmp::Ordering::Greater));
-    let Some((label, n)) = best.cloned() else {
+    if let Some((None, n)) = best {
+        let why = answers
+            .iter()
+            .find(|a| a.refused)
+            .and_then(|a| a.note.clone())
+            .unwrap_or_else(|| "the model declined to answer".into());
+        let why = if answers.len() > 1 {
+            format!("{n}/{} answers refused: {why}", answers.len())
+        } else {
+            why
+        };
+        stages.push(stage(STAGE_VALIDATION, "refused", why));
+        return Decision {
+            outcome: Outcome::Refused,
+            predicted: None,
+            confidence: None,
+            agreement: None,
+            stages,
+        };
+    }
+    let Some((Some(label), n)) = best.cloned() else {
         let why = answers
             .iter()
             .find_map(|a| a.note.clone())
@@ -344,6 +374,77 @@ mod tests {
         ] {
             assert!(FilterSpec::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn refusals_are_their_own_outcome() {
+        let refused = ParsedAnswer::refusal("I'm sorry, I can't assist with that request.");
+        let d = decide(&FilterSpec::default(), &[refused.clone()], &[None], None);
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Refused, None)
+        );
+        assert_eq!(d.stages.len(), 1);
+        assert_eq!(d.stages[0].verdict, "refused");
+        assert!(d.stages[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("can't assist"));
+        // k answers: the majority answer leads; a refusal majority refuses the image...
+        let f = FilterSpec::parse("consistency=3:0.6").unwrap();
+        let d = decide(
+            &f,
+            &[refused.clone(), ans(Some("a")), refused.clone()],
+            &[None; 3],
+            None,
+        );
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Refused, None)
+        );
+        assert!(d.stages[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with("2/3 answers refused"));
+        // ... a tie goes to the earlier answer ...
+        let f2 = FilterSpec::parse("consistency=2:0.5").unwrap();
+        let d = decide(&f2, &[refused.clone(), ans(Some("a"))], &[None; 2], None);
+        assert_eq!(d.outcome, Outcome::Refused);
+        let d = decide(&f2, &[ans(Some("a")), refused.clone()], &[None; 2], None);
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Answered, Some("a"))
+        );
+        // ... a label majority wins, and a refusal counts against the agreement ...
+        let d = decide(
+            &f,
+            &[ans(Some("a")), refused.clone(), ans(Some("a"))],
+            &[None; 3],
+            None,
+        );
+        assert_eq!(
+            (d.outcome, d.predicted.as_deref()),
+            (Outcome::Answered, Some("a"))
+        );
+        assert!((d.agreement.unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        let unanimous = FilterSpec::parse("consistency=3").unwrap();
+        let d = decide(
+            &unanimous,
+            &[ans(Some("a")), refused.clone(), ans(Some("a"))],
+            &[None; 3],
+            None,
+        );
+        assert_eq!(d.outcome, Outcome::Deferred);
+        // ... and unparseable answers are no vote.
+        let d = decide(
+            &f,
+            &[ans(None), refused.clone(), ans(None)],
+            &[None; 3],
+            None,
+        );
+        assert_eq!(d.outcome, Outcome::Refused);
     }
 
     #[test]

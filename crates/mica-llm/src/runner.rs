@@ -24,8 +24,8 @@ use crate::provider::{
     ChatRequest, ChatResponse, Detail, GenParams, LlmProvider, ProviderError, ServerTimings,
 };
 use crate::{
-    parse_answer, ContextMode, Findings, LlmError, PriceEntry, PriceTable, PromptSet, ProviderSpec,
-    ResponseCache, SynonymTable,
+    parse_answer, ContextMode, Findings, LlmError, ParsedAnswer, PriceEntry, PriceTable, PromptSet,
+    ProviderSpec, ResponseCache, SynonymTable,
 };
 
 /// Where a prediction's confidence comes from.
@@ -533,12 +533,17 @@ impl LlmRunner {
                 timings.eval_ms += t.eval_ms;
                 have_timings = true;
             }
-            let text = if resp.content.is_empty() {
-                resp.refusal.clone().unwrap_or_default()
-            } else {
-                resp.content.clone()
+            // An OpenAI `refusal` is the model declining, whatever it says ("I can't tell
+            // whether this is COVID-19" names no answer): never parsed for a label.
+            let refusal = resp.refusal.as_deref().filter(|r| !r.trim().is_empty());
+            let (text, parsed) = match refusal {
+                Some(r) => (r.to_string(), ParsedAnswer::refusal(r)),
+                None => {
+                    let parsed =
+                        parse_answer(&resp.content, &cfg.labels, &self.synonyms, &parse_opts);
+                    (resp.content.clone(), parsed)
+                }
             };
-            let parsed = parse_answer(&text, &cfg.labels, &self.synonyms, &parse_opts);
             let conf = match cfg.confidence_source {
                 ConfidenceSource::Logprobs => resp.logprob_confidence.or(parsed.confidence),
                 ConfidenceSource::Stated => parsed.confidence,
@@ -560,11 +565,12 @@ impl LlmRunner {
         p.predicted = d.predicted.clone();
         p.confidence = d.confidence;
         p.filter = d.stages;
-        let lead = d
-            .predicted
-            .as_ref()
-            .and_then(|l| answers.iter().position(|a| a.label.as_ref() == Some(l)))
-            .unwrap_or(0);
+        let lead = match (&d.predicted, d.outcome) {
+            (Some(l), _) => answers.iter().position(|a| a.label.as_ref() == Some(l)),
+            (None, Outcome::Refused) => answers.iter().position(|a| a.refused),
+            _ => None,
+        }
+        .unwrap_or(0);
         p.raw_answer = raws.get(lead).cloned();
         p.parse_stage = answers[lead].stage.map(|s| s.as_str().to_string());
         p.rationale = answers[lead].rationale.clone();
@@ -582,7 +588,7 @@ impl LlmRunner {
         if k > 1 {
             p.extra.insert(
                 "answers".into(),
-                json!(answers.iter().zip(&raws).map(|(a, r)| json!({"label": a.label, "stage": a.stage, "confidence": a.confidence, "raw": r})).collect::<Vec<_>>()),
+                json!(answers.iter().zip(&raws).map(|(a, r)| json!({"label": a.label, "stage": a.stage, "confidence": a.confidence, "refused": a.refused, "raw": r})).collect::<Vec<_>>()),
             );
         }
         p.extra.insert("attempts".into(), json!(attempts));

@@ -18,6 +18,9 @@ pub struct StageCount {
     pub kept: usize,
     pub deferred: usize,
     pub unparseable: usize,
+    /// Answers in which the model declined (label validation only).
+    #[serde(default)]
+    pub refused: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +36,7 @@ pub struct LlmSummary {
     pub simulated: bool,
     pub images: usize,
     pub outcomes: BTreeMap<String, usize>,
-    /// How many labels each parsing stage produced, plus `unparseable`.
+    /// How many labels each parsing stage produced, plus `unparseable` and `refused`.
     pub parse_stages: BTreeMap<String, usize>,
     pub filter_spec: FilterSpec,
     pub filter_stages: Vec<StageCount>,
@@ -62,20 +65,21 @@ impl LlmSummary {
         price: Option<&(String, PriceEntry)>,
     ) -> Self {
         let n = preds.len();
-        let mut outcomes: BTreeMap<String, usize> = [
-            Outcome::Answered,
-            Outcome::Deferred,
-            Outcome::Unparseable,
-            Outcome::Failed,
+        let mut outcomes: BTreeMap<String, usize> = Outcome::ALL
+            .iter()
+            .map(|o| (o.as_str().to_string(), 0))
+            .collect();
+        let mut parse_stages: BTreeMap<String, usize> = [
+            "json",
+            "exact",
+            "synonym",
+            "fuzzy",
+            "unparseable",
+            "refused",
         ]
         .iter()
-        .map(|o| (o.as_str().to_string(), 0))
+        .map(|s| (s.to_string(), 0))
         .collect();
-        let mut parse_stages: BTreeMap<String, usize> =
-            ["json", "exact", "synonym", "fuzzy", "unparseable"]
-                .iter()
-                .map(|s| (s.to_string(), 0))
-                .collect();
         let mut stages: Vec<StageCount> = STAGES
             .iter()
             .map(|s| StageCount {
@@ -94,6 +98,7 @@ impl LlmSummary {
             match (&p.parse_stage, p.outcome) {
                 (Some(s), _) => *parse_stages.entry(s.clone()).or_default() += 1,
                 (None, Outcome::Unparseable) => *parse_stages.get_mut("unparseable").unwrap() += 1,
+                (None, Outcome::Refused) => *parse_stages.get_mut("refused").unwrap() += 1,
                 _ => {}
             }
             for f in &p.filter {
@@ -102,6 +107,7 @@ impl LlmSummary {
                     match f.verdict.as_str() {
                         "kept" => s.kept += 1,
                         "deferred" => s.deferred += 1,
+                        "refused" => s.refused += 1,
                         _ => s.unparseable += 1,
                     }
                 }
@@ -179,8 +185,71 @@ impl LlmSummary {
                 if s.unparseable > 0 {
                     l.push_str(&format!("  unparseable {:>5}", s.unparseable));
                 }
+                if s.refused > 0 {
+                    l.push_str(&format!("  refused {:>5}", s.refused));
+                }
                 l
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mica_core::FilterStage;
+
+    fn pred(outcome: Outcome, stage: Option<&str>, verdicts: &[(&str, &str)]) -> Prediction {
+        let mut p = Prediction::new("x", "llm:test", outcome);
+        p.parse_stage = stage.map(String::from);
+        p.filter = verdicts
+            .iter()
+            .map(|(s, v)| FilterStage {
+                stage: s.to_string(),
+                verdict: v.to_string(),
+                detail: None,
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn refusals_are_counted_in_label_validation_and_on_their_own() {
+        let preds = [
+            pred(
+                Outcome::Answered,
+                Some("json"),
+                &[("label_validation", "kept"), ("confidence", "kept")],
+            ),
+            pred(Outcome::Refused, None, &[("label_validation", "refused")]),
+            pred(Outcome::Refused, None, &[("label_validation", "refused")]),
+            pred(
+                Outcome::Unparseable,
+                None,
+                &[("label_validation", "unparseable")],
+            ),
+        ];
+        let s = LlmSummary::from_predictions(&preds, &FilterSpec::default(), None);
+        assert_eq!(s.outcomes["refused"], 2);
+        assert_eq!(s.outcomes["unparseable"], 1);
+        assert_eq!(s.outcomes.len(), Outcome::ALL.len());
+        assert_eq!(
+            (s.parse_stages["refused"], s.parse_stages["unparseable"]),
+            (2, 1)
+        );
+        let v = &s.filter_stages[0];
+        assert_eq!(v.stage, "label_validation");
+        assert_eq!((v.input, v.kept, v.unparseable, v.refused), (4, 1, 1, 2));
+        assert!(
+            s.stage_lines()[0].contains("refused     2"),
+            "{:?}",
+            s.stage_lines()
+        );
+        // A summary written before refusals were counted still reads.
+        let old: StageCount = serde_json::from_str(
+            r#"{"stage":"label_validation","input":3,"kept":2,"deferred":0,"unparseable":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.refused, 0);
     }
 }

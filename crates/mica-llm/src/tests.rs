@@ -683,3 +683,143 @@ fn classifier_trait_runs_outside_a_runtime() {
         assert_eq!(p.predicted.as_deref(), Some(labels().name(s.label)));
     }
 }
+
+// --- Refusals and hedges in the providers' documented wire formats ---------------------------
+
+/// A stand-in server built from the documented wire formats: every request (any path) is
+/// answered 200 with `body`. Returns its base URL.
+fn wire_stub(body: String) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let _ = reader.read_exact(&mut vec![0; len]);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// OpenAI's documented `chat.completion` object with this assistant message.
+fn openai_completion(message: Value) -> String {
+    serde_json::json!({
+        "id": "chatcmpl-123", "object": "chat.completion", "created": 1677652288,
+        "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 12, "total_tokens": 132}
+    })
+    .to_string()
+}
+
+/// Ollama's documented non-streaming `/api/chat` response with this assistant text.
+fn ollama_chat(content: &str) -> String {
+    serde_json::json!({
+        "model": "llama3.2-vision", "created_at": "2023-12-12T14:13:43.416799Z",
+        "message": {"role": "assistant", "content": content},
+        "done": true, "done_reason": "stop", "total_duration": 5191566416u64,
+        "load_duration": 2154458, "prompt_eval_count": 26, "prompt_eval_duration": 383809000,
+        "eval_count": 298, "eval_duration": 4799921000u64
+    })
+    .to_string()
+}
+
+/// Classifies one brain-MRI phantom (truth: glioma) against a server that answers `body`.
+async fn classify_via(ollama: bool, body: String) -> Prediction {
+    let url = wire_stub(body);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.png");
+    phantom(0, 0).save(&path).unwrap();
+    let labels = Modality::Mri.canonical_labels().unwrap();
+    let s = Sample {
+        id: "glioma/0.png".into(),
+        source: ImageSource::file(&path),
+        label: 0,
+        split: None,
+        context: None,
+    };
+    let (spec, provider): (_, Arc<dyn LlmProvider>) = if ollama {
+        let spec = ProviderSpec::parse(&format!("ollama/llama3.2-vision@{url}")).unwrap();
+        let p = Arc::new(OllamaClient::new(http_client(), &spec.base_url));
+        (spec, p)
+    } else {
+        let spec = ProviderSpec::parse(&format!("openai-compatible/gpt-4o@{url}")).unwrap();
+        let p = Arc::new(OpenAiClient::new(http_client(), spec.kind, &spec.base_url, None));
+        (spec, p)
+    };
+    let mut cfg = LlmConfig::new(spec, Modality::Mri, labels.clone());
+    cfg.filter = FilterSpec::default();
+    let r = Arc::new(LlmRunner::new(cfg, provider).with_limits(fast_limits(1)));
+    r.classify_one(&WorkItem::from_sample(&s, &labels)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_refusal_field_is_refused_not_parsed() {
+    let text = "I'm sorry, I can't assist with that request.";
+    let body = openai_completion(
+        serde_json::json!({"role": "assistant", "content": null, "refusal": text}),
+    );
+    let p = classify_via(false, body).await;
+    assert_eq!(p.outcome, Outcome::Refused, "{p:?}");
+    assert_eq!((p.predicted.as_deref(), p.parse_stage.as_deref()), (None, None));
+    assert_eq!(p.raw_answer.as_deref(), Some(text));
+    assert_eq!(p.filter[0].verdict, "refused");
+    assert_eq!(p.filter.len(), 1, "no later stage runs on a refusal");
+    // Even a refusal that names a class is not an answer.
+    let body = openai_completion(serde_json::json!({"role": "assistant", "content": null,
+        "refusal": "I can't tell whether this is a glioma."}));
+    let p = classify_via(false, body).await;
+    assert_eq!((p.outcome, p.predicted), (Outcome::Refused, None));
+    // Prose refusals in `content` are refused too.
+    let body = openai_completion(serde_json::json!({"role": "assistant",
+        "content": "I cannot provide a diagnosis from medical images.", "refusal": null}));
+    let p = classify_via(false, body).await;
+    assert_eq!(p.outcome, Outcome::Refused, "{p:?}");
+    // The summary counts it in label validation and on its own.
+    let s = LlmSummary::from_predictions(&[p], &FilterSpec::default(), None);
+    assert_eq!((s.outcomes["refused"], s.parse_stages["refused"]), (1, 1));
+    assert_eq!((s.filter_stages[0].refused, s.filter_stages[0].unparseable), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_prose_refusal_is_refused() {
+    let text = "I'm sorry, but I can't help with identifying medical conditions from images.";
+    let p = classify_via(true, ollama_chat(text)).await;
+    assert_eq!(p.outcome, Outcome::Refused, "{p:?}");
+    assert_eq!(p.predicted, None);
+    assert_eq!(p.raw_answer.as_deref(), Some(text));
+    assert!(p.extra.contains_key("server_timings"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_are_unparseable_in_both_wire_formats() {
+    let hedge = "This could be a glioma or a meningioma.";
+    let openai = openai_completion(
+        serde_json::json!({"role": "assistant", "content": hedge, "refusal": null}),
+    );
+    for (ollama, body) in [(false, openai), (true, ollama_chat(hedge))] {
+        let p = classify_via(ollama, body).await;
+        assert_eq!((p.outcome, p.predicted.as_deref()), (Outcome::Unparseable, None), "{p:?}");
+        assert_eq!(p.raw_answer.as_deref(), Some(hedge));
+        assert!(p.error.unwrap().contains("several labels"));
+    }
+    // One class in plain prose is still an answer (deferred: no confidence stated).
+    let p = classify_via(true, ollama_chat("This is most consistent with a glioma.")).await;
+    assert_eq!((p.outcome, p.predicted.as_deref()), (Outcome::Deferred, Some("glioma")));
+}

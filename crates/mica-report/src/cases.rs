@@ -71,7 +71,7 @@ pub struct CasePrediction {
     /// Exactly which model answered: architecture, epoch and weights hash of a checkpoint, or
     /// the provider and model id of an LLM.
     pub model_version: String,
-    /// `answered`, `deferred`, `unparseable` or `failed` (see `mica_core::Outcome`).
+    /// `answered`, `deferred`, `unparseable`, `refused` or `failed` (see `mica_core::Outcome`).
     pub outcome: String,
     /// The label the model suggests (a suggestion for the physician, not a diagnosis).
     pub suggested_label: Option<String>,
@@ -151,7 +151,7 @@ pub struct AgreementDay {
     pub day: String,
     pub decided: u64,
     pub agreed: u64,
-    /// Cases where the model gave no label at all (failed or unparseable).
+    /// Cases where the model gave no label at all (failed, unparseable or refused).
     pub no_answer: u64,
     pub agreement: f64,
 }

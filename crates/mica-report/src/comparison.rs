@@ -42,8 +42,10 @@ pub struct HeadlineRow {
     pub coverage: Option<f64>,
     /// Accuracy on the accepted cases, shown next to coverage for filtered classifiers.
     pub accepted_accuracy: Option<f64>,
-    /// (unparseable + failed) / images.
+    /// (unparseable + refused + failed) / images: every image without a label.
     pub no_answer_share: f64,
+    /// refused / images: the part of `no_answer_share` where the model declined to answer.
+    pub refused_share: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p90_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -77,8 +79,8 @@ impl HeadlineRow {
             } else {
                 None
             },
-            no_answer_share: (m.outcomes.unparseable + m.outcomes.failed) as f64
-                / m.images.max(1) as f64,
+            no_answer_share: m.outcomes.no_answer() as f64 / m.images.max(1) as f64,
+            refused_share: m.outcomes.refused as f64 / m.images.max(1) as f64,
             latency_p50_ms: m.latency_ms.as_ref().map(|l| l.p50),
             latency_p90_ms: m.latency_ms.as_ref().map(|l| l.p90),
             latency_p99_ms: m.latency_ms.as_ref().map(|l| l.p99),
@@ -225,7 +227,7 @@ fn pred_index(labels: &[String], p: &Prediction) -> usize {
             .as_deref()
             .and_then(|l| labels.iter().position(|x| x == l))
             .unwrap_or(NO_ANSWER),
-        Outcome::Unparseable | Outcome::Failed => NO_ANSWER,
+        Outcome::Unparseable | Outcome::Refused | Outcome::Failed => NO_ANSWER,
     }
 }
 
@@ -455,8 +457,13 @@ fn summary(rows: &[HeadlineRow], tests: &[PairTest], run: &RunDir) -> Vec<String
             ));
         }
         if r.no_answer_share > 0.0 {
+            let refused = if r.refused_share > 0.0 {
+                format!(" (it declined to answer {})", pct(r.refused_share))
+            } else {
+                String::new()
+            };
             out.push(format!(
-                "{} gave no usable answer for {} of images; these count as wrong.",
+                "{} gave no usable answer for {} of images{refused}; these count as wrong.",
                 r.classifier,
                 pct(r.no_answer_share)
             ));
@@ -480,6 +487,33 @@ fn summary(rows: &[HeadlineRow], tests: &[PairTest], run: &RunDir) -> Vec<String
             "SIMULATED: at least one classifier answered from the LLM simulator; its numbers are not model results."
                 .into(),
         );
+    }
+    let shortcuts = run.manifest.as_ref().and_then(|m| m.config.get("shortcuts")).and_then(|v| v.as_array());
+    for c in shortcuts.into_iter().flatten() {
+        if c.get("flagged").and_then(|f| f.as_bool()) == Some(true) {
+            let num = |k: &str| c.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            let property = c.get("property").and_then(|v| v.as_str()).unwrap_or("a property");
+            let mut p = property.to_string();
+            if let Some(f) = p.get_mut(0..1) {
+                f.make_ascii_uppercase();
+            }
+            out.push(format!(
+                "SHORTCUT: {p} alone predicts the class with {:.0} % accuracy on this data set (chance {:.0} %, Cramér's V {:.2}); results may reflect source differences, not disease.",
+                num("cv_accuracy") * 100.0,
+                num("chance") * 100.0,
+                num("cramers_v")
+            ));
+        }
+    }
+    for c in &run.classifiers {
+        if let Some(cols) = c.metrics.extra.get("label_like_context").and_then(|v| v.as_array()) {
+            let cols: Vec<&str> = cols.iter().filter_map(|v| v.as_str()).collect();
+            out.push(format!(
+                "LABEL-LIKE CONTEXT: {} was given metadata columns that name or imply the class ({}), by explicit request (--allow-label-like-context); its figures do not measure what the image alone shows.",
+                c.name(),
+                cols.join(", ")
+            ));
+        }
     }
     out.push(
         "These are model predictions for decision support, not diagnoses: low-confidence and deferred cases go to a physician, who has the final say."

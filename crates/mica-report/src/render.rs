@@ -89,14 +89,18 @@ fn sig(v: Option<f64>) -> String {
     }
 }
 
+/// What the headline table counts as wrong, under it in every format.
+const NO_ANSWER_NOTE: &str = "Accuracy and F1 count unparseable, refused and failed answers as wrong. No answer % is all three; Refused % is the part where the model declined to answer. Coverage is the share the filter accepted; the rest goes to a physician.";
+
 /// Column headers and cells of the headline table, shared by every format.
-pub const HEADLINE_COLUMNS: [&str; 12] = [
+pub const HEADLINE_COLUMNS: [&str; 13] = [
     "Classifier",
     "Accuracy % (95 % CI)",
     "Macro F1 (95 % CI)",
     "Weighted F1",
     "Coverage % (acc. on accepted)",
     "No answer %",
+    "Refused %",
     "Latency p50 / p90 ms",
     "Images/s",
     "Wh / 1k img",
@@ -122,6 +126,7 @@ pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
             _ => "100 (no filter)".into(),
         },
         pct(r.no_answer_share),
+        pct(r.refused_share),
         format!("{} / {}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
         opt(r.images_per_s, 1),
         sig(r.wh_per_1000),
@@ -136,7 +141,7 @@ pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
 
 /// The headline table as aligned plain text, for the terminal.
 pub fn headline_text(cmp: &Comparison) -> String {
-    let cols: [usize; 9] = [0, 1, 2, 4, 5, 6, 7, 8, 11];
+    let cols: [usize; 10] = [0, 1, 2, 4, 5, 6, 7, 8, 9, 12];
     let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
     let header: Vec<String> = cols.iter().map(|&c| HEADLINE_COLUMNS[c].to_string()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -410,7 +415,7 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
     s.push_str(&md_table(&HEADLINE_COLUMNS, &rows));
     let _ = writeln!(
         s,
-        "\nAccuracy and F1 count unparseable and failed answers as wrong. Coverage is the share the filter accepted; the rest goes to a physician.\n"
+        "\n{NO_ANSWER_NOTE}\n"
     );
     let _ = writeln!(s, "## Per-class results\n");
     for t in &cmp.per_class {
@@ -535,7 +540,7 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     s.push_str("</ul>\n<h2 id=\"headline\">Headline</h2>\n");
     let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
     s.push_str(&html_table(&HEADLINE_COLUMNS, &rows, "headline"));
-    s.push_str("<p>Accuracy and F1 count unparseable and failed answers as wrong. Coverage is the share the filter accepted; the rest goes to a physician.</p>\n");
+    let _ = writeln!(s, "<p>{}</p>", html_escape(NO_ANSWER_NOTE));
     s.push_str("<h2 id=\"figures\">Accuracy, energy, cost, latency, selective prediction, calibration</h2><div class=\"figs\">\n");
     for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
         let _ = writeln!(
@@ -614,6 +619,7 @@ pub fn csv(cmp: &Comparison) -> String {
             o(r.coverage),
             o(r.accepted_accuracy),
             r.no_answer_share.to_string(),
+            r.refused_share.to_string(),
             o(r.latency_p50_ms),
             o(r.latency_p90_ms),
             o(r.latency_p99_ms),
@@ -630,7 +636,7 @@ pub fn csv(cmp: &Comparison) -> String {
     String::from_utf8(w.into_inner().expect(row_err)).expect("CSV of UTF-8 fields is UTF-8")
 }
 
-const CSV_HEADER: [&str; 24] = [
+const CSV_HEADER: [&str; 25] = [
     "classifier",
     "slug",
     "family",
@@ -645,6 +651,7 @@ const CSV_HEADER: [&str; 24] = [
     "coverage",
     "accepted_accuracy",
     "no_answer_share",
+    "refused_share",
     "latency_p50_ms",
     "latency_p90_ms",
     "latency_p99_ms",

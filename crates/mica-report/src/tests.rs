@@ -299,3 +299,52 @@ fn remote_api_energy_is_not_compared_as_if_measured() {
     assert!(!s.contains("times less energy"), "{s}");
     assert!(s.contains("remote API's servers is not measured"), "{s}");
 }
+
+#[test]
+fn refusals_have_their_own_column_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &["cnn-small", "llm-sim"]);
+    write_classifier(&dir.path().join("cnn-small"), "cnn:small", &predictions("cnn:small", 10, false), 0.02, false);
+    let mut llm = predictions("llm:sim/gpt-4o", 3, true);
+    // Two refusals (no label, the model's words kept) next to the one unparseable answer.
+    for p in llm.iter_mut().take(2) {
+        p.outcome = Outcome::Refused;
+        p.predicted = None;
+        p.confidence = None;
+        p.raw_answer = Some("I'm sorry, I can't assist with that request.".into());
+    }
+    let m = write_classifier(&dir.path().join("llm-sim"), "llm:sim/gpt-4o", &llm, 4.0, true);
+    assert_eq!((m.outcomes.refused, m.outcomes.unparseable), (2, 1));
+
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(render(dir.path(), Format::Json).unwrap()).unwrap()).unwrap();
+    let row = &v["headline"][1];
+    assert_eq!(row["refused_share"].as_f64().unwrap(), 2.0 / 40.0);
+    assert_eq!(row["no_answer_share"].as_f64().unwrap(), 3.0 / 40.0, "refusals are no answer");
+    assert_eq!(v["headline"][0]["refused_share"].as_f64().unwrap(), 0.0);
+
+    let md = std::fs::read_to_string(render(dir.path(), Format::Markdown).unwrap()).unwrap();
+    let html = std::fs::read_to_string(render(dir.path(), Format::Html).unwrap()).unwrap();
+    for doc in [&md, &html] {
+        assert!(doc.contains("No answer %") && doc.contains("Refused %"));
+        assert!(doc.contains("unparseable, refused and failed answers as wrong"));
+    }
+    let header = md.lines().find(|l| l.contains("No answer %")).unwrap();
+    let cells: Vec<&str> = header.split('|').map(str::trim).collect();
+    let at = cells.iter().position(|c| *c == "No answer %").unwrap();
+    assert_eq!(cells[at + 1], "Refused %", "next to the no-answer column");
+    let llm_row = md.lines().find(|l| l.contains("llm:sim/gpt-4o [SIMULATED]") && l.starts_with('|')).unwrap();
+    let cells: Vec<&str> = llm_row.split('|').map(str::trim).collect();
+    assert_eq!((cells[at], cells[at + 1]), ("7.5", "5.0"), "{llm_row}");
+
+    let csv = std::fs::read_to_string(render(dir.path(), Format::Csv).unwrap()).unwrap();
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let i = head.iter().position(|c| *c == "refused_share").unwrap();
+    assert_eq!(head[i - 1], "no_answer_share");
+    let llm_line: Vec<&str> = lines.nth(1).unwrap().split(',').collect();
+    assert_eq!(llm_line[i], (2.0f64 / 40.0).to_string());
+
+    let (_, cmp) = load(dir.path()).unwrap();
+    assert!(cmp.summary.iter().any(|s| s.contains("declined to answer 5.0 %")), "{:?}", cmp.summary);
+    assert!(headline_text(&cmp).contains("Refused %"));
+}

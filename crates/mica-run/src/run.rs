@@ -284,6 +284,8 @@ fn write_or_check_manifest(
             "context_columns": ds.context_columns,
             "label_like_context": ds.label_like_context,
             "findings_acquisition_properties": Vec::<String>::new(),
+            // Acquisition properties that alone predict the class (a shortcut, not disease).
+            "shortcuts": mica_data::shortcut::check_dataset(ds),
         }),
     };
     write_json(&path, &m)

@@ -329,3 +329,32 @@ fn no_prompt_of_any_context_mode_carries_a_label_like_column() {
     let m = mica_eval::RunMetrics::read(out.classifiers[1].dir.join("metrics.json")).unwrap();
     assert_eq!(m.extra["label_like_context"], serde_json::json!(["diagnosis"]));
 }
+
+#[test]
+fn a_comparison_reports_an_acquisition_shortcut_in_plain_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    let out = tmp.path().join("plain");
+    run(&experiment(&data, &out), &RunOptions::default());
+    let (_, cmp) = mica_report::load(&out).unwrap();
+    // These phantoms' classes are brightness patterns, so mean intensity is flagged (rightly:
+    // it is what tells them apart); the size is the same for all.
+    assert!(!cmp.summary.iter().any(|s| s.contains("SHORTCUT: Native width")), "{:?}", cmp.summary);
+
+    // Re-save two classes at another size: the size now tells the class group.
+    for class in ["left", "top"] {
+        for e in std::fs::read_dir(data.join(class)).unwrap().flatten() {
+            let img = image::open(e.path()).unwrap().to_luma8();
+            image::imageops::resize(&img, 24, 16, image::imageops::FilterType::Nearest).save(e.path()).unwrap();
+        }
+    }
+    let out = tmp.path().join("tied");
+    run(&experiment(&data, &out), &RunOptions::default());
+    let (_, cmp) = mica_report::load(&out).unwrap();
+    assert!(
+        cmp.summary.iter().any(|s| s.starts_with("SHORTCUT: Native width alone predicts the class with")),
+        "{:?}",
+        cmp.summary
+    );
+}

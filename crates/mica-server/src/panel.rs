@@ -383,6 +383,10 @@ pub fn review_reasons(preds: &[CasePrediction], threshold: f64) -> Vec<String> {
     let mut reasons = Vec::new();
     for p in preds {
         match (p.outcome.as_str(), &p.suggested_label, p.confidence) {
+            ("refused", _, _) => reasons.push(format!(
+                "{} declined to answer: no usable answer",
+                p.classifier
+            )),
             ("failed" | "unparseable", _, _) | (_, None, _) => {
                 reasons.push(format!("{} gave no usable answer", p.classifier))
             }
@@ -455,6 +459,9 @@ mod tests {
         let r = review_reasons(&failed, 0.7);
         assert!(r.iter().any(|s| s == "a gave no usable answer"), "{r:?}");
         assert!(r.iter().any(|s| s.contains("b's filter deferred")), "{r:?}");
+        let refused = [p("llm", None, None, "refused"), p("cnn", Some("y"), Some(0.95), "answered")];
+        let r = review_reasons(&refused, 0.7);
+        assert_eq!(r, ["llm declined to answer: no usable answer"]);
     }
 
     #[test]

@@ -246,8 +246,8 @@ pub fn print_classifier(m: &mica_eval::RunMetrics, c: &mica_run::ClassifierOutco
     }
     let o = &m.outcomes;
     println!(
-        "{}: {} images: {} answered, {} deferred to a physician, {} unparseable, {} failed",
-        m.classifier, m.images, o.answered, o.deferred, o.unparseable, o.failed
+        "{}: {} images: {} answered, {} deferred to a physician, {} refused, {} unparseable, {} failed",
+        m.classifier, m.images, o.answered, o.deferred, o.refused, o.unparseable, o.failed
     );
     println!(
         "accuracy {:.3} over all images (no answer = wrong), macro F1 {:.3}{}; coverage {:.3}{}",

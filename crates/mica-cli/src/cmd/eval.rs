@@ -15,7 +15,7 @@ use crate::exit::usage;
 Predictions CSV: a header row with `label` (true class) and `prediction` columns, optional \
 `prob_<class>` columns with probabilities (they enable ROC AUC and ECE); other columns are \
 ignored. The label set is the sorted union of the `label` values and the prob_ classes. A \
-prediction outside it is an error; an empty prediction, `unparseable` or `failed` means no \
+prediction outside it is an error; an empty prediction, `refused`, `unparseable` or `failed` means no \
 answer and counts as wrong.")]
 pub struct EvalArgs {
     /// CSV with columns label,prediction and optional prob_<class> columns.
