@@ -149,6 +149,39 @@ fn require_pixel_data(obj: &dicom_object::DefaultDicomObject, path: &Path) -> Re
     }
 }
 
+/// Acquisition properties that are not pixels: bits per sample, and for DICOM the modality
+/// and manufacturer. They can differ by source, and so by class (see `crate::shortcut`).
+pub fn acquisition(source: &ImageSource) -> (String, String) {
+    use dicom_dictionary_std::tags;
+    match source {
+        ImageSource::File { path } if is_dicom_path(path) => match open_dicom(path) {
+            Ok(obj) => {
+                let text = |t| {
+                    obj.element_opt(t)
+                        .ok()
+                        .flatten()
+                        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+                        .unwrap_or_default()
+                };
+                let bits = dicom_int(&obj, tags::BITS_STORED).map(|b| b.to_string()).unwrap_or_default();
+                (bits, format!("{} {}", text(tags::MODALITY), text(tags::MANUFACTURER)).trim().to_string())
+            }
+            Err(_) => (String::new(), String::new()),
+        },
+        ImageSource::File { path } => {
+            use image::ImageDecoder;
+            let bits = open_raster(path)
+                .ok()
+                .and_then(|r| r.into_decoder().ok())
+                .map(|d| d.color_type())
+                .map(|c| (c.bits_per_pixel() / u16::from(c.channel_count())).to_string())
+                .unwrap_or_default();
+            (bits, String::new())
+        }
+        _ => ("8".into(), String::new()),
+    }
+}
+
 fn probe_dicom(path: &Path) -> Result<Probe, DataError> {
     use dicom_dictionary_std::tags;
     let obj = open_dicom(path)?;

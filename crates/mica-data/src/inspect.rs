@@ -96,6 +96,12 @@ pub struct Inspection {
     pub counts: Vec<ClassCounts>,
     pub sizes: SizeStats,
     pub with_context: usize,
+    /// The metadata columns read as context (a `context` column by default).
+    #[serde(default)]
+    pub context_columns: Vec<String>,
+    /// Of those, the ones a run refuses because they name or imply a class.
+    #[serde(default)]
+    pub label_like_context: Vec<String>,
     /// Files that could not be used, each with its reason.
     pub unreadable: Vec<SkippedFile>,
     /// Informational notes, e.g. multi-frame DICOM files of which only the first frame is used.
@@ -113,7 +119,10 @@ pub struct Inspection {
 
 /// Loads, fully decodes and hashes every image of the dataset at `path`.
 pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataError> {
-    let mut ds = crate::load(path)?;
+    // Context is read to count and check it, never to refuse it: inspecting is how a user
+    // finds out which columns would be refused.
+    let look = crate::ContextSpec { allow_label_like: true, ..Default::default() };
+    let mut ds = crate::load_with(path, &look)?;
     let official = ds.samples.iter().any(|s| s.split.is_some());
     let summary = assign(&mut ds, &opts.split)?;
 
@@ -260,6 +269,8 @@ pub fn inspect(path: &Path, opts: &InspectOptions) -> Result<Inspection, DataErr
         split_notes: summary.notes,
         images: kept.len(),
         with_context: kept.iter().filter(|s| s.context.is_some()).count(),
+        context_columns: ds.context_columns.clone(),
+        label_like_context: ds.label_like_context.clone(),
         counts,
         sizes,
         unreadable,
@@ -283,6 +294,9 @@ impl Inspection {
         let _ = writeln!(o, "modality  {}", self.modality);
         let _ = writeln!(o, "classes   {} ({})", self.labels.len(), self.labels.join(", "));
         let _ = writeln!(o, "images    {} readable, {} unreadable, {} with clinical context", self.images, self.unreadable.len(), self.with_context);
+        for c in &self.label_like_context {
+            let _ = writeln!(o, "CONTEXT   column `{c}` names or implies a class: runs refuse it (unless --allow-label-like-context)");
+        }
         let _ = writeln!(o, "split     {}", self.split_source);
         for n in &self.split_notes {
             let _ = writeln!(o, "          {n}");
@@ -310,7 +324,7 @@ impl Inspection {
         if flagged.is_empty() {
             let _ = writeln!(
                 o,
-                "shortcuts   none: no acquisition property (size, aspect, format, file size, mean intensity) predicts the class far above chance"
+                "shortcuts   none: no acquisition property (size, aspect, bit depth, format, DICOM source, file size, mean intensity) predicts the class far above chance"
             );
         } else {
             for c in flagged {
@@ -373,7 +387,7 @@ mod tests {
             let r = inspect(&root, &InspectOptions::default()).unwrap();
             let flagged: Vec<String> = r.shortcuts.iter().filter(|c| c.flagged).map(|c| c.sentence()).collect();
             assert!(flagged.is_empty(), "{m}: {flagged:?}");
-            assert_eq!(r.shortcuts.len(), 6);
+            assert_eq!(r.shortcuts.len(), 8);
         }
         // Two sources: glioma and meningioma scanned at 40x40, the others at 32x48.
         let tied = d.path().join("tied");

@@ -20,8 +20,8 @@ pub const FLAG_MIN_V: f64 = 0.4;
 /// How well one property predicts the class.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PropertyCheck {
-    /// `native width`, `native height`, `aspect ratio`, `file format`, `file size band`,
-    /// `mean intensity band`.
+    /// `native width`, `native height`, `aspect ratio`, `bit depth`, `file format`,
+    /// `DICOM modality and manufacturer`, `file size band`, `mean intensity band`.
     pub property: String,
     /// Distinct values seen.
     pub values: usize,
@@ -60,6 +60,10 @@ pub struct Properties {
     pub file_bytes: u64,
     /// Mean intensity on 0..1.
     pub mean: f64,
+    /// Bits per sample as stored (8, 16, 12 for DICOM `BitsStored`, ...).
+    pub bit_depth: String,
+    /// DICOM modality and manufacturer; empty for other files.
+    pub dicom_source: String,
 }
 
 impl Properties {
@@ -67,6 +71,7 @@ impl Properties {
     pub fn of(source: &mica_core::ImageSource, img: &image::GrayImage) -> Properties {
         let path = source.path();
         let raw = img.as_raw();
+        let (bit_depth, dicom_source) = crate::image::acquisition(source);
         Properties {
             width: img.width(),
             height: img.height(),
@@ -76,6 +81,8 @@ impl Properties {
                 _ => 0,
             },
             mean: raw.iter().map(|&v| v as f64).sum::<f64>() / (raw.len().max(1) as f64 * 255.0),
+            bit_depth,
+            dicom_source,
         }
     }
 }
@@ -105,7 +112,9 @@ pub fn check(props: &[Properties], labels: &[usize]) -> Vec<PropertyCheck> {
             "aspect ratio",
             props.iter().map(|p| format!("{:.2}", p.width as f64 / p.height.max(1) as f64)).collect(),
         ),
+        ("bit depth", props.iter().map(|p| p.bit_depth.clone()).collect()),
         ("file format", props.iter().map(|p| p.format.clone()).collect()),
+        ("DICOM modality and manufacturer", props.iter().map(|p| p.dicom_source.clone()).collect()),
         (
             "file size band",
             props.iter().map(|p| format!("2^{}", 64 - p.file_bytes.max(1).leading_zeros())).collect(),
@@ -207,7 +216,7 @@ mod tests {
     use super::*;
 
     fn props(w: u32, h: u32) -> Properties {
-        Properties { width: w, height: h, format: "png".into(), file_bytes: 5000, mean: 0.5 }
+        Properties { width: w, height: h, format: "png".into(), file_bytes: 5000, mean: 0.5, ..Default::default() }
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod runner;
 pub mod sim;
 pub mod spec;
 pub mod summary;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 // The end-to-end tests talk to the simulator: `cargo test -p mica-llm --features sim` (the
 // workspace's test run enables the feature through mica-cli and mica-run).
 #[cfg(all(test, feature = "sim"))]

@@ -686,35 +686,9 @@ fn classifier_trait_runs_outside_a_runtime() {
 
 // --- Refusals and hedges in the providers' documented wire formats ---------------------------
 
-/// A stand-in server built from the documented wire formats: every request (any path) is
-/// answered 200 with `body`. Returns its base URL.
+/// A stand-in server answering every request 200 with `body`. Returns its base URL.
 fn wire_stub(body: String) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let _ = reader.read_exact(&mut vec![0; len]);
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    url
+    crate::testing::Server::start(move |_| (200, body.clone())).url
 }
 
 /// OpenAI's documented `chat.completion` object with this assistant message.
