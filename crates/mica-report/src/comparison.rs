@@ -57,6 +57,9 @@ pub struct HeadlineRow {
     pub usd_per_1000: Option<f64>,
     pub ece: Option<f64>,
     pub simulated: bool,
+    /// The classifier was given metadata that names or implies the class, by explicit request.
+    #[serde(default)]
+    pub label_like_context: bool,
 }
 
 impl HeadlineRow {
@@ -97,6 +100,7 @@ impl HeadlineRow {
             usd_per_1000: m.cost.map(|c| c.per_image_usd * 1000.0),
             ece: m.all.ece,
             simulated: m.simulated,
+            label_like_context: m.extra.contains_key("label_like_context"),
         }
     }
 }

@@ -110,11 +110,14 @@ pub const HEADLINE_COLUMNS: [&str; 13] = [
 ];
 
 pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
-    let name = if r.simulated {
+    let mut name = if r.simulated {
         format!("{} [SIMULATED]", r.classifier)
     } else {
         r.classifier.clone()
     };
+    if r.label_like_context {
+        name.push_str(" [LABEL-LIKE CONTEXT]");
+    }
     vec![
         name,
         pct_ci(r.accuracy, r.accuracy_ci),

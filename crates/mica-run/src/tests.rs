@@ -328,6 +328,11 @@ fn no_prompt_of_any_context_mode_carries_a_label_like_column() {
     let out = run_experiment(&forced, &RunOptions::default(), &mut |_| {}).unwrap();
     let m = mica_eval::RunMetrics::read(out.classifiers[1].dir.join("metrics.json")).unwrap();
     assert_eq!(m.extra["label_like_context"], serde_json::json!(["diagnosis"]));
+    let (_, cmp) = mica_report::load(&out.dir).unwrap();
+    let stamped: Vec<String> = cmp.headline.iter().map(|r| mica_report::render::headline_cells(r)[0].clone()).collect();
+    assert!(stamped.iter().any(|n| n.ends_with("[LABEL-LIKE CONTEXT]")), "{stamped:?}");
+    assert!(stamped.iter().any(|n| !n.contains("LABEL-LIKE")), "only the classifier shown the column");
+    assert!(cmp.summary.iter().any(|s| s.starts_with("LABEL-LIKE CONTEXT:")), "{:?}", cmp.summary);
 }
 
 #[test]
