@@ -126,7 +126,7 @@ pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
         match (r.coverage, r.accepted_accuracy) {
             (Some(c), Some(a)) => format!("{} ({})", pct(c), pct(a)),
             (Some(c), None) => pct(c),
-            _ => "100 (no filter)".into(),
+            _ => "100 (none deferred)".into(),
         },
         pct(r.no_answer_share),
         pct(r.refused_share),

@@ -181,7 +181,8 @@ pub struct ClassifierConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_below: Option<f64>,
     /// LLM: `openai/gpt-4o`, `ollama/llama3.2-vision`, `openai-compatible/<model>@<url>`.
-    #[serde(default)]
+    /// Written to run files without URL credentials or query strings.
+    #[serde(default, serialize_with = "redacted")]
     pub model: Option<String>,
     /// LLM: context mode (`image`, `image+clinical`, `image+findings`, `findings`).
     #[serde(default)]
@@ -207,8 +208,9 @@ pub struct ClassifierConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmOptions {
-    /// Server address replacing the spec's (a proxy, or `mica llm-sim`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Server address replacing the spec's (a proxy, or `mica llm-sim`). Written to run files
+    /// without credentials or query strings.
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "redacted")]
     pub base_url: Option<String>,
     /// Environment variable holding the API key (its value is never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +259,15 @@ pub struct LlmOptions {
 impl LlmOptions {
     fn is_default(&self) -> bool {
         self == &LlmOptions::default()
+    }
+}
+
+/// Run files (manifest, classifier.json, metrics.json) record where a model was reached, never
+/// the user name, password or query string (tokens) in that address.
+fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(u) => s.serialize_some(&mica_llm::spec::redact_url(u)),
+        None => s.serialize_none(),
     }
 }
 

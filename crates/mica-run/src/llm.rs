@@ -255,7 +255,9 @@ pub(crate) fn build(
 
     let mut b = Built::new(Box::new(Backed { inner, _sim: sim }), concurrency * 4);
     b.simulated = cfg.simulated;
-    b.extra.insert("llm_config".into(), serde_json::to_value(&runner.config).expect("config serialises"));
+    let mut recorded = serde_json::to_value(&runner.config).expect("config serialises");
+    recorded["spec"]["base_url"] = serde_json::json!(mica_llm::spec::redact_url(&runner.config.spec.base_url));
+    b.extra.insert("llm_config".into(), recorded);
     let r = runner.clone();
     b.summarize = Some(Box::new(move |preds: &[Prediction]| {
         let summary = LlmSummary::from_predictions(preds, &r.config.filter, r.price());

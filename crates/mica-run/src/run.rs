@@ -472,6 +472,8 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
                     // truth comes from the dataset, never from the classifier.
                     p.classifier = name.clone();
                     p.true_label = (s.label < ds.labels.len()).then(|| ds.labels.name(s.label).to_string());
+                    // Error texts may quote the server's URL; credentials in it are never written.
+                    p.error = p.error.map(|e| mica_llm::spec::redact_url(&e));
                     for p in gate.admit(p, &name)? {
                         log.append(&p)?;
                     }

@@ -363,3 +363,34 @@ fn a_comparison_reports_an_acquisition_shortcut_in_plain_words() {
         cmp.summary
     );
 }
+
+#[test]
+fn credentials_in_a_server_address_are_written_nowhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 5);
+    let server = Server::start(|_| (503, r#"{"error":{"message":"overloaded","type":"server_error"}}"#.into()));
+    let url = server.url.replace("http://", "http://user:s3cret-pw@") + "/?api_key=tok-123";
+    let out = tmp.path().join("run");
+    let exp = llm_experiment(&data, &out, &url);
+    run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+    assert!(server.requests() > 0);
+    let mut files = vec![];
+    let mut stack = vec![out.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for f in files {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        assert!(!text.contains("s3cret") && !text.contains("tok-123"), "{} holds a credential", f.display());
+    }
+    // Resuming with the same address is the same run.
+    run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+}
