@@ -139,6 +139,13 @@ pub fn run_experiment(
             ds.label_like_context.join(", ")
         )));
     }
+    // The split's provenance: the SHA-256 of split.csv as written (`sha256sum split.csv`).
+    let split_path = root.split();
+    let split_sha256 = {
+        use sha2::Digest;
+        let bytes = std::fs::read(&split_path).map_err(RunError::io(&split_path))?;
+        format!("{:x}", sha2::Sha256::digest(&bytes))
+    };
     let split_hash = mica_data::split::fingerprint(&ds);
     let chosen = select(&ds, exp.dataset.split, exp.dataset.limit_per_class, exp.dataset.seed);
     if chosen.is_empty() {
@@ -154,7 +161,7 @@ pub fn run_experiment(
     };
 
     // 2. The manifest: written once, checked on every resume.
-    write_or_check_manifest(exp, opts, &root, &ds, &split_hash, chosen.len())?;
+    write_or_check_manifest(exp, opts, &root, &ds, (&split_hash, &split_sha256), chosen.len())?;
 
     // 3. Every classifier in turn.
     let mut meter = opts.meter.clone();
@@ -208,7 +215,7 @@ fn write_or_check_manifest(
     opts: &RunOptions,
     root: &RunRoot,
     ds: &Dataset,
-    split_hash: &str,
+    (split_hash, split_sha256): (&str, &str),
     images: usize,
 ) -> Result<(), RunError> {
     let path = root.manifest();
@@ -218,8 +225,13 @@ fn write_or_check_manifest(
         let bytes = std::fs::read(&path).map_err(RunError::io(&path))?;
         let old: RunManifest =
             serde_json::from_slice(&bytes).map_err(|e| config_err(format!("not a mica run manifest: {e}")))?;
-        let old_hash = old.config.get("split_hash").and_then(|v| v.as_str()).unwrap_or("");
-        if old_hash != split_hash {
+        // Runs from before the SHA-256 recorded only the FNV fingerprint.
+        let (old_hash, now) = match old.config.get("split_sha256").and_then(|v| v.as_str()) {
+            Some(h) => (h, split_sha256),
+            None => (old.config.get("split_hash").and_then(|v| v.as_str()).unwrap_or(""), split_hash),
+        };
+        if old_hash != now {
+            let split_hash = now;
             return Err(config_err(format!(
                 "this run used split {old_hash}, the experiment now gives {split_hash}; use a new output directory"
             )));
@@ -271,8 +283,8 @@ fn write_or_check_manifest(
         config: serde_json::json!({
             "experiment": exp,
             "classifier_slugs": slugs,
-            "split_hash": split_hash,
-            "split_hash_method": "FNV-1a 64 over sorted id,label,split lines (mica_data::split::fingerprint)",
+            "split_sha256": split_sha256,
+            "split_sha256_of": "split.csv",
             "layout": ds.layout.as_str(),
             "modality": ds.modality.as_str(),
             "labels": ds.labels.names(),

@@ -99,6 +99,13 @@ fn compare_writes_a_run_directory_and_report() {
     assert!(full.all.accuracy > 0.5, "baseline separates the patterns: {}", full.all.accuracy);
     assert!(full.energy.is_some(), "each classifier has its energy window");
     assert!(outcome.store_id.is_some());
+    // Provenance: the report's split hash is `sha256sum split.csv`.
+    let (_, cmp) = mica_report::load(&outcome.dir).unwrap();
+    let sha = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(std::fs::read(outcome.dir.join("split.csv")).unwrap()))
+    };
+    assert_eq!(cmp.provenance.split_hash.as_deref(), Some(sha.as_str()));
     assert!(events.iter().any(|e| matches!(e, Event::Done { reused: false, .. })));
     // Running again reuses everything.
     let mut reused = 0;
