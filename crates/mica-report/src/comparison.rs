@@ -492,22 +492,9 @@ fn summary(rows: &[HeadlineRow], tests: &[PairTest], run: &RunDir) -> Vec<String
                 .into(),
         );
     }
-    let shortcuts = run.manifest.as_ref().and_then(|m| m.config.get("shortcuts")).and_then(|v| v.as_array());
-    for c in shortcuts.into_iter().flatten() {
-        if c.get("flagged").and_then(|f| f.as_bool()) == Some(true) {
-            let num = |k: &str| c.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let property = c.get("property").and_then(|v| v.as_str()).unwrap_or("a property");
-            let mut p = property.to_string();
-            if let Some(f) = p.get_mut(0..1) {
-                f.make_ascii_uppercase();
-            }
-            out.push(format!(
-                "SHORTCUT: {p} alone predicts the class with {:.0} % accuracy on this data set (chance {:.0} %, Cramér's V {:.2}); results may reflect source differences, not disease.",
-                num("cv_accuracy") * 100.0,
-                num("chance") * 100.0,
-                num("cramers_v")
-            ));
-        }
+    let warnings = run.manifest.as_ref().and_then(|m| m.config.get("shortcut_warnings")).and_then(|v| v.as_array());
+    for w in warnings.into_iter().flatten().filter_map(|w| w.as_str()) {
+        out.push(format!("SHORTCUT: {w}."));
     }
     for c in &run.classifiers {
         if let Some(cols) = c.metrics.extra.get("label_like_context").and_then(|v| v.as_array()) {

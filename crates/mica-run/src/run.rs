@@ -141,11 +141,7 @@ pub fn run_experiment(
     }
     // The split's provenance: the SHA-256 of split.csv as written (`sha256sum split.csv`).
     let split_path = root.split();
-    let split_sha256 = {
-        use sha2::Digest;
-        let bytes = std::fs::read(&split_path).map_err(RunError::io(&split_path))?;
-        format!("{:x}", sha2::Sha256::digest(&bytes))
-    };
+    let split_sha256 = sha256_file(&split_path)?;
     let split_hash = mica_data::split::fingerprint(&ds);
     let chosen = select(&ds, exp.dataset.split, exp.dataset.limit_per_class, exp.dataset.seed);
     if chosen.is_empty() {
@@ -231,9 +227,8 @@ fn write_or_check_manifest(
             None => (old.config.get("split_hash").and_then(|v| v.as_str()).unwrap_or(""), split_hash),
         };
         if old_hash != now {
-            let split_hash = now;
             return Err(config_err(format!(
-                "this run used split {old_hash}, the experiment now gives {split_hash}; use a new output directory"
+                "this run used split {old_hash}, the experiment now gives {now}; use a new output directory"
             )));
         }
         let old_exp: Experiment = match old.config.get("experiment") {
@@ -269,6 +264,9 @@ fn write_or_check_manifest(
         }
         return Ok(());
     }
+    let shortcuts = mica_data::shortcut::check_dataset(ds);
+    // The report cannot read mica-data's types, so the plain-words warnings travel as text.
+    let shortcut_warnings: Vec<String> = shortcuts.iter().filter(|c| c.flagged).map(|c| c.sentence()).collect();
     let m = RunManifest {
         mica_version: env!("CARGO_PKG_VERSION").to_string(),
         command: opts.command.clone().unwrap_or_else(|| "mica compare".into()),
@@ -297,7 +295,8 @@ fn write_or_check_manifest(
             "label_like_context": ds.label_like_context,
             "findings_acquisition_properties": Vec::<String>::new(),
             // Acquisition properties that alone predict the class (a shortcut, not disease).
-            "shortcuts": mica_data::shortcut::check_dataset(ds),
+            "shortcuts": shortcuts,
+            "shortcut_warnings": shortcut_warnings,
         }),
     };
     write_json(&path, &m)
@@ -344,19 +343,21 @@ fn answer_config(cfg: &ClassifierConfig) -> Result<serde_json::Value, RunError> 
     c.llm.request_timeout = None;
     c.llm.no_cache = None;
     c.llm.cache_dir = None;
-    let sha = |p: &Path| -> Result<String, RunError> {
-        use sha2::Digest;
-        let bytes = std::fs::read(p).map_err(RunError::io(p))?;
-        Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
-    };
     let mut v = serde_json::json!({ "classifier": cfg.display_name(), "entry": c });
     if let Some(t) = &cfg.template {
-        v["template_sha256"] = sha(Path::new(t))?.into();
+        v["template_sha256"] = sha256_file(Path::new(t))?.into();
     }
     if let Some(p) = &cfg.llm.prices {
-        v["prices_sha256"] = sha(p)?.into();
+        v["prices_sha256"] = sha256_file(p)?.into();
     }
     Ok(v)
+}
+
+/// Hex SHA-256 of a file's bytes (what `sha256sum` prints).
+fn sha256_file(path: &Path) -> Result<String, RunError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(RunError::io(path))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
 }
 
 /// Refuses to resume a classifier whose answers were given with other settings; returns what
