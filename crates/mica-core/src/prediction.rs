@@ -118,6 +118,20 @@ pub struct Prediction {
     /// Confidence is below the review threshold: a physician must look at this case.
     #[serde(default, skip_serializing_if = "is_false")]
     pub needs_review: bool,
+    /// The model the server says answered (`model` in the response body), which for an alias
+    /// such as `gpt-4o` names the dated snapshot behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_model: Option<String>,
+    /// OpenAI's `system_fingerprint`: changes when the serving configuration behind a model does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    /// Content digest of the model weights, where the server reports one (Ollama).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_digest: Option<String>,
+    /// Why generation stopped (`stop`, `length`, `content_filter`, ...): a `length` answer was
+    /// cut off, which explains many unparseable ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
     /// Backend-specific extras (e.g. Ollama's load/eval durations, attempts made).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -147,6 +161,10 @@ impl Prediction {
             simulated: false,
             cached: false,
             needs_review: false,
+            resolved_model: None,
+            system_fingerprint: None,
+            model_digest: None,
+            finish_reason: None,
             extra: serde_json::Map::new(),
         }
     }
