@@ -25,6 +25,19 @@ pub fn version(meta: &mica_cnn::CheckpointMeta) -> String {
     )
 }
 
+/// The energy report `mica train` (or a run's `cnn-train:`) left in a model directory.
+fn read_energy(dir: &std::path::Path) -> Result<Option<mica_energy::EnergyReport>, RunError> {
+    let path = mica_core::ClassifierDir::new(dir).energy_report();
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).map_err(RunError::io(&path))?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| RunError::Config {
+        path,
+        message: format!("not a mica energy report: {e}"),
+    })
+}
+
 pub(crate) fn build(
     cfg: &ClassifierConfig,
     spec: &ClassifierSpec,
@@ -65,21 +78,43 @@ pub(crate) fn build(
                     tc.epochs,
                     if tc.resume { " (resuming)" } else { "" }
                 )));
-                let summary = mica_cnn::train(ctx.ds, &tc, &dir, &mut |p| match p {
-                    Progress::Notice(m) => progress(Event::Notice(format!("{name}: {m}"))),
-                    Progress::EpochEnd(s) => progress(Event::Epoch {
-                        name: name.to_string(),
-                        line: format!(
-                            "epoch {} val accuracy {:.1} % macro F1 {:.3}{}",
-                            s.epoch,
-                            s.val_accuracy * 100.0,
-                            s.val_macro_f1,
-                            if s.best { " (best)" } else { "" }
-                        ),
-                    }),
-                    _ => {}
-                })
-                .map_err(cnn_err)?;
+                let mut train = || -> Result<(mica_cnn::TrainSummary, usize), RunError> {
+                    let s = mica_cnn::train(ctx.ds, &tc, &dir, &mut |p| match p {
+                        Progress::Notice(m) => progress(Event::Notice(format!("{name}: {m}"))),
+                        Progress::EpochEnd(s) => progress(Event::Epoch {
+                            name: name.to_string(),
+                            line: format!(
+                                "epoch {} val accuracy {:.1} % macro F1 {:.3}{}",
+                                s.epoch,
+                                s.val_accuracy * 100.0,
+                                s.val_macro_f1,
+                                if s.best { " (best)" } else { "" }
+                            ),
+                        }),
+                        _ => {}
+                    })
+                    .map_err(cnn_err)?;
+                    // Images processed: every epoch of this invocation saw the training split once.
+                    let images = s.train_images * s.history.len().max(1);
+                    Ok((s, images))
+                };
+                // Training is metered like `mica train`, into the model directory, so the
+                // report can put what the CNN cost to make next to what it costs to run.
+                let summary = match ctx.energy {
+                    Some((carbon, meter)) => {
+                        let meters = mica_energy::MeterSet::auto(meter);
+                        let project = format!("train {}", arch.as_str());
+                        let (s, mut report) = mica_energy::measure(&meters, carbon, &project, train)?;
+                        // A resumed training adds to what the killed one had spent.
+                        if let Some(before) = tc.resume.then(|| read_energy(&dir)).transpose()?.flatten() {
+                            report = mica_energy::EnergyReport::sum(&[before, report], "training invocations (resumed)")
+                                .expect("two reports sum");
+                        }
+                        crate::record_energy(&dir, &report)?;
+                        s
+                    }
+                    None => train()?.0,
+                };
                 let mut bytes = serde_json::to_vec_pretty(&summary).expect("summary serialises");
                 bytes.push(b'\n');
                 mica_core::write_atomic(&summary_path, &bytes)?;
@@ -116,6 +151,16 @@ pub(crate) fn build(
             .iter()
             .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
             .collect();
+        let mut small = small;
+        // What training cost, as `mica train` (or the run) metered it: the report's break-even
+        // point needs it. A model trained elsewhere has none, and the report says so.
+        if let Some(e) = read_energy(&model_dir)? {
+            small.insert("energy_wh".into(), e.energy_wh.into());
+            small.insert("co2e_g".into(), e.co2e_g.into());
+            small.insert("energy_method".into(), e.method.clone().into());
+            small.insert("energy_seconds".into(), e.duration_s.into());
+            small.insert("carbon_intensity_g_per_kwh".into(), e.carbon.intensity_g_per_kwh.into());
+        }
         extra.insert("training".into(), serde_json::Value::Object(small));
     }
     // Warm-up outside the energy window and the timings: first-call costs are not inference.

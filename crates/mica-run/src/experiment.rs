@@ -476,6 +476,10 @@ pub struct EnergySpec {
     /// CPU TDP override in watts for the CPU-time estimate.
     #[serde(default)]
     pub tdp_w: Option<f64>,
+    /// Electricity price in USD per kWh: turns local energy into money for the break-even
+    /// point against a paid API. Without it the report compares energy only and says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub electricity_usd_per_kwh: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -563,6 +567,11 @@ impl Experiment {
             test: self.dataset.test,
         };
         split.validate()?;
+        if let Some(p) = self.energy.electricity_usd_per_kwh {
+            if !p.is_finite() || p < 0.0 || p > 100.0 {
+                return Err(format!("energy.electricity_usd_per_kwh must be between 0 and 100 USD/kWh, not {p}"));
+            }
+        }
         if self.dataset.limit_per_class == Some(0) {
             return Err("dataset.limit_per_class must be at least 1".into());
         }

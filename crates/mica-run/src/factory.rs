@@ -19,6 +19,9 @@ pub struct BuildContext<'a> {
     pub root: &'a RunRoot,
     pub slug: &'a str,
     pub name: &'a str,
+    /// How work done while building (training a `cnn-train:` CNN) is metered; None leaves it
+    /// unmetered, and the report then says the training cost is unknown.
+    pub energy: Option<(&'a mica_energy::CarbonConfig, &'a mica_energy::MeterConfig)>,
 }
 
 pub(crate) type RemoteFn = Box<dyn Fn(&[Prediction]) -> mica_energy::RemoteUsage>;

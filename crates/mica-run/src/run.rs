@@ -448,6 +448,7 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
             root: job.root,
             slug,
             name: &name,
+            energy: Some((job.carbon, job.meter)),
         };
         let mut built = factory::build(cfg, &ctx, progress)?;
         // Recorded once the classifier exists, so a typo or a missing key leaves nothing that

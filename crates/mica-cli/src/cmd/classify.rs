@@ -217,6 +217,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
             grid_intensity: args.energy.grid_intensity,
             pue: args.energy.pue,
             tdp_w: None,
+            electricity_usd_per_kwh: args.energy.electricity_price,
         },
         eval: EvalSpec::default(),
     };

@@ -146,6 +146,9 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
     if e.tdp.is_some() {
         exp.energy.tdp_w = e.tdp;
     }
+    if e.electricity_price.is_some() {
+        exp.energy.electricity_usd_per_kwh = e.electricity_price;
+    }
     if !exp.dataset.path.exists() {
         return Err(usage(format!("{}: dataset folder not found", exp.dataset.path.display())));
     }

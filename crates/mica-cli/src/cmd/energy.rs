@@ -32,6 +32,10 @@ pub struct EnergyOpts {
     /// hide the SKU).
     #[arg(long, value_name = "NAME")]
     pub cpu_model: Option<String>,
+    /// Electricity price in USD per kWh, for the report's break-even point between a trained
+    /// CNN (training + inference energy) and a paid API; without it only energy is compared.
+    #[arg(long, value_name = "USD_PER_KWH")]
+    pub electricity_price: Option<f64>,
     /// Root of the powercap sysfs tree (for tests with a fake RAPL tree).
     #[arg(
         long,
