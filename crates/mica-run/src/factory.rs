@@ -40,6 +40,13 @@ pub struct Built {
     pub(crate) remote_usage: Option<RemoteFn>,
     /// Family-specific figures computed from the predictions (the LLM summary).
     pub(crate) summarize: Option<SummaryFn>,
+    /// The port of a model server on this machine (Ollama, vLLM, llama.cpp) whose energy the
+    /// meters must include: it does the work, not mica's process.
+    pub local_server: Option<u16>,
+    /// What the run's money figure means: `no-api-fee` (mica's own CNN, a local model server),
+    /// `api-price` (a remote API with a known price), `unknown-price` (a remote API missing
+    /// from the price table) or `simulated`.
+    pub cost_basis: &'static str,
 }
 
 impl Built {
@@ -51,6 +58,8 @@ impl Built {
             extra: serde_json::Map::new(),
             remote_usage: None,
             summarize: None,
+            local_server: None,
+            cost_basis: "no-api-fee",
         }
     }
 }

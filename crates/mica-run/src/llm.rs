@@ -266,21 +266,88 @@ pub(crate) fn build(
         m.insert("llm_run".into(), serde_json::to_value(r.counters()).expect("counters serialise"));
         m
     }));
-    if pspec.kind != ProviderKind::Ollama && !cfg.simulated {
+    let local = local_port(&pspec.base_url);
+    b.cost_basis = if cfg.simulated {
+        "simulated"
+    } else if local.is_some() {
+        "no-api-fee"
+    } else if runner.price().is_some() {
+        "api-price"
+    } else {
+        "unknown-price"
+    };
+    if cfg.simulated {
+        // The simulator's energy is not a model's; the report never compares it with one.
+    } else if let Some(port) = local {
+        b.local_server = Some(port);
+        progress(Event::Notice(format!(
+            "{name}: the model server is on this machine (port {port}): its energy is metered with the run"
+        )));
+    } else {
         let provider_name = pspec.kind.as_str().to_string();
         let model_name = pspec.model.clone();
-        b.remote_usage = Some(Box::new(move |preds: &[Prediction]| mica_energy::RemoteUsage {
-            provider: provider_name.clone(),
-            model: model_name.clone(),
-            requests: preds.iter().filter(|p| p.tokens.is_some()).count() as u64,
-            input_tokens: preds.iter().filter_map(|p| p.tokens).map(|t| t.prompt).sum(),
-            output_tokens: preds.iter().filter_map(|p| p.tokens).map(|t| t.completion).sum(),
-            estimate: None,
+        // Replayed answers made no request now: only live calls count as usage.
+        b.remote_usage = Some(Box::new(move |preds: &[Prediction]| {
+            let live: Vec<&Prediction> = preds.iter().filter(|p| !p.cached).collect();
+            mica_energy::RemoteUsage {
+                provider: provider_name.clone(),
+                model: model_name.clone(),
+                requests: live.iter().filter(|p| p.tokens.is_some()).count() as u64,
+                input_tokens: live.iter().filter_map(|p| p.tokens).map(|t| t.prompt).sum(),
+                output_tokens: live.iter().filter_map(|p| p.tokens).map(|t| t.completion).sum(),
+                estimate: None,
+            }
         }));
-    } else if pspec.kind == ProviderKind::Ollama {
-        progress(Event::Notice(format!(
-            "{name}: Ollama runs in its own process; the CPU-time estimate of this process does not include it"
-        )));
     }
     Ok(b)
+}
+
+/// The port of an endpoint served by this machine, or None for a remote one. "This machine"
+/// is a loopback or unspecified address, `localhost`, or this host's own name; a server
+/// reached through a LAN address counts as remote (its energy is then not measured).
+pub fn local_port(base_url: &str) -> Option<u16> {
+    let (scheme, rest) = base_url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, tail) = v6.split_once(']')?;
+        (h, tail.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None if scheme.eq_ignore_ascii_case("https") => 443,
+        None => 80,
+    };
+    let host = host.to_ascii_lowercase();
+    let this_host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let local = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback() || ip.is_unspecified(),
+        Err(_) => host == "localhost" || host.ends_with(".localhost") || (!this_host.is_empty() && host == this_host),
+    };
+    local.then_some(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_port;
+
+    #[test]
+    fn endpoints_on_this_machine_are_told_from_remote_ones() {
+        assert_eq!(local_port("http://localhost:11434"), Some(11434));
+        assert_eq!(local_port("http://127.0.0.1:8000/v1"), Some(8000));
+        assert_eq!(local_port("http://[::1]:8080/v1"), Some(8080));
+        assert_eq!(local_port("http://user:secret@127.0.0.2/v1"), Some(80));
+        assert_eq!(local_port("http://0.0.0.0:9000"), Some(9000));
+        assert_eq!(local_port("https://api.openai.com/v1"), None);
+        assert_eq!(local_port("http://10.0.0.5:11434"), None);
+        assert_eq!(local_port("http://localhost.example.com:1"), None);
+        assert_eq!(local_port("not a url"), None);
+    }
 }
