@@ -18,6 +18,31 @@ pub struct LatencySummary {
     pub max: f64,
 }
 
+/// What one latency value measures, so tables do not put a per-request time next to a
+/// batch-amortised one without saying so. Serialised as `{"kind": "per-request"}`,
+/// `{"kind": "per-image-amortised", "batch": 32}` or `{"kind": "per-image"}`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum LatencyKind {
+    /// One request to a model server (an LLM call, one image per request).
+    PerRequest,
+    /// Time of a batch divided by its size: cheaper per image than one image alone.
+    PerImageAmortised { batch: usize },
+    /// One image processed alone (batch 1).
+    PerImage,
+}
+
+impl LatencyKind {
+    /// Short label for table headers and captions.
+    pub fn label(&self) -> String {
+        match self {
+            LatencyKind::PerRequest => "per request".to_string(),
+            LatencyKind::PerImageAmortised { batch } => format!("per image (batch {batch} amortised)"),
+            LatencyKind::PerImage => "per image (batch 1)".to_string(),
+        }
+    }
+}
+
 /// None for an empty slice (there is no honest number to report). Non-finite values are
 /// ignored, since a missing timing must not poison the mean.
 pub fn latency_summary(values: &[f64]) -> Option<LatencySummary> {
@@ -52,5 +77,17 @@ mod tests {
         assert!((s.p99 - 39.7).abs() < 1e-12);
         assert_eq!((s.min, s.max), (10.0, 40.0));
         assert_eq!(latency_summary(&[]), None);
+    }
+
+    #[test]
+    fn latency_kind_labels_and_json() {
+        let k = LatencyKind::PerImageAmortised { batch: 32 };
+        assert_eq!(k.label(), "per image (batch 32 amortised)");
+        assert_eq!(LatencyKind::PerRequest.label(), "per request");
+        assert_eq!(LatencyKind::PerImage.label(), "per image (batch 1)");
+        let s = serde_json::to_string(&k).unwrap();
+        assert_eq!(s, r#"{"kind":"per-image-amortised","batch":32}"#);
+        assert_eq!(serde_json::from_str::<LatencyKind>(&s).unwrap(), k);
+        assert_eq!(serde_json::to_string(&LatencyKind::PerRequest).unwrap(), r#"{"kind":"per-request"}"#);
     }
 }

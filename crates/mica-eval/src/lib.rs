@@ -9,7 +9,8 @@
 //! - [`evaluate`]: one [`EvalReport`] from class indices (and optional probabilities);
 //! - [`RunMetrics::from_predictions`]: the `metrics.json` of one classifier run, built from
 //!   [`mica_core::Prediction`]s with unparseable/failed answers kept visible;
-//! - [`mcnemar`]: paired comparison of two classifiers on the same images;
+//! - [`mcnemar`]: paired comparison of two classifiers on the same images, [`holm`] for
+//!   adjusting a family of such p-values;
 //! - [`latency_summary`], [`selective`]: timing and risk-coverage helpers;
 //! - [`csv_input`]: the `label,prediction[,prob_<class>]` file format of `mica eval`.
 
@@ -21,14 +22,15 @@ pub mod selective;
 pub mod stats;
 
 pub use csv_input::{EncodedPredictions, PredictionsCsv};
-pub use latency::{latency_summary, LatencySummary};
+pub use latency::{latency_summary, LatencyKind, LatencySummary};
 pub use metrics::{
-    evaluate, evaluate_with, macro_f1, BootstrapSettings, ClassMetrics, ConfidenceInterval,
-    ConfusionMatrix, EvalReport, LabelMap, ReliabilityBin,
+    aurc, brier_confidence, brier_multiclass, evaluate, evaluate_with, macro_f1, percentile_interval,
+    stratified_resampler, stratified_resamples, BootstrapMethod, BootstrapSettings, ClassMetrics,
+    ConfidenceInterval, ConfusionMatrix, EvalReport, LabelMap, ReliabilityBin, StratifiedResampler,
 };
 pub use run::{CostTotals, OutcomeCounts, RunMetrics, TokenTotals, RUN_METRICS_SCHEMA};
 pub use selective::{risk_coverage, RiskCoveragePoint};
-pub use stats::{mcnemar, McNemar};
+pub use stats::{holm, mcnemar, McNemar};
 
 use std::path::PathBuf;
 

@@ -107,11 +107,26 @@ pub struct ConfidenceInterval {
     pub upper: f64,
 }
 
+/// How the bootstrap resamples were drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootstrapMethod {
+    /// Cases drawn with replacement from the whole set; what `metrics.json` files written
+    /// before stratification used, hence the default when the field is absent.
+    #[default]
+    Percentile,
+    /// Cases drawn with replacement within each true class, so every resample keeps the
+    /// class counts of the evaluated set (see [`stratified_resamples`]); percentile intervals.
+    StratifiedPercentile,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BootstrapSettings {
     pub resamples: usize,
     pub seed: u64,
     pub level: f64,
+    #[serde(default)]
+    pub method: BootstrapMethod,
 }
 
 /// One bin of a reliability diagram: bins are `(lower, upper]`, the first also holds 0.
@@ -147,12 +162,36 @@ pub struct EvalReport {
     /// One-vs-rest macro ROC AUC; None without probabilities or when undefined.
     pub roc_auc_macro: Option<f64>,
     /// Expected calibration error on the confidence of the given answer; None without
-    /// confidences.
+    /// confidences. Like every calibration figure here it covers only the cases that got an
+    /// answer (`calibration_cases` of them): a case without an answer has no confidence.
     pub ece: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reliability: Vec<ReliabilityBin>,
+    /// Area under the risk-coverage curve (see [`aurc`]); lower is better. None without
+    /// confidences.
+    #[serde(default)]
+    pub aurc: Option<f64>,
+    /// Brier score (see [`brier_multiclass`] and [`brier_confidence`]); which of the two is
+    /// named by `brier_kind`.
+    #[serde(default)]
+    pub brier: Option<f64>,
+    /// `"multiclass"` (probability vectors given) or `"confidence"` (only a confidence in the
+    /// given answer).
+    #[serde(default)]
+    pub brier_kind: Option<String>,
+    /// Cases the calibration figures (ECE, AURC, Brier) are computed over: the answered ones.
+    #[serde(default)]
+    pub calibration_cases: Option<usize>,
     pub accuracy_ci: Option<ConfidenceInterval>,
     pub macro_f1_ci: Option<ConfidenceInterval>,
+    #[serde(default)]
+    pub weighted_f1_ci: Option<ConfidenceInterval>,
+    /// Over the resamples where kappa is defined; None when fewer than half of them are.
+    #[serde(default)]
+    pub cohen_kappa_ci: Option<ConfidenceInterval>,
+    /// Over the resamples where the AUC is defined; None without probabilities.
+    #[serde(default)]
+    pub roc_auc_macro_ci: Option<ConfidenceInterval>,
     pub bootstrap: Option<BootstrapSettings>,
     /// Why an optional metric is missing, in words, for reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -174,8 +213,13 @@ pub fn evaluate(
     evaluate_with(labels, y_true, y_pred, probs, conf.as_deref(), opts)
 }
 
-/// [`evaluate`] with explicit per-case confidences for the ECE, for classifiers (LLMs) that
-/// state a confidence but give no probability vector. `confidence` wins over `probs` for ECE.
+/// [`evaluate`] with explicit per-case confidences, for classifiers (LLMs) that state a
+/// confidence but give no probability vector. `confidence` wins over `probs` for ECE and AURC;
+/// `probs` win for the Brier score (the multi-class score uses the whole vector).
+///
+/// Calibration (ECE, AURC, Brier) covers only the cases with an answer: a [`NO_ANSWER`] case
+/// has no confidence in any label, so its `confidence` entry is ignored (it may be NaN) and a
+/// note says how many cases were left out. It still counts as wrong everywhere else.
 pub fn evaluate_with(
     labels: &LabelSet,
     y_true: &[usize],
@@ -213,7 +257,12 @@ pub fn evaluate_with(
         if c.len() != n {
             return Err(EvalError::input(format!("{} confidences for {} cases", c.len(), n)));
         }
-        if let Some((i, v)) = c.iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
+        let bad = c
+            .iter()
+            .zip(y_pred)
+            .enumerate()
+            .find(|(_, (v, &p))| p != NO_ANSWER && !(0.0..=1.0).contains(*v));
+        if let Some((i, (v, _))) = bad {
             return Err(EvalError::input(format!("case {i}: confidence {v} is not within 0..=1")));
         }
     }
@@ -233,9 +282,10 @@ pub fn evaluate_with(
         notes.push("Cohen's kappa is undefined: expected chance agreement is 1".to_string());
     }
 
+    let all: Vec<usize> = (0..n).collect();
     let roc_auc_macro = match probs {
         None => None,
-        Some(p) => match roc_auc_ovr_macro(y_true, p, k) {
+        Some(p) => match roc_auc_ovr_macro(y_true, p, k, &all) {
             Ok(v) => Some(v),
             Err(why) => {
                 notes.push(format!("ROC AUC is undefined: {}", why(labels)));
@@ -244,29 +294,15 @@ pub fn evaluate_with(
         },
     };
 
-    let (ece, reliability) = match confidence {
-        None => (None, Vec::new()),
-        Some(c) => {
-            let correct: Vec<bool> = y_true.iter().zip(y_pred).map(|(t, p)| t == p).collect();
-            let bins = reliability_bins(c, &correct, opts.ece_bins.max(1));
-            (Some(ece_from_bins(&bins, n)), bins)
-        }
-    };
+    let calibration = calibration(y_true, y_pred, probs, confidence, opts, &mut notes);
 
-    let (accuracy_ci, macro_f1_ci, bootstrap) = if opts.bootstrap_resamples > 0 {
-        let (a, f) = bootstrap_ci(k, y_true, y_pred, opts);
-        (
-            Some(a),
-            Some(f),
-            Some(BootstrapSettings {
-                resamples: opts.bootstrap_resamples,
-                seed: opts.seed,
-                level: opts.confidence_level,
-            }),
-        )
+    let boot = if opts.bootstrap_resamples > 0 {
+        let auc_probs = probs.filter(|_| roc_auc_macro.is_some());
+        Some(bootstrap_cis(k, y_true, y_pred, auc_probs, cohen_kappa.is_some(), opts, &mut notes))
     } else {
-        (None, None, None)
+        None
     };
+    let ci = |f: fn(&BootstrapCis) -> Option<ConfidenceInterval>| boot.as_ref().and_then(f);
 
     Ok(EvalReport {
         labels: labels.names().to_vec(),
@@ -286,13 +322,163 @@ pub fn evaluate_with(
             no_answer: counts.no_answer,
         },
         roc_auc_macro,
-        ece,
-        reliability,
-        accuracy_ci,
-        macro_f1_ci,
-        bootstrap,
+        ece: calibration.ece,
+        reliability: calibration.reliability,
+        aurc: calibration.aurc,
+        brier: calibration.brier,
+        brier_kind: calibration.brier_kind.map(str::to_string),
+        calibration_cases: calibration.cases,
+        accuracy_ci: ci(|b| b.accuracy),
+        macro_f1_ci: ci(|b| b.macro_f1),
+        weighted_f1_ci: ci(|b| b.weighted_f1),
+        cohen_kappa_ci: ci(|b| b.cohen_kappa),
+        roc_auc_macro_ci: ci(|b| b.roc_auc_macro),
+        bootstrap: boot.as_ref().map(|_| BootstrapSettings {
+            resamples: opts.bootstrap_resamples,
+            seed: opts.seed,
+            level: opts.confidence_level,
+            method: BootstrapMethod::StratifiedPercentile,
+        }),
         notes,
     })
+}
+
+#[derive(Default)]
+struct Calibration {
+    ece: Option<f64>,
+    reliability: Vec<ReliabilityBin>,
+    aurc: Option<f64>,
+    brier: Option<f64>,
+    brier_kind: Option<&'static str>,
+    cases: Option<usize>,
+}
+
+/// ECE, AURC and Brier over the answered cases (see [`evaluate_with`]).
+fn calibration(
+    y_true: &[usize],
+    y_pred: &[usize],
+    probs: Option<&[Vec<f64>]>,
+    confidence: Option<&[f64]>,
+    opts: &EvalOptions,
+    notes: &mut Vec<String>,
+) -> Calibration {
+    if probs.is_none() && confidence.is_none() {
+        return Calibration::default();
+    }
+    let answered: Vec<usize> = (0..y_true.len()).filter(|&i| y_pred[i] != NO_ANSWER).collect();
+    let left_out = y_true.len() - answered.len();
+    if answered.is_empty() {
+        notes.push("ECE, AURC and Brier score are not computed: no case got an answer".to_string());
+        return Calibration::default();
+    }
+    if left_out > 0 {
+        notes.push(format!(
+            "ECE, AURC and Brier score cover the {} answered cases; the {left_out} without an answer have no confidence and are left out",
+            answered.len()
+        ));
+    }
+    let correct: Vec<bool> = answered.iter().map(|&i| y_true[i] == y_pred[i]).collect();
+    let mut out = Calibration {
+        cases: Some(answered.len()),
+        ..Calibration::default()
+    };
+    if let Some(c) = confidence {
+        let conf: Vec<f64> = answered.iter().map(|&i| c[i]).collect();
+        let bins = reliability_bins(&conf, &correct, opts.ece_bins.max(1));
+        out.ece = Some(ece_from_bins(&bins, conf.len()));
+        out.reliability = bins;
+        out.aurc = aurc(&conf, &correct);
+    }
+    if let Some(p) = probs {
+        let rows: Vec<&[f64]> = answered.iter().map(|&i| p[i].as_slice()).collect();
+        let truth: Vec<usize> = answered.iter().map(|&i| y_true[i]).collect();
+        out.brier = Some(brier_multiclass(&rows, &truth));
+        out.brier_kind = Some("multiclass");
+    } else if let Some(c) = confidence {
+        let conf: Vec<f64> = answered.iter().map(|&i| c[i]).collect();
+        out.brier = Some(brier_confidence(&conf, &correct));
+        out.brier_kind = Some("confidence");
+    }
+    out
+}
+
+/// Multi-class Brier score: the mean over cases of `sum_k (p_k - 1[y = k])^2`, range 0..=2
+/// (scikit-learn's `brier_score_loss(y, P, labels=..., scale_by_half=False)`; for two classes
+/// this is twice the usual binary score).
+pub fn brier_multiclass(probs: &[&[f64]], y_true: &[usize]) -> f64 {
+    assert_eq!(probs.len(), y_true.len(), "one probability row per case");
+    if probs.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = probs
+        .iter()
+        .zip(y_true)
+        .map(|(row, &t)| {
+            row.iter()
+                .enumerate()
+                .map(|(j, &p)| {
+                    let d = p - if j == t { 1.0 } else { 0.0 };
+                    d * d
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    total / probs.len() as f64
+}
+
+/// Brier score of a stated confidence against correctness: the mean of
+/// `(confidence - 1[answer right])^2`, range 0..=1 (scikit-learn's binary
+/// `brier_score_loss(correct, confidence)`). For classifiers that give no probability vector.
+pub fn brier_confidence(confidence: &[f64], correct: &[bool]) -> f64 {
+    assert_eq!(confidence.len(), correct.len(), "one correctness flag per confidence");
+    if confidence.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = confidence
+        .iter()
+        .zip(correct)
+        .map(|(&c, &ok)| {
+            let d = c - if ok { 1.0 } else { 0.0 };
+            d * d
+        })
+        .sum();
+    total / confidence.len() as f64
+}
+
+/// Area under the risk-coverage curve: with the cases ordered by descending confidence,
+/// `AURC = (1/n) sum_{m=1..n} risk(m)`, where `risk(m)` is the error rate among the `m` most
+/// confident cases. Ties: within a run of equal confidences the order is arbitrary, so the
+/// errors of the run are spread evenly over it, i.e. the `m`-th case of a run of `s` cases with
+/// `e` errors adds `e / s` errors. This is the expectation over random tie-breaking, and makes
+/// the value independent of the input order. None for no cases.
+pub fn aurc(confidence: &[f64], correct: &[bool]) -> Option<f64> {
+    assert_eq!(confidence.len(), correct.len(), "one correctness flag per confidence");
+    let n = confidence.len();
+    if n == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+    let (mut before, mut errors_before, mut sum) = (0usize, 0usize, 0.0f64);
+    let mut i = 0;
+    while i < n {
+        let c = confidence[order[i]];
+        let mut j = i;
+        let mut errors = 0usize;
+        while j < n && confidence[order[j]] == c {
+            errors += !correct[order[j]] as usize;
+            j += 1;
+        }
+        let size = j - i;
+        for m in 1..=size {
+            let expected = errors_before as f64 + m as f64 * errors as f64 / size as f64;
+            sum += expected / (before + m) as f64;
+        }
+        before += size;
+        errors_before += errors;
+        i = j;
+    }
+    Some(sum / n as f64)
 }
 
 fn check_probs(p: &[Vec<f64>], n: usize, k: usize) -> Result<(), EvalError> {
@@ -446,16 +632,17 @@ pub(crate) fn cohen_kappa(matrix: &[Vec<u64>], no_answer: &[u64]) -> Option<f64>
 
 type AucFailure = Box<dyn Fn(&LabelSet) -> String>;
 
-/// One-vs-rest macro ROC AUC as scikit-learn computes it with `multi_class="ovr"`.
-pub(crate) fn roc_auc_ovr_macro(y_true: &[usize], probs: &[Vec<f64>], k: usize) -> Result<f64, AucFailure> {
+/// One-vs-rest macro ROC AUC as scikit-learn computes it with `multi_class="ovr"`, over the
+/// cases `index` picks (all of them, or a bootstrap resample).
+pub(crate) fn roc_auc_ovr_macro(y_true: &[usize], probs: &[Vec<f64>], k: usize, index: &[usize]) -> Result<f64, AucFailure> {
     if k < 2 {
         return Err(Box::new(|_| "it needs at least two classes".to_string()));
     }
     let classes: Vec<usize> = if k == 2 { vec![1] } else { (0..k).collect() };
     let mut sum = 0.0;
     for &c in &classes {
-        let positive: Vec<bool> = y_true.iter().map(|&t| t == c).collect();
-        let scores: Vec<f64> = probs.iter().map(|r| r[c]).collect();
+        let positive: Vec<bool> = index.iter().map(|&i| y_true[i] == c).collect();
+        let scores: Vec<f64> = index.iter().map(|&i| probs[i][c]).collect();
         match binary_auc(&positive, &scores) {
             Some(a) => sum += a,
             None => {
@@ -547,38 +734,147 @@ pub fn expected_calibration_error(confidence: &[f64], correct: &[bool], bins: us
     ece_from_bins(&reliability_bins(confidence, correct, bins.max(1)), confidence.len())
 }
 
-/// Percentile bootstrap: resample cases with replacement (ChaCha8 seeded with `opts.seed`),
-/// recompute accuracy and macro F1, take the linear-interpolated quantiles at
-/// (1-level)/2 and (1+level)/2 (numpy's default percentile method).
-fn bootstrap_ci(
+/// Bootstrap resamples stratified by true class, drawn one at a time (see
+/// [`stratified_resamples`] for the exact rule).
+pub struct StratifiedResampler {
+    groups: Vec<Vec<usize>>,
+    rng: ChaCha8Rng,
+    left: usize,
+    n: usize,
+}
+
+impl Iterator for StratifiedResampler {
+    type Item = Vec<usize>;
+
+    fn next(&mut self) -> Option<Vec<usize>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut out = Vec::with_capacity(self.n);
+        for members in &self.groups {
+            for _ in 0..members.len() {
+                out.push(members[self.rng.random_range(0..members.len())]);
+            }
+        }
+        Some(out)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for StratifiedResampler {}
+
+/// The resamples [`stratified_resamples`] returns, without holding them all in memory.
+pub fn stratified_resampler(y_true: &[usize], k: usize, resamples: usize, seed: u64) -> StratifiedResampler {
+    let classes = y_true.iter().map(|&t| t + 1).max().unwrap_or(0).max(k);
+    let mut groups = vec![Vec::new(); classes];
+    for (i, &t) in y_true.iter().enumerate() {
+        groups[t].push(i);
+    }
+    groups.retain(|g| !g.is_empty());
+    StratifiedResampler {
+        groups,
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        left: resamples,
+        n: y_true.len(),
+    }
+}
+
+/// Bootstrap resamples stratified by true class: each resample is a list of case indices
+/// that, for every class in ascending order, draws as many cases as the class has, uniformly
+/// with replacement from that class's cases (in input order), using one ChaCha8 generator
+/// seeded with `seed` for all draws in turn. Every resample therefore keeps the class counts
+/// of `y_true`, so a rare class cannot vanish from a resample and no resample has a different
+/// prevalence than the test set. These are exactly the resamples behind every interval of
+/// [`evaluate_with`] (and of the run-level intervals of [`crate::RunMetrics`]), so they can be
+/// replayed elsewhere (the scipy cross-check does). `k` is the number of classes; a larger
+/// index in `y_true` is still its own class.
+pub fn stratified_resamples(y_true: &[usize], k: usize, resamples: usize, seed: u64) -> Vec<Vec<usize>> {
+    stratified_resampler(y_true, k, resamples, seed).collect()
+}
+
+/// Percentile interval of the values a statistic took on the resamples where it was defined:
+/// the linear-interpolated quantiles (numpy's default method) at `a = (1 - level) / 2` and
+/// `1 - a` (scipy's `bootstrap(method="percentile")` rule). `attempted` is the number of
+/// resamples drawn; with fewer than half of them defined the interval would describe a
+/// selected minority of resamples, so it is None, as it is for no values at all.
+pub fn percentile_interval(values: &[f64], attempted: usize, level: f64) -> Option<ConfidenceInterval> {
+    if values.is_empty() || values.len() * 2 < attempted {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let lo = (1.0 - level) / 2.0;
+    Some(ConfidenceInterval {
+        lower: quantile_linear(&v, lo),
+        upper: quantile_linear(&v, 1.0 - lo),
+    })
+}
+
+struct BootstrapCis {
+    accuracy: Option<ConfidenceInterval>,
+    macro_f1: Option<ConfidenceInterval>,
+    weighted_f1: Option<ConfidenceInterval>,
+    cohen_kappa: Option<ConfidenceInterval>,
+    roc_auc_macro: Option<ConfidenceInterval>,
+}
+
+/// Intervals over the [`stratified_resamples`] of `opts`: each statistic is recomputed on every
+/// resample; kappa and AUC skip the resamples where they are undefined (see
+/// [`percentile_interval`] for when too many are). `probs` is given only when the AUC of the
+/// whole set is defined: stratified resamples keep the class counts, so it is then defined on
+/// every resample too.
+fn bootstrap_cis(
     k: usize,
     y_true: &[usize],
     y_pred: &[usize],
+    probs: Option<&[Vec<f64>]>,
+    kappa_defined: bool,
     opts: &EvalOptions,
-) -> (ConfidenceInterval, ConfidenceInterval) {
-    let n = y_true.len();
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut accs = Vec::with_capacity(opts.bootstrap_resamples);
-    let mut f1s = Vec::with_capacity(opts.bootstrap_resamples);
-    let mut index = vec![0usize; n];
-    for _ in 0..opts.bootstrap_resamples {
-        for slot in index.iter_mut() {
-            *slot = rng.random_range(0..n);
-        }
-        let (_, m) = Counts::from_indices(k, y_true, y_pred, Some(&index)).metrics();
+    notes: &mut Vec<String>,
+) -> BootstrapCis {
+    let b = opts.bootstrap_resamples;
+    let mut accs = Vec::with_capacity(b);
+    let mut f1s = Vec::with_capacity(b);
+    let mut wf1s = Vec::with_capacity(b);
+    let mut kappas = Vec::with_capacity(b);
+    let mut aucs = Vec::with_capacity(if probs.is_some() { b } else { 0 });
+    for index in stratified_resampler(y_true, k, b, opts.seed) {
+        let counts = Counts::from_indices(k, y_true, y_pred, Some(&index));
+        let (_, m) = counts.metrics();
         accs.push(m.accuracy);
         f1s.push(m.macro_f1);
-    }
-    let lo = (1.0 - opts.confidence_level) / 2.0;
-    let hi = 1.0 - lo;
-    let ci = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        ConfidenceInterval {
-            lower: quantile_linear(&v, lo),
-            upper: quantile_linear(&v, hi),
+        wf1s.push(m.weighted_f1);
+        if let Some(v) = cohen_kappa(&counts.matrix, &counts.no_answer) {
+            kappas.push(v);
         }
-    };
-    (ci(accs), ci(f1s))
+        if let Some(p) = probs {
+            if let Ok(v) = roc_auc_ovr_macro(y_true, p, k, &index) {
+                aucs.push(v);
+            }
+        }
+    }
+    let level = opts.confidence_level;
+    let cohen_kappa = percentile_interval(&kappas, b, level);
+    // An undefined kappa on the whole set is noted already; its resamples need no second note.
+    if kappas.len() < b && (kappa_defined || !kappas.is_empty()) {
+        notes.push(format!(
+            "Cohen's kappa is undefined on {} of {b} bootstrap resamples{}",
+            b - kappas.len(),
+            if cohen_kappa.is_some() { ", which its interval skips" } else { ", too many for an interval" }
+        ));
+    }
+    let roc_auc_macro = probs.and_then(|_| percentile_interval(&aucs, b, level));
+    BootstrapCis {
+        accuracy: percentile_interval(&accs, b, level),
+        macro_f1: percentile_interval(&f1s, b, level),
+        weighted_f1: percentile_interval(&wf1s, b, level),
+        cohen_kappa,
+        roc_auc_macro,
+    }
 }
 
 /// Per-label counts of predictions, for summaries that want them by name.
@@ -774,10 +1070,16 @@ mod tests {
         let r = evaluate(&l, &[0, 1, 0, 1], &[0, 1, 0, 1], None, &opts).unwrap();
         assert_eq!(r.accuracy_ci, Some(ConfidenceInterval { lower: 1.0, upper: 1.0 }));
         assert_eq!(r.macro_f1_ci, Some(ConfidenceInterval { lower: 1.0, upper: 1.0 }));
-        // Two cases, one right: resample accuracy is 0, 0.5 or 1 with probabilities 1/4, 1/2,
-        // 1/4, so the 2.5 % and 97.5 % percentiles of 1000 resamples are 0 and 1.
+        // One case per class: a stratified resample can only redraw the same two cases, so
+        // the interval collapses onto the point estimate.
         let r = evaluate(&l, &[0, 1], &[0, 0], None, &opts).unwrap();
-        assert_eq!(r.accuracy_ci, Some(ConfidenceInterval { lower: 0.0, upper: 1.0 }));
+        assert_eq!(r.accuracy_ci, Some(ConfidenceInterval { lower: 0.5, upper: 0.5 }));
+        // Class a: one right and one wrong case, drawn twice -> 0, 1 or 2 right with
+        // probabilities 1/4, 1/2, 1/4; class b: always 2 right. Accuracy is 0.5, 0.75 or 1, so
+        // the 2.5 % and 97.5 % percentiles of 1000 resamples are 0.5 and 1.
+        let r = evaluate(&l, &[0, 0, 1, 1], &[0, 1, 1, 1], None, &opts).unwrap();
+        assert_eq!(r.accuracy_ci, Some(ConfidenceInterval { lower: 0.5, upper: 1.0 }));
+        assert_eq!(r.bootstrap.unwrap().method, BootstrapMethod::StratifiedPercentile);
         // Same seed, same interval; another seed, (almost surely) another one on a larger case.
         let t: Vec<usize> = (0..60).map(|i| i % 2).collect();
         let p: Vec<usize> = (0..60).map(|i| if i % 5 == 0 { 1 - i % 2 } else { i % 2 }).collect();
@@ -789,6 +1091,156 @@ mod tests {
         let ci = a.accuracy_ci.unwrap();
         assert!(ci.lower < a.accuracy && a.accuracy < ci.upper, "{ci:?} {}", a.accuracy);
         assert_eq!(a.bootstrap.unwrap().resamples, 1000);
+    }
+
+    #[test]
+    fn stratified_resamples_keep_class_counts_and_are_seeded() {
+        let t = [2, 0, 0, 1, 0, 2, 0];
+        let rs = stratified_resamples(&t, 4, 50, 9);
+        assert_eq!(rs.len(), 50);
+        for r in &rs {
+            assert_eq!(r.len(), t.len());
+            // Class by class in ascending order: four draws from class 0, one from 1, two from 2.
+            let classes: Vec<usize> = r.iter().map(|&i| t[i]).collect();
+            assert_eq!(classes, vec![0, 0, 0, 0, 1, 2, 2]);
+            assert_eq!(r[4], 3, "the only case of class 1 is always drawn");
+        }
+        assert_eq!(rs, stratified_resamples(&t, 4, 50, 9));
+        assert_ne!(rs, stratified_resamples(&t, 4, 50, 10));
+        // Uniform within a class: over many resamples every class-0 case turns up.
+        let drawn: std::collections::BTreeSet<usize> = rs.iter().flat_map(|r| r[..4].to_vec()).collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), vec![1, 2, 4, 6]);
+        let it = stratified_resampler(&t, 4, 3, 9);
+        assert_eq!(it.len(), 3);
+        assert_eq!(it.collect::<Vec<_>>(), rs[..3].to_vec());
+        assert!(stratified_resamples(&[], 3, 2, 1).iter().all(|r| r.is_empty()));
+    }
+
+    #[test]
+    fn percentile_interval_rule() {
+        let v = [0.4, 0.1, 0.3, 0.2, 0.5];
+        // sorted 0.1..0.5, level 0.5: a = 0.25 -> h = 1 -> 0.2; 0.75 -> h = 3 -> 0.4
+        let ci = percentile_interval(&v, 5, 0.5).unwrap();
+        assert!((ci.lower - 0.2).abs() < 1e-15 && (ci.upper - 0.4).abs() < 1e-15, "{ci:?}");
+        // Fewer than half of the resamples defined: no interval; exactly half is enough.
+        assert_eq!(percentile_interval(&v, 11, 0.5), None);
+        assert!(percentile_interval(&v, 10, 0.5).is_some());
+        assert_eq!(percentile_interval(&[], 0, 0.95), None);
+    }
+
+    #[test]
+    fn all_intervals_and_kappa_resamples_that_are_skipped() {
+        let l = labels(&["a", "b", "c"]);
+        let opts = EvalOptions { bootstrap_resamples: 200, ..Default::default() };
+        let t: Vec<usize> = (0..30).map(|i| i % 3).collect();
+        let p: Vec<usize> = (0..30).map(|i| if i % 4 == 0 { (i + 1) % 3 } else { i % 3 }).collect();
+        let probs: Vec<Vec<f64>> = (0..30)
+            .map(|i| {
+                let mut r = vec![0.2; 3];
+                r[p[i]] = 0.6;
+                r
+            })
+            .collect();
+        let r = evaluate(&l, &t, &p, Some(&probs), &opts).unwrap();
+        for (name, ci, point) in [
+            ("weighted F1", r.weighted_f1_ci, r.weighted_f1),
+            ("kappa", r.cohen_kappa_ci, r.cohen_kappa.unwrap()),
+            ("AUC", r.roc_auc_macro_ci, r.roc_auc_macro.unwrap()),
+        ] {
+            let ci = ci.unwrap_or_else(|| panic!("{name}: no interval"));
+            assert!(ci.lower < point && point < ci.upper, "{name}: {ci:?} {point}");
+        }
+        assert!(!r.notes.iter().any(|n| n.contains("resamples")), "{:?}", r.notes);
+        // Without probabilities there is no AUC interval.
+        assert_eq!(evaluate(&l, &t, &p, None, &opts).unwrap().roc_auc_macro_ci, None);
+
+        // One true class, predicted right 9 times out of 10: kappa is 0 on the whole set
+        // (defined), but a resample that never draws the wrong case has every case in one cell,
+        // where kappa is undefined (probability 0.9^10, about 35 %).
+        let t = vec![0; 10];
+        let mut p = vec![0; 10];
+        p[3] = 1;
+        let r = evaluate(&l, &t, &p, None, &opts).unwrap();
+        assert_eq!(r.cohen_kappa, Some(0.0));
+        let skipped = stratified_resamples(&t, 3, 200, opts.seed).iter().filter(|ix| !ix.contains(&3)).count();
+        assert!(skipped > 0 && skipped < 100, "{skipped}");
+        let note = format!("Cohen's kappa is undefined on {skipped} of 200 bootstrap resamples, which its interval skips");
+        assert!(r.notes.contains(&note), "{:?}", r.notes);
+        // Every defined resample has kappa 0 (a single true class), so the interval is [0, 0].
+        assert_eq!(r.cohen_kappa_ci, Some(ConfidenceInterval { lower: 0.0, upper: 0.0 }));
+        // Undefined on the whole set, so on every resample: no interval, and one note only.
+        let r = evaluate(&l, &[1, 1, 1], &[1, 1, 1], None, &opts).unwrap();
+        assert_eq!((r.cohen_kappa, r.cohen_kappa_ci), (None, None));
+        assert_eq!(r.notes.iter().filter(|n| n.contains("kappa")).count(), 1, "{:?}", r.notes);
+    }
+
+    #[test]
+    fn aurc_hand_values_and_ties() {
+        // conf 0.9 R, 0.8 W, 0.7 R: risks 0/1, 1/2, 1/3 -> (0 + 0.5 + 1/3) / 3
+        close(aurc(&[0.8, 0.9, 0.7], &[false, true, true]).unwrap(), (0.5 + 1.0 / 3.0) / 3.0);
+        // Ties: 0.9 R, then {0.5 R, 0.5 W}: the run's one error is spread as 1/2 per case:
+        // risks 0, (0.5)/2, (1)/3 -> (0 + 0.25 + 1/3) / 3, whatever the input order.
+        let want = (0.25 + 1.0 / 3.0) / 3.0;
+        close(aurc(&[0.5, 0.9, 0.5], &[true, true, false]).unwrap(), want);
+        close(aurc(&[0.5, 0.9, 0.5], &[false, true, true]).unwrap(), want);
+        // All wrong: risk 1 everywhere; all right: 0.
+        close(aurc(&[0.3, 0.3, 0.9], &[false; 3]).unwrap(), 1.0);
+        close(aurc(&[0.3, 0.2], &[true; 2]).unwrap(), 0.0);
+        assert_eq!(aurc(&[], &[]), None);
+    }
+
+    #[test]
+    fn brier_hand_values() {
+        // (0.7,0.2,0.1) true 0: 0.09 + 0.04 + 0.01 = 0.14; (0.5,0.5,0) true 2: 0.25+0.25+1 = 1.5
+        let rows: Vec<&[f64]> = vec![&[0.7, 0.2, 0.1], &[0.5, 0.5, 0.0]];
+        close(brier_multiclass(&rows, &[0, 2]), (0.14 + 1.5) / 2.0);
+        // confidence 0.9 right: 0.01; 0.6 wrong: 0.36
+        close(brier_confidence(&[0.9, 0.6], &[true, false]), 0.185);
+    }
+
+    #[test]
+    fn calibration_leaves_out_cases_without_an_answer() {
+        let l = labels(&["a", "b"]);
+        let o = no_boot();
+        // Case 2 has no answer; its confidence (NaN) is ignored, not an error.
+        let conf = [0.9, 0.6, f64::NAN];
+        let r = evaluate_with(&l, &[0, 1, 1], &[0, 0, NO_ANSWER], None, Some(&conf), &o).unwrap();
+        assert_eq!(r.calibration_cases, Some(2));
+        // bins: 0.9 right (gap 0.1), 0.6 wrong (gap 0.6), over the 2 answered cases
+        close(r.ece.unwrap(), (0.1 + 0.6) / 2.0);
+        close(r.brier.unwrap(), 0.185);
+        assert_eq!(r.brier_kind.as_deref(), Some("confidence"));
+        close(r.aurc.unwrap(), (0.0 + 0.5) / 2.0);
+        assert!(r.notes.iter().any(|n| n.contains("2 answered cases") && n.contains("1 without an answer")), "{:?}", r.notes);
+        // A confidence out of range on an answered case is still an error.
+        assert!(evaluate_with(&l, &[0, 1, 1], &[0, 0, NO_ANSWER], None, Some(&[f64::NAN, 0.5, 0.5]), &o).is_err());
+        // With probabilities the Brier score is the multi-class one, over the answered cases.
+        let probs = vec![vec![0.8, 0.2], vec![0.4, 0.6], vec![0.5, 0.5]];
+        let r = evaluate(&l, &[0, 1, 1], &[0, 0, NO_ANSWER], Some(&probs), &o).unwrap();
+        assert_eq!(r.brier_kind.as_deref(), Some("multiclass"));
+        close(r.brier.unwrap(), (0.04 + 0.04 + 0.16 + 0.16) / 2.0);
+        // Nothing answered: no calibration at all, with a note.
+        let r = evaluate_with(&l, &[0, 1], &[NO_ANSWER, NO_ANSWER], None, Some(&[0.5, 0.5]), &o).unwrap();
+        assert!(r.ece.is_none() && r.aurc.is_none() && r.brier.is_none() && r.calibration_cases.is_none());
+        assert!(r.notes.iter().any(|n| n.contains("no case got an answer")), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn reports_written_before_the_new_fields_still_read() {
+        let l = labels(&["a", "b"]);
+        let r = evaluate(&l, &[0, 1, 1, 0], &[0, 1, 0, 0], Some(&[vec![0.9, 0.1], vec![0.2, 0.8], vec![0.6, 0.4], vec![0.7, 0.3]]), &EvalOptions { bootstrap_resamples: 20, ..Default::default() }).unwrap();
+        let mut v = serde_json::to_value(&r).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for key in ["aurc", "brier", "brier_kind", "calibration_cases", "weighted_f1_ci", "cohen_kappa_ci", "roc_auc_macro_ci"] {
+            assert!(o.remove(key).is_some(), "{key}");
+        }
+        o["bootstrap"].as_object_mut().unwrap().remove("method");
+        let back: EvalReport = serde_json::from_value(v).unwrap();
+        assert_eq!((back.aurc, back.brier, back.weighted_f1_ci), (None, None, None));
+        // An old file's intervals were not stratified; it must not claim they were.
+        assert_eq!(back.bootstrap.unwrap().method, BootstrapMethod::Percentile);
+        assert_eq!(back.accuracy_ci, r.accuracy_ci);
+        assert!(serde_json::to_string(&r).unwrap().contains(r#""method":"stratified-percentile""#));
     }
 
     #[test]

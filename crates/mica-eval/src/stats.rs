@@ -1,4 +1,4 @@
-//! Small statistics: quantiles and McNemar's test.
+//! Small statistics: quantiles, McNemar's test and Holm's correction for multiple tests.
 
 use serde::{Deserialize, Serialize};
 
@@ -123,9 +123,52 @@ pub fn chi2_sf_1(x: f64) -> f64 {
     }
 }
 
+/// Holm-Bonferroni step-down adjusted p-values, in the input order: with the `m` p-values
+/// sorted ascending, the `i`-th (1-based) becomes `max_{j <= i} min(1, (m - j + 1) p_(j))`, so
+/// the adjusted values are monotone in the raw ones and capped at 1. Rejecting where the
+/// adjusted value is `<= alpha` controls the family-wise error rate at `alpha` (statsmodels'
+/// `multipletests(p, method="holm")[1]`). A NaN p-value is no test: it stays NaN and does not
+/// count towards `m`. Equal p-values keep their input order, which leaves their adjusted
+/// values equal (the running maximum carries the larger one).
+pub fn holm(p_values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p_values.len()).filter(|&i| !p_values[i].is_nan()).collect();
+    order.sort_by(|&a, &b| p_values[a].total_cmp(&p_values[b]));
+    let m = order.len();
+    let mut out = vec![f64::NAN; p_values.len()];
+    let mut running = 0.0f64;
+    for (j, &i) in order.iter().enumerate() {
+        let scaled = ((m - j) as f64 * p_values[i]).min(1.0);
+        running = running.max(scaled);
+        out[i] = running;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holm_hand_values() {
+        // sorted 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> 0.06)
+        let a = holm(&[0.03, 0.01, 0.04, 0.02]);
+        let want = [0.06, 0.04, 0.06, 0.06];
+        for (x, y) in a.iter().zip(want) {
+            assert!((x - y).abs() < 1e-15, "{a:?}");
+        }
+        // Monotone step-down: 0.001 x3 = 0.003; 0.5 x2 = 1 (capped); 0.6 -> max(1, 0.6) = 1.
+        assert_eq!(holm(&[0.6, 0.001, 0.5]), vec![1.0, 0.003, 1.0]);
+        // A later smaller product cannot drop below an earlier one: 0.02 x2 = 0.04, 0.03 x1 -> 0.04.
+        let b = holm(&[0.03, 0.02]);
+        assert!((b[0] - 0.04).abs() < 1e-15 && (b[1] - 0.04).abs() < 1e-15, "{b:?}");
+        // Ties get equal values; one test is unchanged; NaN is no test.
+        assert_eq!(holm(&[0.2, 0.2]), vec![0.4, 0.4]);
+        assert_eq!(holm(&[0.3]), vec![0.3]);
+        let c = holm(&[0.01, f64::NAN, 0.04]);
+        assert!(c[1].is_nan());
+        assert!((c[0] - 0.02).abs() < 1e-15 && (c[2] - 0.04).abs() < 1e-15, "{c:?}");
+        assert!(holm(&[]).is_empty());
+    }
 
     #[test]
     fn quantile_matches_numpy_linear() {
