@@ -20,8 +20,10 @@ pub mod testing;
 // workspace's test run enables the feature through mica-cli and mica-run).
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+#[cfg(test)]
+mod provenance_tests;
 
-pub use cache::ResponseCache;
+pub use cache::{AliasSnapshot, ResponseCache, SnapshotWatch};
 pub use cost::{PriceEntry, PriceTable};
 pub use error::LlmError;
 pub use filter::FilterSpec;

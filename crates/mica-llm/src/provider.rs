@@ -107,8 +107,24 @@ pub struct ChatResponse {
     pub logprob_confidence: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<ServerTimings>,
+    /// Why generation stopped: OpenAI's `choices[0].finish_reason`, Ollama's `done_reason`
+    /// (`stop`, `length`, ...). A `length` answer was cut off by `max_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// The model the server says answered (the response's top-level `model`): for an alias
+    /// such as `gpt-4o` the dated snapshot behind it (`gpt-4o-2024-08-06`). Cache entries keep
+    /// it, so an answer from an older snapshot is recognised after the alias moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_model: Option<String>,
+    /// OpenAI's `system_fingerprint`: identifies the serving configuration; it may change
+    /// while the snapshot stays, so it is recorded, not used to invalidate answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    /// Content digest of the weights (Ollama's `/api/tags` digest). Never part of a chat
+    /// response on the wire: the runner fills it in from [`LlmProvider::model_digest`] before
+    /// the answer is cached, so a replay reports the weights that produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_digest: Option<String>,
     /// Round-trip time of the request that produced this answer (kept in the cache, so a
     /// cached answer still reports the latency it had).
     #[serde(default)]
@@ -158,6 +174,18 @@ pub trait LlmProvider: Send + Sync {
         req: &'a ChatRequest,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+    /// The content digest of the weights the server would answer `model` with, for servers
+    /// that report one before answering (Ollama's `GET /api/tags`). `Ok(None)`: the server
+    /// has no such notion (the OpenAI formats; their snapshot only shows in each response's
+    /// `model`). `Err`: it should have one but could not say.
+    fn model_digest<'a>(
+        &'a self,
+        model: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        let _ = (model, timeout);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The structured answer: `label` restricted to the label set, a confidence and a rationale.
@@ -354,10 +382,10 @@ fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderErr
         simulated,
         logprob_confidence: label_logprob_confidence(&tokens),
         timings: None,
-        finish_reason: choice
-            .get("finish_reason")
-            .and_then(|f| f.as_str())
-            .map(|s| s.to_string()),
+        finish_reason: str_field(choice, "finish_reason"),
+        resolved_model: str_field(v, "model"),
+        system_fingerprint: str_field(v, "system_fingerprint"),
+        model_digest: None,
         latency_ms: 0.0,
     })
 }
@@ -487,14 +515,82 @@ impl LlmProvider for OllamaClient {
                     prompt_eval_ms: ns("prompt_eval_duration"),
                     eval_ms: ns("eval_duration"),
                 }),
-                finish_reason: v
-                    .get("done_reason")
-                    .and_then(|f| f.as_str())
-                    .map(|s| s.to_string()),
+                finish_reason: str_field(&v, "done_reason"),
+                resolved_model: str_field(&v, "model"),
+                system_fingerprint: None,
+                model_digest: None,
                 latency_ms: 0.0,
             })
         })
     }
+
+    /// `GET /api/tags` lists the local models with their digests (`/api/show` does not carry
+    /// the digest in newer versions). One request per runner: the runner caches the answer.
+    fn model_digest<'a>(
+        &'a self,
+        model: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
+        Box::pin(async move {
+            let url = format!("{}/api/tags", self.base_url);
+            let (_, v) = send(self.http.get(&url), timeout, &url).await?;
+            let fail = |message: String| ProviderError {
+                retryable: false,
+                status: None,
+                retry_after: None,
+                message,
+            };
+            let models = v
+                .get("models")
+                .and_then(|m| m.as_array())
+                .ok_or_else(|| fail(format!("{url}: no `models` list in the answer")))?;
+            let entry = models
+                .iter()
+                .find(|m| {
+                    ["name", "model"].iter().any(|k| {
+                        m.get(*k)
+                            .and_then(|n| n.as_str())
+                            .is_some_and(|n| ollama_names_match(model, n))
+                    })
+                })
+                .ok_or_else(|| {
+                    fail(format!(
+                        "{url}: model `{model}` is not among the {} models listed",
+                        models.len()
+                    ))
+                })?;
+            match str_field(entry, "digest").filter(|d| !d.is_empty()) {
+                Some(d) => Ok(Some(d)),
+                None => Err(fail(format!("{url}: model `{model}` is listed without a digest"))),
+            }
+        })
+    }
+}
+
+/// Whether two Ollama model names denote the same model under Ollama's defaults: a name
+/// without a tag means `:latest`, and `registry.ollama.ai/library/` may be left out. Names
+/// compare case-insensitively, as Ollama's do.
+pub fn ollama_names_match(a: &str, b: &str) -> bool {
+    fn canonical(name: &str) -> String {
+        let n = name.trim().to_ascii_lowercase();
+        let n = n.strip_prefix("registry.ollama.ai/").unwrap_or(&n);
+        let n = n.strip_prefix("library/").unwrap_or(n);
+        // The tag follows the last `:` after the last `/` (a registry host may carry a port).
+        let last = n.rsplit('/').next().unwrap_or(n);
+        if last.contains(':') {
+            n.to_string()
+        } else {
+            format!("{n}:latest")
+        }
+    }
+    canonical(a) == canonical(b)
+}
+
+fn str_field(v: &Value, key: &str) -> Option<String> {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.to_string())
 }
 
 fn short(s: &str) -> String {
@@ -682,10 +778,35 @@ mod tests {
             })
         );
         assert!(r.simulated);
+        assert_eq!(r.system_fingerprint.as_deref(), Some("mica-llm-sim"));
+        assert_eq!((r.resolved_model, r.finish_reason.as_deref()), (None, Some("stop")));
+        let v = json!({"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_44709d6fcb",
+                       "choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"length"}]});
+        let r = parse_openai(&v, false).unwrap();
+        assert_eq!(r.resolved_model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(r.finish_reason.as_deref(), Some("length"));
+        assert!(!r.simulated);
         assert!(
             parse_openai(&json!({"choices": []}), false)
                 .unwrap_err()
                 .retryable
         );
+    }
+
+    #[test]
+    fn ollama_names_follow_the_default_tag_rule() {
+        assert!(ollama_names_match("llama3.2-vision", "llama3.2-vision:latest"));
+        assert!(ollama_names_match("llama3.2-vision:latest", "llama3.2-vision"));
+        assert!(ollama_names_match("Llama3.2-Vision", "llama3.2-vision:latest"));
+        assert!(ollama_names_match(
+            "registry.ollama.ai/library/llava:13b",
+            "llava:13b"
+        ));
+        assert!(ollama_names_match("llama3.2-vision:11b", "llama3.2-vision:11b"));
+        assert!(!ollama_names_match("llama3.2-vision", "llama3.2-vision:11b"));
+        assert!(!ollama_names_match("llama3.2-vision", "llava:latest"));
+        // A registry port is not a tag.
+        assert!(ollama_names_match("localhost:5000/me/vlm", "localhost:5000/me/vlm:latest"));
+        assert!(!ollama_names_match("localhost:5000/me/vlm", "localhost:5000/me/vlm:q4"));
     }
 }

@@ -25,7 +25,7 @@ use crate::provider::{
 };
 use crate::{
     parse_answer, ContextMode, Findings, LlmError, ParsedAnswer, PriceEntry, PriceTable, PromptSet,
-    ProviderSpec, ResponseCache, SynonymTable,
+    ProviderSpec, ResponseCache, SnapshotWatch, SynonymTable,
 };
 
 /// Where a prediction's confidence comes from.
@@ -245,12 +245,19 @@ pub struct LlmRunner {
     http_requests: AtomicU64,
     cache_hits: AtomicU64,
     retries: AtomicU64,
+    /// The weights' digest, looked up once before the first request (Ollama); `None` inside
+    /// when the server has none or could not say.
+    digest: tokio::sync::OnceCell<Option<String>>,
+    /// Which snapshot answers, and which cached answers may still be replayed.
+    snapshots: SnapshotWatch,
 }
 
 impl LlmRunner {
     pub fn new(config: LlmConfig, provider: Arc<dyn LlmProvider>) -> Self {
         let name = config.spec.canonical();
         let price = PriceTable::builtin().lookup(&config.spec);
+        let snapshots =
+            SnapshotWatch::new(config.spec.kind, &config.spec.base_url, &config.spec.model);
         let mut r = LlmRunner {
             config,
             name,
@@ -268,6 +275,8 @@ impl LlmRunner {
             http_requests: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            digest: tokio::sync::OnceCell::new(),
+            snapshots,
         };
         r = r.with_limits(Limits::default());
         r
@@ -328,6 +337,37 @@ impl LlmRunner {
     }
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The content digest of the model's weights, where the server reports one (Ollama's
+    /// `/api/tags`), looked up on the first call and kept for the runner's life; every
+    /// prediction carries it in `model_digest` and it is part of the cache key. A failed
+    /// lookup is not fatal: it is logged once and the predictions carry no digest.
+    pub async fn model_digest(&self) -> Option<String> {
+        self.digest
+            .get_or_init(|| async {
+                let model = &self.config.spec.model;
+                match self.provider.model_digest(model, self.limits.timeout).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(
+                            model = %model,
+                            "cannot learn the model's digest, predictions will not record it: {e}"
+                        );
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Every model snapshot (the `model` the server says answered, e.g. `gpt-4o-2024-08-06`)
+    /// whose answers went into this runner's predictions, live or replayed from the cache, in
+    /// first-use order. More than one: the alias moved during the run, and the predictions'
+    /// `resolved_model` tells which answer came from which.
+    pub fn snapshots_seen(&self) -> Vec<String> {
+        self.snapshots.used()
     }
 
     /// Requests sent, cache hits and retries so far (the image counts and wall time are the
@@ -403,6 +443,9 @@ impl LlmRunner {
         let cfg = &self.config;
         let mut p = Prediction::new(&item.sample.id, &self.name, Outcome::Failed);
         p.true_label = item.true_label.clone();
+        // Before any request: the digest is part of the cache key.
+        let digest = self.model_digest().await;
+        p.model_digest = digest.clone();
         p.extra
             .insert("context".into(), json!(cfg.context.as_str()));
 
@@ -444,6 +487,8 @@ impl LlmRunner {
         let mut answers = Vec::with_capacity(k);
         let mut confidences = Vec::with_capacity(k);
         let mut raws = Vec::with_capacity(k);
+        // (resolved model, system fingerprint, finish reason) of each answer.
+        let mut provenance = Vec::with_capacity(k);
         let mut usage = TokenUsage::default();
         let mut have_usage = false;
         let (mut latency, mut attempts, mut cached, mut simulated) = (0.0, 0u32, 0usize, false);
@@ -481,15 +526,19 @@ impl LlmRunner {
                 .as_ref()
                 .filter(|_| ResponseCache::cacheable(&req))
                 .map(|_| {
-                    ResponseCache::key(
+                    ResponseCache::key_with_digest(
                         cfg.spec.kind,
                         &cfg.spec.base_url,
                         &req,
                         image_sha.as_deref(),
+                        digest.as_deref(),
                     )
                 });
+            // An entry of a snapshot other than the alias's latest is a miss (cache.rs).
             let hit = match (&self.cache, &key) {
-                (Some(c), Some(k)) => c.get(k),
+                (Some(c), Some(k)) => c
+                    .get(k)
+                    .filter(|r| self.snapshots.admit(Some(c), r.resolved_model.as_deref())),
                 _ => None,
             };
             let resp = match hit {
@@ -499,8 +548,14 @@ impl LlmRunner {
                     r
                 }
                 None => match self.call(&req).await {
-                    Ok((r, n)) => {
+                    Ok((mut r, n)) => {
                         attempts += n;
+                        r.model_digest = digest.clone();
+                        self.snapshots.observe_live(
+                            self.cache.as_ref(),
+                            r.resolved_model.as_deref(),
+                            r.system_fingerprint.as_deref(),
+                        );
                         if let (Some(c), Some(k)) = (&self.cache, &key) {
                             if let Err(e) = c.put(k, &req.model, &r) {
                                 tracing::warn!("response cache: {e}");
@@ -519,6 +574,13 @@ impl LlmRunner {
                     }
                 },
             };
+            self.snapshots.note_used(resp.resolved_model.as_deref());
+            provenance.push((
+                resp.resolved_model.clone(),
+                resp.system_fingerprint.clone(),
+                resp.finish_reason.clone(),
+                resp.model_digest.clone(),
+            ));
             latency += resp.latency_ms;
             simulated |= resp.simulated;
             if let Some(u) = resp.usage {
@@ -572,11 +634,25 @@ impl LlmRunner {
         }
         .unwrap_or(0);
         p.raw_answer = raws.get(lead).cloned();
+        // Provenance of the answer the prediction reports. A replayed answer reports the
+        // snapshot and digest it was produced by, which the cache key and replay rule make
+        // the current ones.
+        if let Some((resolved, fingerprint, finish, entry_digest)) = provenance.get(lead).cloned() {
+            p.resolved_model = resolved;
+            p.system_fingerprint = fingerprint;
+            p.finish_reason = finish;
+            if entry_digest.is_some() {
+                p.model_digest = entry_digest;
+            }
+        }
         p.parse_stage = answers[lead].stage.map(|s| s.as_str().to_string());
         p.rationale = answers[lead].rationale.clone();
         if d.outcome == Outcome::Unparseable {
             p.error = answers[lead].note.clone();
         }
+        // Latency, tokens and cost are those of the requests that produced the answers, also
+        // for a replay (`cached`): `cost_usd` of a cached prediction is the original request's
+        // cost, kept for reference; the run engine counts it as 0 for the run that replays it.
         p.latency_ms = latency;
         if have_usage {
             p.tokens = Some(usage);
@@ -588,7 +664,7 @@ impl LlmRunner {
         if k > 1 {
             p.extra.insert(
                 "answers".into(),
-                json!(answers.iter().zip(&raws).map(|(a, r)| json!({"label": a.label, "stage": a.stage, "confidence": a.confidence, "refused": a.refused, "raw": r})).collect::<Vec<_>>()),
+                json!(answers.iter().zip(&raws).zip(&provenance).map(|((a, r), pv)| json!({"label": a.label, "stage": a.stage, "confidence": a.confidence, "refused": a.refused, "raw": r, "finish_reason": pv.2})).collect::<Vec<_>>()),
             );
         }
         p.extra.insert("attempts".into(), json!(attempts));

@@ -284,6 +284,7 @@ impl SimServer {
         let app = Router::new()
             .route("/v1/chat/completions", post(openai_chat))
             .route("/api/chat", post(ollama_chat))
+            .route("/api/tags", get(ollama_tags))
             .route(
                 "/health",
                 get(|| async { "mica llm-sim (SIMULATED answers)\n" }),
@@ -363,6 +364,48 @@ async fn openai_chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 
 async fn ollama_chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     handle(s, body, Proto::Ollama).await
+}
+
+/// The models the simulator's `/api/tags` lists (it answers any model name in `/api/chat`,
+/// but a list must name some): common vision models, all with the `:latest` tag.
+pub const SIM_OLLAMA_MODELS: [&str; 8] = [
+    "llama3.2-vision:latest",
+    "llava:latest",
+    "llava-llama3:latest",
+    "bakllava:latest",
+    "minicpm-v:latest",
+    "qwen2.5vl:latest",
+    "gemma3:latest",
+    "moondream:latest",
+];
+
+/// The digest the simulator reports for a model: stable per name and marked as the
+/// simulator's (`mica-llm-sim-` before the hex), so it can never pass for real weights' digest.
+pub fn sim_digest(model: &str) -> String {
+    let hex: String = Sha256::digest(format!("mica llm-sim {model}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("mica-llm-sim-{hex}")
+}
+
+/// `GET /api/tags` in Ollama's documented shape, with fake digests (see [`sim_digest`]).
+async fn ollama_tags() -> Response {
+    let models: Vec<Value> = SIM_OLLAMA_MODELS
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m,
+                "model": m,
+                "modified_at": "1970-01-01T00:00:00Z",
+                "size": 0,
+                "digest": sim_digest(m),
+                "details": {"parent_model": "", "format": "mica-llm-sim", "family": "mica-llm-sim",
+                            "families": ["mica-llm-sim"], "parameter_size": "0", "quantization_level": "none"}
+            })
+        })
+        .collect();
+    (StatusCode::OK, sim_headers(), Json(json!({"models": models}))).into_response()
 }
 
 fn sim_headers() -> HeaderMap {
@@ -702,12 +745,14 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
     let prompt_tokens = asked.text.len() as u64 / 4 + image_tokens + 7;
     let completion_tokens = content.len() as u64 / 4 + 1;
     let elapsed_ns = started.elapsed().as_nanos() as u64;
+    // A truncated answer is what running out of `max_tokens` produces.
+    let finish_reason = if fault == Fault::Malformed { "length" } else { "stop" };
     let body = match proto {
         Proto::OpenAi => {
             let mut choice = json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": content, "refusal": null},
-                "finish_reason": "stop"
+                "finish_reason": finish_reason
             });
             if asked.logprobs {
                 choice["logprobs"] =
@@ -729,7 +774,7 @@ async fn handle(s: Arc<Shared>, body: Bytes, proto: Proto) -> Response {
             "created_at": "1970-01-01T00:00:00Z",
             "message": {"role": "assistant", "content": content},
             "done": true,
-            "done_reason": "stop",
+            "done_reason": finish_reason,
             "total_duration": elapsed_ns,
             "load_duration": 0,
             "prompt_eval_count": prompt_tokens,

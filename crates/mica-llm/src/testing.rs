@@ -1,27 +1,50 @@
 //! A stand-in HTTP server for tests of provider clients, answering from the providers'
 //! documented responses (for this crate's tests and, with feature `testing`, other crates').
 
-/// Answers every request (any path) with `answer(request_number)` (status, JSON body), counts
-/// requests and keeps their bodies.
+/// One request as the stub saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Arrival number, from 0 over all paths.
+    pub n: usize,
+    pub method: String,
+    /// The request target (`/api/tags`, `/v1/chat/completions`).
+    pub path: String,
+    pub body: String,
+}
+
+type Answer = dyn Fn(&Request) -> (u16, String) + Send + 'static;
+
+/// Answers every request with a (status, JSON body) of the test's choosing, counts requests
+/// and keeps them.
 pub struct Server {
     pub url: String,
-    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
 }
 
 impl Server {
+    /// Answers every request (any path) with `answer(request_number)`.
     pub fn start(answer: impl Fn(usize) -> (u16, String) + Send + 'static) -> Server {
+        Server::start_routed(move |r: &Request| answer(r.n))
+    }
+
+    /// Answers each request with `answer(request)`, so one stub can serve several endpoints
+    /// of an API (Ollama's `/api/tags` and `/api/chat`).
+    pub fn start_routed(answer: impl Fn(&Request) -> (u16, String) + Send + 'static) -> Server {
         use std::io::{BufRead, BufReader, Read, Write};
+        let answer: Box<Answer> = Box::new(answer);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = requests.clone();
-        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = bodies.clone();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let mut words = request_line.split_whitespace();
+                let method = words.next().unwrap_or_default().to_string();
+                let path = words.next().unwrap_or_default().to_string();
                 let mut len = 0usize;
                 loop {
                     let mut line = String::new();
@@ -34,9 +57,18 @@ impl Server {
                 }
                 let mut body = vec![0; len];
                 let _ = reader.read_exact(&mut body);
-                seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
-                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (status, json) = answer(n);
+                let req = {
+                    let mut all = seen.lock().unwrap();
+                    let req = Request {
+                        n: all.len(),
+                        method,
+                        path,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    all.push(req.clone());
+                    req
+                };
+                let (status, json) = answer(&req);
                 let reason = if status == 200 { "OK" } else { "Error" };
                 let _ = write!(
                     stream,
@@ -45,16 +77,30 @@ impl Server {
                 );
             }
         });
-        Server { url, requests, bodies }
+        Server { url, requests }
     }
 
     /// Every request body received so far (the prompts as sent).
     pub fn bodies(&self) -> Vec<String> {
-        self.bodies.lock().unwrap().clone()
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.body.clone())
+            .collect()
     }
 
     pub fn requests(&self) -> usize {
-        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+        self.requests.lock().unwrap().len()
+    }
+
+    /// How many requests went to `path`.
+    pub fn requests_to(&self, path: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
     }
 }
-

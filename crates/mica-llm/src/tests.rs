@@ -193,6 +193,15 @@ async fn ollama_request_shape_and_timings() {
         Some(0.0),
         "local model: priced at zero, not unknown"
     );
+    // The simulator lists the model in /api/tags with a digest marked as its own.
+    let d = p.model_digest.unwrap();
+    assert!(d.starts_with("mica-llm-sim-"), "{d}");
+    assert_eq!(d, crate::sim::sim_digest("llama3.2-vision:latest"));
+    assert_eq!(
+        (p.resolved_model.as_deref(), p.finish_reason.as_deref()),
+        (Some("llama3.2-vision"), Some("stop"))
+    );
+    assert_eq!(f.sim.stats().requests(), 1, "the tags lookup is not a chat request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +240,12 @@ async fn parse_stages_through_the_wire() {
     let bad = r.classify_one(&f.items[0]).await;
     assert_eq!(bad.outcome, Outcome::Unparseable);
     assert!(bad.raw_answer.unwrap().contains("SIMULATED"));
+    assert_eq!(bad.finish_reason.as_deref(), Some("length"), "the sim truncates like max_tokens");
+    assert_eq!(json.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(
+        (json.resolved_model.as_deref(), json.system_fingerprint.as_deref()),
+        (Some("test-vlm"), Some(crate::provider::SIM_FINGERPRINT))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
