@@ -36,7 +36,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 
 use crate::imgenc::sha256_hex;
@@ -205,8 +204,8 @@ struct WatchState {
     latest: Option<String>,
     /// Snapshots whose answers were used, in first-use order.
     used: Vec<String>,
-    /// (old, new) pairs already warned about.
-    warned: HashSet<(String, String)>,
+    /// (old, new) pairs already warned about, in order.
+    warned: Vec<(String, String)>,
 }
 
 impl SnapshotWatch {
@@ -232,11 +231,13 @@ impl SnapshotWatch {
     }
 
     fn warn_once(&self, st: &mut WatchState, old: &str, new: &str) {
-        if st.warned.insert((old.to_string(), new.to_string())) {
+        let pair = (old.to_string(), new.to_string());
+        if !st.warned.contains(&pair) {
+            st.warned.push(pair);
             tracing::warn!(
                 model = %self.model,
                 "model snapshot changed: `{}` now answers as `{new}` (before: `{old}`); cached \
-                 answers of `{old}` are no longer replayed",
+                 answers of `{old}` are not replayed",
                 self.model
             );
         }
@@ -244,10 +245,14 @@ impl SnapshotWatch {
 
     /// Whether a cached entry whose answer came from `entry_snapshot` may be replayed.
     pub fn admit(&self, cache: Option<&ResponseCache>, entry_snapshot: Option<&str>) -> bool {
-        let st = self.lock(cache);
-        match (st.latest.as_deref(), entry_snapshot) {
+        let mut st = self.lock(cache);
+        match (st.latest.clone(), entry_snapshot) {
             (None, _) => true,
-            (Some(latest), Some(e)) => latest == e,
+            (Some(latest), Some(e)) if latest == e => true,
+            (Some(latest), Some(e)) => {
+                self.warn_once(&mut st, e, &latest);
+                false
+            }
             // Unknown provenance, while a snapshot is known: asking again is the safe side.
             (Some(_), None) => false,
         }
@@ -301,6 +306,17 @@ impl SnapshotWatch {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .used
+            .clone()
+    }
+
+    /// The snapshot changes noticed, `(old, new)` in the order noticed, each once: a live
+    /// answer from another snapshot than the latest known, or a cached entry skipped because
+    /// a newer snapshot is known. Each was logged as a warning when noticed.
+    pub fn changes(&self) -> Vec<(String, String)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warned
             .clone()
     }
 
@@ -380,6 +396,27 @@ mod tests {
         assert_eq!(kd(None), plain);
         assert_ne!(kd(Some("d1")), plain);
         assert_ne!(kd(Some("d1")), kd(Some("d2")));
+    }
+
+    #[test]
+    fn a_snapshot_change_is_named_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ResponseCache::new(dir.path());
+        let w = SnapshotWatch::new(ProviderKind::OpenAi, "https://api", "gpt-4o");
+        w.observe_live(Some(&c), Some("A"), None);
+        assert!(w.changes().is_empty(), "a first snapshot is no change");
+        w.observe_live(Some(&c), Some("B"), None);
+        for _ in 0..3 {
+            assert!(!w.admit(Some(&c), Some("A")));
+            w.observe_live(Some(&c), Some("B"), None);
+        }
+        let ab = vec![("A".to_string(), "B".to_string())];
+        assert_eq!(w.changes(), ab, "the same change is named once");
+        // A rerun learns B from the cache and names the change when it skips A's entries.
+        let w2 = SnapshotWatch::new(ProviderKind::OpenAi, "https://api", "gpt-4o");
+        assert!(!w2.admit(Some(&c), Some("A")) && !w2.admit(Some(&c), Some("A")));
+        assert_eq!(w2.changes(), ab);
+        assert!(w2.admit(Some(&c), Some("B")));
     }
 
     #[test]

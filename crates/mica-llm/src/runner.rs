@@ -370,6 +370,14 @@ impl LlmRunner {
         self.snapshots.used()
     }
 
+    /// The snapshot changes this runner noticed, `(old, new)`, each once: a live answer from
+    /// a snapshot other than the latest known for the alias (the cache's record or an earlier
+    /// answer), or a cached answer not replayed because a newer snapshot is known. Each was
+    /// also logged as a warning.
+    pub fn snapshot_changes(&self) -> Vec<(String, String)> {
+        self.snapshots.changes()
+    }
+
     /// Requests sent, cache hits and retries so far (the image counts and wall time are the
     /// caller's to fill in).
     pub fn counters(&self) -> RunStats {
@@ -487,7 +495,7 @@ impl LlmRunner {
         let mut answers = Vec::with_capacity(k);
         let mut confidences = Vec::with_capacity(k);
         let mut raws = Vec::with_capacity(k);
-        // (resolved model, system fingerprint, finish reason) of each answer.
+        // (resolved model, system fingerprint, finish reason, weights digest) of each answer.
         let mut provenance = Vec::with_capacity(k);
         let mut usage = TokenUsage::default();
         let mut have_usage = false;
