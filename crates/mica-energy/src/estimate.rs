@@ -5,20 +5,57 @@
 //! cancels). RAM: `E_ram = P_ram(process RSS) x wall_seconds`, with P_ram from CodeCarbon's
 //! DIMM-count model (5 W per x86 DIMM, at least 2 DIMMs; 1.5 W per ARM DIMM, at least 3 W).
 //! Every figure is labelled `estimated:cpu-time*tdp` and the report names the TDP assumed.
+//!
+//! With a local model server ([`ProcessTarget::LocalServer`]) the server's process tree is
+//! added to mica's; where the server cannot be attributed the whole machine's CPU time
+//! (`/proc/stat`) is used instead, labelled `estimated:machine-cpu-time*tdp` (CodeCarbon's
+//! machine mode: RAM from the machine's total memory); where not even that is readable the
+//! server is reported as `not-measured:local-server`, outside the totals.
 
+use std::path::PathBuf;
+
+use crate::local::{machine_cpu_seconds, machine_memory_bytes, tree_usage};
 use crate::meter::{
-    Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot,
+    Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot, SCOPE_MACHINE,
+    SCOPE_MICA,
 };
 use crate::tdp::CpuSpec;
 use crate::EnergyError;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-/// CPU and/or RAM estimate for this process (threads included, and children once waited for).
+/// Whose CPU time and memory the estimate covers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProcessTarget {
+    /// mica's process: its threads, and its children once waited for.
+    Mica,
+    /// mica plus the process trees rooted at `pids`: a local model server found from the
+    /// socket listening on `port`. `pids` equal to mica's own pid means the server runs inside
+    /// mica (a test server), which mica's own time already covers.
+    LocalServer {
+        port: u16,
+        pids: Vec<u32>,
+        proc_root: PathBuf,
+    },
+    /// Every process on the machine (`/proc/stat`), because the local server on `port` could
+    /// not be attributed; `reason` says why.
+    Machine {
+        port: u16,
+        proc_root: PathBuf,
+        reason: String,
+    },
+    /// A local server nothing here can measure: mica's process is estimated and the server is
+    /// reported as `not-measured:local-server`, outside the totals.
+    ServerNotMeasured { port: u16, reason: String },
+}
+
+/// CPU and/or RAM estimate for mica's process, or for what a [`ProcessTarget`] names.
 pub struct CpuTimeMeter {
     cpu: CpuSpec,
     include_cpu: bool,
     arm: bool,
+    target: ProcessTarget,
+    pid: u32,
 }
 
 impl CpuTimeMeter {
@@ -28,6 +65,49 @@ impl CpuTimeMeter {
             cpu,
             include_cpu: true,
             arm: cfg!(any(target_arch = "arm", target_arch = "aarch64")),
+            target: ProcessTarget::Mica,
+            pid: std::process::id(),
+        }
+    }
+
+    /// The same estimate over another set of processes (a local server, the machine).
+    pub fn with_target(mut self, target: ProcessTarget) -> Self {
+        self.target = target;
+        self
+    }
+
+    pub fn target(&self) -> &ProcessTarget {
+        &self.target
+    }
+
+    /// What the figures cover, in words: `mica process`, `mica + local server pid 1234
+    /// (port 11434)`, `machine-wide`, ...
+    pub fn scope(&self) -> String {
+        match &self.target {
+            ProcessTarget::Mica => SCOPE_MICA.into(),
+            ProcessTarget::LocalServer { port, pids, .. } if pids == &[self.pid] => {
+                format!("{SCOPE_MICA} (which is itself the local server on port {port})")
+            }
+            ProcessTarget::LocalServer { port, pids, .. } => format!(
+                "mica + local server pid {} (port {port})",
+                pids.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ProcessTarget::Machine { .. } => SCOPE_MACHINE.into(),
+            ProcessTarget::ServerNotMeasured { port, .. } => {
+                format!("{SCOPE_MICA} (local server on port {port} NOT measured)")
+            }
+        }
+    }
+
+    /// Method of the counted figures: machine-wide CPU time has its own label.
+    fn method(&self) -> Method {
+        match (&self.target, self.include_cpu) {
+            (_, false) => Method::EstimatedRamDimm,
+            (ProcessTarget::Machine { .. }, true) => Method::EstimatedMachineCpuTimeTdp,
+            (_, true) => Method::EstimatedCpuTimeTdp,
         }
     }
 
@@ -124,6 +204,45 @@ fn rss_bytes() -> f64 {
     pages * page.max(4096) as f64
 }
 
+impl CpuTimeMeter {
+    /// (CPU seconds, memory bytes) of the target, and the part of them that is not mica's.
+    fn usage(&self) -> Result<[f64; 4], EnergyError> {
+        let own_cpu = || -> Result<f64, EnergyError> {
+            if self.include_cpu {
+                process_cpu_seconds()
+            } else {
+                Ok(0.0)
+            }
+        };
+        Ok(match &self.target {
+            ProcessTarget::Mica | ProcessTarget::ServerNotMeasured { .. } => {
+                [own_cpu()?, rss_bytes(), 0.0, 0.0]
+            }
+            ProcessTarget::LocalServer {
+                pids, proc_root, ..
+            } => {
+                let t = tree_usage(proc_root, pids, self.pid)?;
+                let cpu = if self.include_cpu { t.cpu_s } else { 0.0 };
+                [
+                    own_cpu()? + cpu,
+                    rss_bytes() + t.rss_bytes,
+                    cpu,
+                    t.rss_bytes,
+                ]
+            }
+            ProcessTarget::Machine { proc_root, .. } => {
+                let cpu = if self.include_cpu {
+                    machine_cpu_seconds(proc_root)?
+                } else {
+                    0.0
+                };
+                let mem = machine_memory_bytes(proc_root).unwrap_or(0.0);
+                [cpu, mem, cpu, mem]
+            }
+        })
+    }
+}
+
 impl EnergyMeter for CpuTimeMeter {
     fn name(&self) -> &'static str {
         if self.include_cpu {
@@ -134,62 +253,97 @@ impl EnergyMeter for CpuTimeMeter {
     }
 
     fn describe(&self) -> String {
-        let ram = "RAM = process RSS -> DIMM-count power x wall time";
+        let (who, ram) = match &self.target {
+            ProcessTarget::Machine { .. } => (
+                "machine-wide CPU time (/proc/stat)".to_string(),
+                "RAM = machine's total memory -> DIMM-count power x wall time",
+            ),
+            ProcessTarget::LocalServer { .. } => (
+                format!("CPU time of {}", self.scope()),
+                "RAM = resident memory of those processes -> DIMM-count power x wall time",
+            ),
+            _ => (
+                format!("CPU time of {}", self.scope()),
+                "RAM = process RSS -> DIMM-count power x wall time",
+            ),
+        };
         if self.include_cpu {
             format!(
-                "process CPU time x {:.1} W TDP / {} threads ({}, TDP {}); {ram}",
+                "{who} x {:.1} W TDP / {} threads ({}, TDP {}); {ram}",
                 self.cpu.tdp_w,
                 self.cpu.threads,
                 self.cpu.model,
                 self.cpu.tdp_source.describe()
             )
         } else {
-            ram.to_string()
+            format!("{ram} ({})", self.scope())
         }
     }
 
+    /// Values: CPU seconds and memory bytes of the target, then the part of each that is the
+    /// local server's (or the machine's).
     fn read(&self) -> Result<Snapshot, EnergyError> {
-        let cpu = if self.include_cpu {
-            process_cpu_seconds()?
-        } else {
-            0.0
-        };
-        Ok(Snapshot::new(vec![cpu, rss_bytes()]))
+        Ok(Snapshot::new(self.usage()?.to_vec()))
     }
 
     fn delta(&self, start: &Snapshot, end: &Snapshot) -> Delta {
         let wall = end.at.saturating_duration_since(start.at).as_secs_f64();
         let gb = start.values[1].max(end.values[1]) / GIB;
+        let method = self.method();
         let mut components = Vec::new();
+        let mut notes = Vec::new();
+        let who = match &self.target {
+            ProcessTarget::Mica | ProcessTarget::ServerNotMeasured { .. } => "process".to_string(),
+            ProcessTarget::LocalServer { .. } => self.scope(),
+            ProcessTarget::Machine { .. } => "machine".to_string(),
+        };
         if self.include_cpu {
             components.push(ComponentEnergy {
                 component: Component::Cpu,
-                label: "process".into(),
-                method: Method::EstimatedCpuTimeTdp,
+                label: who.clone(),
+                method,
                 joules: self.cpu_joules(end.values[0] - start.values[0]),
             });
         }
+        let memory = if matches!(self.target, ProcessTarget::Machine { .. }) {
+            "total"
+        } else {
+            "resident"
+        };
         components.push(ComponentEnergy {
             component: Component::Ram,
-            label: format!("process ({gb:.2} GiB resident)"),
-            method: if self.include_cpu {
-                Method::EstimatedCpuTimeTdp
-            } else {
-                Method::EstimatedRamDimm
-            },
+            label: format!("{who} ({gb:.2} GiB {memory})"),
+            method,
             joules: self.ram_watts(gb) * wall,
         });
-        Delta {
-            components,
-            notes: vec![],
+        if let ProcessTarget::ServerNotMeasured { port, reason } = &self.target {
+            components.push(ComponentEnergy {
+                component: if self.include_cpu {
+                    Component::Cpu
+                } else {
+                    Component::Ram
+                },
+                label: format!("local server on port {port}"),
+                method: Method::NotMeasuredLocalServer,
+                joules: 0.0,
+            });
+            notes.push(format!(
+                "local server on port {port}: {} energy NOT MEASURED ({reason}); it is not in the totals",
+                if self.include_cpu { "CPU and RAM" } else { "RAM" }
+            ));
         }
+        Delta { components, notes }
     }
 
     fn details(&self) -> MeterDetails {
         let mut warnings = Vec::new();
         if self.include_cpu {
             warnings.push(format!(
-                "ESTIMATE, not a measurement: no readable energy counter, so CPU energy = process CPU time x {:.1} W / {} threads ({}); TDP-based estimates have deviated from -60 % to +190 % of RAPL readings (CodeCarbon's accuracy notes)",
+                "ESTIMATE, not a measurement: no readable energy counter, so CPU energy = {} CPU time x {:.1} W / {} threads ({}); TDP-based estimates have deviated from -60 % to +190 % of RAPL readings (CodeCarbon's accuracy notes)",
+                match self.target {
+                    ProcessTarget::Machine { .. } => "machine-wide",
+                    _ => "process",
+                },
                 self.cpu.tdp_w,
                 self.cpu.threads,
                 self.cpu.tdp_source.describe()
@@ -213,12 +367,26 @@ impl EnergyMeter for CpuTimeMeter {
                 "RAM energy is estimated (RAPL has no DRAM domain here): DIMM-count power x wall time".into(),
             );
         }
+        match &self.target {
+            ProcessTarget::Machine { port, reason, .. } => warnings.push(format!(
+                "local server on port {port} not attributable ({reason}): the {} of EVERY process on this machine is counted, so other work running meanwhile inflates the figure",
+                if self.include_cpu { "CPU time and memory" } else { "memory" }
+            )),
+            ProcessTarget::ServerNotMeasured { port, reason } => warnings.push(format!(
+                "local server on port {port} NOT MEASURED ({reason}): the totals cover mica's process only; do not compare this row's energy with others"
+            )),
+            _ => {}
+        }
         MeterDetails {
             cpu: Some(self.cpu.clone()),
-            gpu_model: None,
-            gpu_count: 0,
-            tracking_mode: Some("process"),
+            tracking_mode: Some(match self.target {
+                ProcessTarget::Machine { .. } => "machine",
+                _ => "process",
+            }),
+            // Next to RAPL (RAM only) the counters set the scope.
+            scope: self.include_cpu.then(|| self.scope()),
             warnings,
+            ..MeterDetails::default()
         }
     }
 }

@@ -20,6 +20,7 @@
 pub mod carbon;
 pub mod csv;
 pub mod estimate;
+pub mod local;
 pub mod meter;
 pub mod nvml;
 pub mod rapl;
@@ -29,17 +30,21 @@ pub mod tdp;
 mod util;
 
 pub use carbon::{CarbonConfig, IntensitySource, WORLD_AVERAGE_G_PER_KWH};
-pub use csv::{append_energy_csv, CSV_COLUMNS};
-pub use estimate::CpuTimeMeter;
+pub use csv::{append_energy_csv, CODECARBON_COLUMNS, CSV_COLUMNS};
+pub use estimate::{CpuTimeMeter, ProcessTarget};
+pub use local::{find_local_server, LocalServer, ServerLookup};
 pub use meter::{
     Component, ComponentEnergy, Delta, EnergyMeter, Measurement, MeterConfig, MeterDetails,
-    MeterSet, Method, Snapshot, Unavailable, Window,
+    MeterSet, Method, Snapshot, Unavailable, Window, SCOPE_MACHINE, SCOPE_MICA,
 };
-pub use nvml::NvmlMeter;
-pub use rapl::RaplMeter;
+pub use nvml::{GpuAttribution, NvmlMeter};
+pub use rapl::{RaplMeter, SysfsReader};
 pub use remote::{PerTokenEstimate, RemoteUsage, EPOCH_AI_GPT4O_2025};
-pub use report::{measure, ComponentReport, CpuReport, EnergyReport, GpuReport, PerImage, RemoteReport};
+pub use report::{
+    measure, ComponentReport, CpuReport, EnergyReport, GpuReport, PerImage, RemoteReport,
+};
 pub use tdp::{resolve_cpu, CpuSpec, TdpSource};
+pub use util::experiment_uuid;
 
 /// Errors of the energy crate. Messages name the file or setting at fault.
 #[derive(Debug, thiserror::Error)]

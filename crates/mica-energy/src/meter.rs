@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::estimate::CpuTimeMeter;
-use crate::nvml::NvmlMeter;
+use crate::estimate::{CpuTimeMeter, ProcessTarget};
+use crate::local::{find_local_server, machine_cpu_seconds, LocalServer, ServerLookup};
+use crate::nvml::{GpuAttribution, NvmlMeter};
 use crate::rapl::RaplMeter;
 use crate::tdp::{resolve_cpu, CpuSpec};
 use crate::EnergyError;
@@ -34,12 +35,21 @@ pub enum Method {
     /// Process CPU time x TDP share plus a RAM term (CodeCarbon's process mode).
     #[serde(rename = "estimated:cpu-time*tdp")]
     EstimatedCpuTimeTdp,
+    /// The whole machine's non-idle CPU time (`/proc/stat`) x TDP share plus a RAM term
+    /// (CodeCarbon's machine mode): used when a local model server's process cannot be found,
+    /// so it covers every process on the machine.
+    #[serde(rename = "estimated:machine-cpu-time*tdp")]
+    EstimatedMachineCpuTimeTdp,
     /// RAM power from the DIMM-count model, used next to RAPL when it has no DRAM domain.
     #[serde(rename = "estimated:ram-dimm")]
     EstimatedRamDimm,
     /// Energy spent at a remote API provider: unknown, never counted in totals.
     #[serde(rename = "not-measured:remote-api")]
     NotMeasuredRemoteApi,
+    /// Energy of a model server on this machine that nothing here can measure (no RAPL and no
+    /// readable `/proc`): never counted in totals, and the report's `not_measured` names it.
+    #[serde(rename = "not-measured:local-server")]
+    NotMeasuredLocalServer,
 }
 
 impl Method {
@@ -49,18 +59,33 @@ impl Method {
             Method::MeasuredNvml => "measured:nvml",
             Method::SampledNvmlPower => "measured:nvml-power-sampled",
             Method::EstimatedCpuTimeTdp => "estimated:cpu-time*tdp",
+            Method::EstimatedMachineCpuTimeTdp => "estimated:machine-cpu-time*tdp",
             Method::EstimatedRamDimm => "estimated:ram-dimm",
             Method::NotMeasuredRemoteApi => "not-measured:remote-api",
+            Method::NotMeasuredLocalServer => "not-measured:local-server",
         }
     }
 
     pub fn is_estimate(self) -> bool {
-        matches!(self, Method::EstimatedCpuTimeTdp | Method::EstimatedRamDimm)
+        matches!(
+            self,
+            Method::EstimatedCpuTimeTdp
+                | Method::EstimatedMachineCpuTimeTdp
+                | Method::EstimatedRamDimm
+        )
+    }
+
+    /// Energy that exists but is unknown: the totals leave out something that was spent.
+    pub fn is_not_measured(self) -> bool {
+        matches!(
+            self,
+            Method::NotMeasuredRemoteApi | Method::NotMeasuredLocalServer
+        )
     }
 
     /// Whether the figure enters energy and CO2 totals.
     pub fn counts_in_totals(self) -> bool {
-        self != Method::NotMeasuredRemoteApi
+        !self.is_not_measured()
     }
 }
 
@@ -128,6 +153,11 @@ pub struct Delta {
     pub notes: Vec<String>,
 }
 
+/// [`MeterDetails::scope`] of counters that see every process (RAPL, `/proc/stat`).
+pub const SCOPE_MACHINE: &str = "machine-wide";
+/// [`MeterDetails::scope`] of mica's own process time.
+pub const SCOPE_MICA: &str = "mica process";
+
 /// Static facts about what a meter assumes, for the report (TDP, CPU model, GPU model).
 #[derive(Debug, Clone, Default)]
 pub struct MeterDetails {
@@ -137,6 +167,12 @@ pub struct MeterDetails {
     /// CodeCarbon's `tracking_mode`: `process` for the CPU-time estimate, `machine` for
     /// counters that see every process on the package or device.
     pub tracking_mode: Option<&'static str>,
+    /// Which processes the CPU/RAM figure covers ([`SCOPE_MACHINE`], [`SCOPE_MICA`],
+    /// `mica + local server pid N (port P)`); GPU meters say which devices they count. Merged
+    /// into the report's `scope`.
+    pub scope: Option<String>,
+    /// Seconds between background reads of the counters, where a thread samples them.
+    pub sampling_period_s: Option<f64>,
     pub warnings: Vec<String>,
 }
 
@@ -175,6 +211,11 @@ pub struct MeterConfig {
     pub tdp_w: Option<f64>,
     /// CPU model name used for the TDP lookup, overriding `/proc/cpuinfo`.
     pub cpu_model: Option<String>,
+    /// A model server on this machine whose energy belongs to the measured work (an LLM
+    /// served by Ollama, vLLM or llama.cpp). `None`: only mica's own work is measured.
+    pub local_server: Option<LocalServer>,
+    /// Where `/proc` lives; tests point it at a fake tree.
+    pub proc_root: PathBuf,
 }
 
 impl Default for MeterConfig {
@@ -184,6 +225,8 @@ impl Default for MeterConfig {
             try_nvml: true,
             tdp_w: None,
             cpu_model: None,
+            local_server: None,
+            proc_root: crate::local::default_proc_root(),
         }
     }
 }
@@ -192,6 +235,64 @@ impl Default for MeterConfig {
 pub struct MeterSet {
     meters: Vec<Box<dyn EnergyMeter>>,
     unavailable: Vec<Unavailable>,
+    /// Facts about the set as a whole (where a local server was found), added to every
+    /// window's warnings.
+    notes: Vec<String>,
+}
+
+/// What a local server configuration resolves to: whose CPU time to estimate and which
+/// processes' GPU contexts to look for.
+fn resolve_server(cfg: &MeterConfig, server: LocalServer) -> (ProcessTarget, Vec<u32>, String) {
+    let port = server.port;
+    match find_local_server(&cfg.proc_root, port) {
+        ServerLookup::Found { pids, names } => {
+            let who: Vec<String> = pids
+                .iter()
+                .zip(&names)
+                .map(|(p, n)| {
+                    if n.is_empty() {
+                        format!("pid {p}")
+                    } else {
+                        format!("pid {p} ({n})")
+                    }
+                })
+                .collect();
+            (
+                ProcessTarget::LocalServer {
+                    port,
+                    pids: pids.clone(),
+                    proc_root: cfg.proc_root.clone(),
+                },
+                pids,
+                format!(
+                    "local server on port {port}: {} and its child processes, found from the listening socket",
+                    who.join(", ")
+                ),
+            )
+        }
+        ServerLookup::NotFound(reason) => match machine_cpu_seconds(&cfg.proc_root) {
+            Ok(_) => (
+                ProcessTarget::Machine {
+                    port,
+                    proc_root: cfg.proc_root.clone(),
+                    reason: reason.clone(),
+                },
+                Vec::new(),
+                format!("local server on port {port}: process not found ({reason})"),
+            ),
+            Err(e) => {
+                let reason = format!("{reason}; machine-wide CPU time unreadable too ({e})");
+                (
+                    ProcessTarget::ServerNotMeasured {
+                        port,
+                        reason: reason.clone(),
+                    },
+                    Vec::new(),
+                    format!("local server on port {port}: {reason}"),
+                )
+            }
+        },
+    }
 }
 
 impl MeterSet {
@@ -199,16 +300,37 @@ impl MeterSet {
         MeterSet {
             meters,
             unavailable,
+            notes: Vec::new(),
         }
+    }
+
+    /// Facts about the set as a whole (where a local server was found, or why not).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Picks the best available meters: RAPL for CPU (and DRAM), NVML for GPUs, and the
     /// CPU-time estimate only for what no counter covers. Each meter that is not used is
     /// recorded with its reason, so the fallback is never silent.
+    ///
+    /// With [`MeterConfig::local_server`] the server's share is measured too: RAPL already
+    /// covers it (machine-wide); NVML counts whole devices where the server (or mica) holds a
+    /// context, else every visible GPU; the CPU-time estimate adds the server's process tree,
+    /// or falls back to machine-wide CPU time, or, where nothing is readable, reports the
+    /// server as `not-measured:local-server`. The server is looked up once, here.
     pub fn auto(cfg: &MeterConfig) -> MeterSet {
         let mut meters: Vec<Box<dyn EnergyMeter>> = Vec::new();
         let mut unavailable = Vec::new();
+        let mut notes = Vec::new();
         let cpu = resolve_cpu(cfg.cpu_model.as_deref(), cfg.tdp_w);
+        let (target, server_pids) = match cfg.local_server {
+            Some(server) => {
+                let (target, pids, note) = resolve_server(cfg, server);
+                notes.push(note);
+                (target, Some((server.port, pids)))
+            }
+            None => (ProcessTarget::Mica, None),
+        };
 
         let rapl = match RaplMeter::open(&cfg.powercap_root) {
             Ok(m) => Some(m),
@@ -225,29 +347,50 @@ impl MeterSet {
                 let has_dram = r.has_dram();
                 meters.push(Box::new(r));
                 if !has_dram {
-                    meters.push(Box::new(CpuTimeMeter::ram_only(cpu.clone())));
+                    meters.push(Box::new(
+                        CpuTimeMeter::ram_only(cpu.clone()).with_target(target.clone()),
+                    ));
                 }
             }
-            None => meters.push(Box::new(CpuTimeMeter::new(cpu.clone()))),
+            None => meters.push(Box::new(
+                CpuTimeMeter::new(cpu.clone()).with_target(target.clone()),
+            )),
         }
 
-        if cfg.try_nvml {
-            match NvmlMeter::open() {
-                Ok(m) => meters.push(Box::new(m)),
-                Err(reason) => unavailable.push(Unavailable {
-                    meter: "nvml".into(),
-                    reason,
-                }),
+        let attribution = match &server_pids {
+            Some((port, pids)) => GpuAttribution::LocalServer {
+                port: *port,
+                pids: pids.clone(),
+                proc_root: cfg.proc_root.clone(),
+            },
+            None => GpuAttribution::Mica,
+        };
+        let nvml_missing = if cfg.try_nvml {
+            match NvmlMeter::open_with(attribution) {
+                Ok(m) => {
+                    meters.push(Box::new(m));
+                    None
+                }
+                Err(reason) => Some(reason),
             }
         } else {
+            Some("not tried (disabled by configuration)".to_string())
+        };
+        if let Some(reason) = nvml_missing {
+            if let Some((port, _)) = server_pids {
+                notes.push(format!(
+                    "local server on port {port}: no NVIDIA GPU is measured (NVML {reason}); if the server runs on a GPU, that energy is not in these figures"
+                ));
+            }
             unavailable.push(Unavailable {
                 meter: "nvml".into(),
-                reason: "not tried (disabled by configuration)".into(),
+                reason,
             });
         }
         MeterSet {
             meters,
             unavailable,
+            notes,
         }
     }
 
@@ -299,11 +442,13 @@ impl Window<'_> {
         let mut components = Vec::new();
         let mut notes = Vec::new();
         let mut details = MeterDetails::default();
+        let mut gpu_scope: Option<String> = None;
         for ((meter, s), e) in self.set.meters.iter().zip(&self.start).zip(&end) {
             let d = meter.delta(s, e);
             components.extend(d.components);
             notes.extend(d.notes);
             let md = meter.details();
+            let is_gpu = md.gpu_model.is_some();
             if details.cpu.is_none() {
                 details.cpu = md.cpu;
             }
@@ -316,10 +461,34 @@ impl Window<'_> {
                 (Some("machine"), _) | (_, Some("machine")) => Some("machine"),
                 (a, b) => a.or(b),
             };
+            if let Some(sc) = md.scope {
+                if is_gpu {
+                    gpu_scope = Some(sc);
+                } else if details.scope.as_deref() != Some(SCOPE_MACHINE) {
+                    // The widest CPU/RAM scope wins: a machine-wide counter covers the rest.
+                    details.scope = Some(sc);
+                }
+            }
+            if details.sampling_period_s.is_none() {
+                details.sampling_period_s = md.sampling_period_s;
+            }
             for w in md.warnings {
                 if !details.warnings.contains(&w) {
                     details.warnings.push(w);
                 }
+            }
+        }
+        let cpu_scope = details
+            .scope
+            .take()
+            .unwrap_or_else(|| SCOPE_MICA.to_string());
+        details.scope = Some(match gpu_scope {
+            Some(g) => format!("{cpu_scope}; GPU: {g}"),
+            None => cpu_scope,
+        });
+        for n in &self.set.notes {
+            if !details.warnings.contains(n) {
+                details.warnings.push(n.clone());
             }
         }
         Ok(Measurement {
@@ -345,6 +514,25 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// What the CPU/RAM figures cover and, after `; GPU:`, which GPUs are counted (see
+    /// [`MeterDetails::scope`]).
+    pub fn scope(&self) -> String {
+        self.details
+            .scope
+            .clone()
+            .unwrap_or_else(|| SCOPE_MICA.to_string())
+    }
+
+    /// Components whose energy exists but is not measured (never in the totals), as
+    /// `label (method)`.
+    pub fn not_measured(&self) -> Vec<String> {
+        self.components
+            .iter()
+            .filter(|c| c.method.is_not_measured())
+            .map(|c| format!("{} ({})", c.label, c.method.label()))
+            .collect()
+    }
+
     /// The distinct method labels of the counted components joined with `+`, e.g.
     /// `estimated:cpu-time*tdp` or `measured:rapl+estimated:ram-dimm`.
     pub fn method_label(&self) -> String {
@@ -471,7 +659,7 @@ mod tests {
             powercap_root: dir.path().join("absent"),
             try_nvml: false,
             tdp_w: Some(100.0),
-            cpu_model: None,
+            ..MeterConfig::default()
         };
         let set = MeterSet::auto(&cfg);
         assert_eq!(set.meters().len(), 1);
@@ -484,5 +672,246 @@ mod tests {
         assert!(rapl.reason.contains("absent"), "{}", rapl.reason);
         let m = set.start().unwrap().stop().unwrap();
         assert_eq!(m.method_label(), "estimated:cpu-time*tdp");
+        assert_eq!(m.scope(), SCOPE_MICA);
+        assert!(m.not_measured().is_empty());
+    }
+
+    use crate::local::clock_ticks_per_s;
+    use crate::local::tests::FakeProc;
+    use crate::report::EnergyReport;
+    use crate::CarbonConfig;
+    use std::path::Path;
+
+    /// No RAPL, no NVML, a fake /proc, 100 W TDP.
+    fn server_config(proc_root: &Path, powercap: &Path) -> MeterConfig {
+        MeterConfig {
+            powercap_root: powercap.to_path_buf(),
+            try_nvml: false,
+            tdp_w: Some(100.0),
+            local_server: Some(LocalServer { port: 11434 }),
+            proc_root: proc_root.to_path_buf(),
+            ..MeterConfig::default()
+        }
+    }
+
+    fn carbon() -> CarbonConfig {
+        CarbonConfig::resolve(Some("FRA"), None, None).unwrap()
+    }
+
+    #[test]
+    fn a_local_server_found_from_its_port_is_added_to_the_estimate() {
+        let p = FakeProc::new();
+        p.listen(11434, 5555);
+        p.machine(1000, 1000, 8 * 1024 * 1024);
+        p.process(1, 0, "init", (1, 1), 1, &[]);
+        p.process(300, 1, "ollama", (100, 20), 1000, &[5555]);
+        p.process(301, 300, "ollama", (50, 0), 2000, &[]);
+        let set = MeterSet::auto(&server_config(p.root(), &p.root().join("no-powercap")));
+        assert_eq!(set.meters().len(), 1);
+        let meter = &set.meters()[0];
+        assert!(
+            meter
+                .describe()
+                .contains("mica + local server pid 300 (port 11434)"),
+            "{}",
+            meter.describe()
+        );
+        assert!(
+            set.notes()[0].contains("pid 300 (ollama)"),
+            "{:?}",
+            set.notes()
+        );
+
+        // The server part of the snapshot moves by exactly the server tree's ticks.
+        let s = meter.read().unwrap();
+        p.set_ticks(300, 1, "ollama", (150, 30), 1000); // +60
+        p.set_ticks(301, 300, "ollama", (390, 0), 2000); // +340, a child (the model runner)
+        let e = meter.read().unwrap();
+        let server_s = 400.0 / clock_ticks_per_s();
+        assert_eq!(e.values()[2] - s.values()[2], server_s);
+        assert!(
+            e.values()[0] - s.values()[0] >= server_s,
+            "mica's own time is added"
+        );
+
+        let w = set.start().unwrap();
+        p.set_ticks(301, 300, "ollama", (590, 0), 2000); // +200
+        let m = w.stop().unwrap();
+        let cpu = m
+            .components
+            .iter()
+            .find(|c| c.component == Component::Cpu)
+            .unwrap();
+        assert_eq!(cpu.method, Method::EstimatedCpuTimeTdp);
+        assert_eq!(cpu.label, "mica + local server pid 300 (port 11434)");
+        let threads = m.details.cpu.as_ref().unwrap().threads as f64;
+        assert!(cpu.joules >= 200.0 / clock_ticks_per_s() * 100.0 / threads);
+        assert_eq!(m.scope(), "mica + local server pid 300 (port 11434)");
+        let r = EnergyReport::new("p", &m, &carbon(), 1);
+        assert!(r.is_complete());
+        assert_eq!(r.scope, "mica + local server pid 300 (port 11434)");
+        assert_eq!(r.tracking_mode, "process");
+    }
+
+    #[test]
+    fn an_unattributable_server_falls_back_to_machine_cpu_time() {
+        let p = FakeProc::new();
+        p.listen(11434, 5555);
+        p.machine(1000, 1000, 16 * 1024 * 1024);
+        p.process(300, 1, "bash", (1, 1), 1, &[]);
+        let set = MeterSet::auto(&server_config(p.root(), &p.root().join("no-powercap")));
+        let w = set.start().unwrap();
+        p.machine(1300, 5000, 16 * 1024 * 1024);
+        let m = w.stop().unwrap();
+        let cpu = m
+            .components
+            .iter()
+            .find(|c| c.component == Component::Cpu)
+            .unwrap();
+        assert_eq!(cpu.method, Method::EstimatedMachineCpuTimeTdp);
+        let threads = m.details.cpu.as_ref().unwrap().threads as f64;
+        assert!((cpu.joules - 300.0 / clock_ticks_per_s() * 100.0 / threads).abs() < 1e-9);
+        let ram = m
+            .components
+            .iter()
+            .find(|c| c.component == Component::Ram)
+            .unwrap();
+        assert!(ram.label.contains("16.00 GiB total"), "{}", ram.label);
+        assert_eq!(m.method_label(), "estimated:machine-cpu-time*tdp");
+        assert_eq!(m.scope(), SCOPE_MACHINE);
+        assert_eq!(m.details.tracking_mode, Some("machine"));
+        assert!(m
+            .details
+            .warnings
+            .iter()
+            .any(|w| w.contains("EVERY process")));
+        assert!(m
+            .details
+            .warnings
+            .iter()
+            .any(|w| w.contains("held by no process")));
+        assert!(EnergyReport::new("p", &m, &carbon(), 1).is_complete());
+    }
+
+    #[test]
+    fn a_server_nothing_can_measure_is_not_measured_and_out_of_the_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = MeterSet::auto(&server_config(
+            &dir.path().join("no-proc"),
+            &dir.path().join("no-powercap"),
+        ));
+        let m = set.start().unwrap().stop().unwrap();
+        let nm = m
+            .components
+            .iter()
+            .find(|c| c.method == Method::NotMeasuredLocalServer)
+            .expect("a not-measured component");
+        assert_eq!(nm.label, "local server on port 11434");
+        assert_eq!(m.method_label(), "estimated:cpu-time*tdp");
+        let counted: f64 = m
+            .components
+            .iter()
+            .filter(|c| c.method != Method::NotMeasuredLocalServer)
+            .map(|c| c.joules)
+            .sum();
+        assert_eq!(m.total_joules(), counted);
+        assert!(m.scope().contains("NOT measured"), "{}", m.scope());
+        let r = EnergyReport::new("p", &m, &carbon(), 3);
+        assert!(!r.is_complete());
+        assert_eq!(
+            r.not_measured,
+            ["local server on port 11434 (not-measured:local-server)"]
+        );
+        assert_eq!(r.method, "estimated:cpu-time*tdp+not-measured:local-server");
+        assert!((r.energy_wh - counted / 3600.0).abs() < 1e-12);
+        assert!(r.warnings.iter().any(|w| w.contains("NOT MEASURED")));
+        assert_eq!(
+            serde_json::to_string(&Method::NotMeasuredLocalServer).unwrap(),
+            "\"not-measured:local-server\""
+        );
+        assert!(!Method::NotMeasuredLocalServer.counts_in_totals());
+    }
+
+    /// A fake powercap tree with one package (and optionally its DRAM).
+    fn powercap(root: &Path, dram: bool) {
+        let zone = |id: &str, name: &str| {
+            let d = root.join(id);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("name"), format!("{name}\n")).unwrap();
+            std::fs::write(d.join("energy_uj"), "1000\n").unwrap();
+            std::fs::write(d.join("max_energy_range_uj"), "262143328850\n").unwrap();
+        };
+        zone("intel-rapl:0", "package-0");
+        if dram {
+            zone("intel-rapl:0:0", "dram");
+        }
+    }
+
+    #[test]
+    fn with_rapl_the_server_is_covered_machine_wide() {
+        let p = FakeProc::new();
+        p.listen(11434, 5555);
+        p.machine(1000, 1000, 8 * 1024 * 1024);
+        p.process(300, 1, "llama-server", (1, 1), 1000, &[5555]);
+        let pc = tempfile::tempdir().unwrap();
+        powercap(pc.path(), true);
+        let set = MeterSet::auto(&server_config(p.root(), pc.path()));
+        assert_eq!(set.meters().len(), 1);
+        assert_eq!(set.meters()[0].name(), "rapl");
+        let m = set.start().unwrap().stop().unwrap();
+        assert_eq!(m.scope(), SCOPE_MACHINE);
+        assert_eq!(m.details.sampling_period_s, Some(10.0));
+        assert!(m
+            .details
+            .warnings
+            .iter()
+            .any(|w| w.contains("pid 300 (llama-server)")));
+        assert!(m
+            .details
+            .warnings
+            .iter()
+            .any(|w| w.contains("no NVIDIA GPU is measured")));
+
+        // Without a DRAM domain the RAM estimate covers the server's memory too.
+        let pc2 = tempfile::tempdir().unwrap();
+        powercap(pc2.path(), false);
+        let set = MeterSet::auto(&server_config(p.root(), pc2.path()));
+        assert_eq!(set.meters().len(), 2);
+        assert!(
+            set.meters()[1].describe().contains("local server pid 300"),
+            "{}",
+            set.meters()[1].describe()
+        );
+        let m = set.start().unwrap().stop().unwrap();
+        assert_eq!(m.scope(), SCOPE_MACHINE);
+        assert_eq!(m.method_label(), "measured:rapl+estimated:ram-dimm");
+    }
+
+    #[test]
+    fn a_real_listener_in_this_process_is_found_through_proc() {
+        if !Path::new("/proc/net/tcp").exists() {
+            eprintln!("SKIPPED: no /proc/net/tcp (not Linux)");
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cfg = MeterConfig {
+            powercap_root: PathBuf::from("/nonexistent-powercap"),
+            try_nvml: false,
+            tdp_w: Some(100.0),
+            local_server: Some(LocalServer {
+                port: l.local_addr().unwrap().port(),
+            }),
+            ..MeterConfig::default()
+        };
+        let set = MeterSet::auto(&cfg);
+        let m = set.start().unwrap().stop().unwrap();
+        assert!(
+            m.scope()
+                .starts_with("mica process (which is itself the local server on port"),
+            "{}",
+            m.scope()
+        );
+        assert_eq!(m.method_label(), "estimated:cpu-time*tdp");
+        assert!(m.not_measured().is_empty());
     }
 }

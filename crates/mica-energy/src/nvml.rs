@@ -7,7 +7,13 @@
 //! Only GPUs where this process holds a context at either end of the window are counted, as
 //! Eco2AI does; whole-device energy is counted for those (other processes on the same GPU are
 //! included, as in CodeCarbon).
+//!
+//! For a local model server ([`GpuAttribution::LocalServer`]) the GPUs where the server's
+//! process tree (or mica) holds a context are counted; where NVML shows none of them (the
+//! server in a container, whose pids NVML reports from another namespace, or a server on CPU),
+//! every visible GPU is counted, and the window's notes say so.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,11 +41,40 @@ struct Sampler {
     handle: Option<JoinHandle<()>>,
 }
 
+/// Whose GPU contexts decide which devices a window counts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GpuAttribution {
+    /// GPUs where mica's process holds a context.
+    Mica,
+    /// A local model server: GPUs where a process of the trees rooted at `pids` (or mica)
+    /// holds a context, else all visible GPUs. `pids` is empty when the server's process could
+    /// not be found, so all visible GPUs are counted.
+    LocalServer {
+        port: u16,
+        pids: Vec<u32>,
+        proc_root: PathBuf,
+    },
+}
+
 pub struct NvmlMeter {
     nvml: Arc<Nvml>,
     gpus: Vec<Gpu>,
     sampler: Option<Sampler>,
     pid: u32,
+    attribution: GpuAttribution,
+}
+
+/// Which GPUs a window counts, given per GPU whether a relevant process held a context at the
+/// window's start or end; `true` in the second value when none did and a local server makes
+/// every visible GPU count.
+pub fn gpus_to_count(used: &[bool], attribution: &GpuAttribution) -> (Vec<usize>, bool) {
+    let chosen: Vec<usize> = (0..used.len()).filter(|&k| used[k]).collect();
+    match attribution {
+        GpuAttribution::LocalServer { .. } if chosen.is_empty() => {
+            ((0..used.len()).collect(), true)
+        }
+        _ => (chosen, false),
+    }
 }
 
 /// GPU indices named by `CUDA_VISIBLE_DEVICES` (indices or `GPU-` UUIDs); `None` = all.
@@ -71,6 +106,11 @@ fn visible_devices(nvml: &Nvml, count: u32) -> Result<Option<Vec<u32>>, String> 
 impl NvmlMeter {
     /// Loads NVML and lists the GPUs this process may use. The error is the reason in words.
     pub fn open() -> Result<NvmlMeter, String> {
+        Self::open_with(GpuAttribution::Mica)
+    }
+
+    /// [`NvmlMeter::open`], counting the GPUs that `attribution` names.
+    pub fn open_with(attribution: GpuAttribution) -> Result<NvmlMeter, String> {
         let nvml = Nvml::init().map_err(|e| {
             let msg = e.to_string();
             if msg.contains("libnvidia-ml") || msg.contains("libloading") {
@@ -117,18 +157,45 @@ impl NvmlMeter {
             gpus,
             sampler,
             pid: std::process::id(),
+            attribution,
         })
     }
 
+    /// Whether mica, or the local server's process tree, holds a context on the GPU.
     fn uses_gpu(&self, index: u32) -> bool {
         let Ok(d) = self.nvml.device_by_index(index) else {
             return false;
         };
-        let mine = |r: Result<Vec<nvml_wrapper::struct_wrappers::device::ProcessInfo>, _>| {
-            r.map(|ps| ps.iter().any(|p| p.pid == self.pid))
+        let relevant = |pid: u32| {
+            pid == self.pid
+                || match &self.attribution {
+                    GpuAttribution::Mica => false,
+                    GpuAttribution::LocalServer {
+                        pids, proc_root, ..
+                    } => !pids.is_empty() && crate::local::in_trees(proc_root, pid, pids),
+                }
+        };
+        let any = |r: Result<Vec<nvml_wrapper::struct_wrappers::device::ProcessInfo>, _>| {
+            r.map(|ps| ps.iter().any(|p| relevant(p.pid)))
                 .unwrap_or(false)
         };
-        mine(d.running_compute_processes()) || mine(d.running_graphics_processes())
+        any(d.running_compute_processes()) || any(d.running_graphics_processes())
+    }
+
+    /// Which devices a window counts, in words.
+    fn attribution_words(&self) -> String {
+        match &self.attribution {
+            GpuAttribution::Mica => "devices where mica holds a context (whole device)".into(),
+            GpuAttribution::LocalServer { port, pids, .. } if pids.is_empty() => format!(
+                "all {} visible devices (local server on port {port} not attributable)",
+                self.gpus.len()
+            ),
+            GpuAttribution::LocalServer { port, pids, .. } => format!(
+                "devices where local server pid {} (port {port}) or mica holds a context, else all {} visible (whole device)",
+                pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+                self.gpus.len()
+            ),
+        }
     }
 }
 
@@ -205,10 +272,15 @@ impl EnergyMeter for NvmlMeter {
                 )
             })
             .collect();
-        format!("NVML: {}", gpus.join(", "))
+        format!(
+            "NVML: {}; counts {}",
+            gpus.join(", "),
+            self.attribution_words()
+        )
     }
 
-    /// Values per GPU: cumulative mJ, then 1.0 if this process holds a context on it.
+    /// Values per GPU: cumulative mJ, then 1.0 if mica (or the local server) holds a context
+    /// on it.
     fn read(&self) -> Result<Snapshot, EnergyError> {
         let sampled = self.sampler.as_ref().map(|s| {
             s.cumulative_mj
@@ -237,11 +309,25 @@ impl EnergyMeter for NvmlMeter {
     fn delta(&self, start: &Snapshot, end: &Snapshot) -> Delta {
         let mut components = Vec::new();
         let mut notes = Vec::new();
-        for (k, g) in self.gpus.iter().enumerate() {
-            let used = start.values[2 * k + 1] > 0.0 || end.values[2 * k + 1] > 0.0;
-            if !used {
-                continue;
+        let used: Vec<bool> = (0..self.gpus.len())
+            .map(|k| start.values[2 * k + 1] > 0.0 || end.values[2 * k + 1] > 0.0)
+            .collect();
+        let (counted, all_visible) = gpus_to_count(&used, &self.attribution);
+        if all_visible {
+            if let GpuAttribution::LocalServer { port, pids, .. } = &self.attribution {
+                notes.push(format!(
+                    "NVML: {} held a context on any of the {} visible GPU(s) at the window's start or end (a server in a container, or running on CPU), so every visible GPU is counted, whole device",
+                    if pids.is_empty() {
+                        format!("the local server on port {port} could not be attributed, and mica")
+                    } else {
+                        format!("neither the local server (pid {}) nor mica", pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+                    },
+                    self.gpus.len()
+                ));
             }
+        }
+        for k in counted {
+            let g = &self.gpus[k];
             let mj = (end.values[2 * k] - start.values[2 * k]).max(0.0);
             components.push(ComponentEnergy {
                 component: Component::Gpu,
@@ -254,7 +340,7 @@ impl EnergyMeter for NvmlMeter {
                 joules: mj / 1000.0,
             });
         }
-        if components.is_empty() {
+        if components.is_empty() && self.attribution == GpuAttribution::Mica {
             notes.push(format!(
                 "NVML: this process (pid {}) held no context on any of {} visible GPU(s) at the window's start or end, so no GPU energy is counted (inside a container without --pid=host NVML cannot see the process)",
                 self.pid,
@@ -276,6 +362,8 @@ impl EnergyMeter for NvmlMeter {
             gpu_model: Some(format!("{} x {}", self.gpus.len(), names.join(", "))),
             gpu_count: self.gpus.len(),
             tracking_mode: Some("machine"),
+            scope: Some(self.attribution_words()),
+            sampling_period_s: None,
             warnings,
         }
     }
@@ -297,5 +385,28 @@ mod tests {
             }
             Err(reason) => assert!(!reason.is_empty()),
         }
+    }
+
+    #[test]
+    fn which_gpus_a_window_counts() {
+        let server = GpuAttribution::LocalServer {
+            port: 11434,
+            pids: vec![300],
+            proc_root: "/proc".into(),
+        };
+        assert_eq!(
+            gpus_to_count(&[false, true], &GpuAttribution::Mica),
+            (vec![1], false)
+        );
+        assert_eq!(
+            gpus_to_count(&[false, false], &GpuAttribution::Mica),
+            (vec![], false)
+        );
+        assert_eq!(
+            gpus_to_count(&[false, true, true], &server),
+            (vec![1, 2], false)
+        );
+        // The server seen on no GPU: every visible one, whole device.
+        assert_eq!(gpus_to_count(&[false, false], &server), (vec![0, 1], true));
     }
 }

@@ -9,14 +9,20 @@
 //!   another way, and two zones with the same name (mirrored dies) are one counter;
 //! - two package counters that move in lock-step (identical readings at both ends of a window)
 //!   are one mirrored counter;
-//! - counters wrap at `max_energy_range_uj`;
+//! - counters wrap at `max_energy_range_uj`, which a 100 W package reaches in about 44 min, so
+//!   a background thread reads every zone often enough that no counter can wrap twice between
+//!   two reads (see [`sampling_period`]) and accumulates a monotonic total per zone; windows
+//!   subtract those totals, so a window of any length is exact;
 //! - an unreadable `energy_uj` (root-only since the 2020 PLATYPUS mitigation) makes the meter
 //!   unavailable with that reason, instead of a silent zero.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::meter::{
     Component, ComponentEnergy, Delta, EnergyMeter, MeterDetails, Method, Snapshot,
@@ -48,11 +54,163 @@ struct Zone {
     parent: Option<String>,
 }
 
-/// A RAPL reader over a fixed set of de-duplicated zones.
-pub struct RaplMeter {
+/// A power no RAPL zone of one package (or its DRAM) can exceed: a generous bound, so the
+/// sampling period leaves room for the largest server CPUs (about 400 W TDP, with turbo spikes).
+pub const MAX_PACKAGE_W: f64 = 500.0;
+/// The same bound for `psys`, which covers the whole platform.
+pub const MAX_PLATFORM_W: f64 = 1500.0;
+/// Longest sampling period: wrap safety needs far less often on real ranges (262 kJ at 500 W
+/// wraps in 8.7 min), but a short period keeps a late sample (a starved thread) harmless.
+pub const MAX_PERIOD: Duration = Duration::from_secs(10);
+/// Shortest period, for tiny (or fake) ranges: each sample costs a few sysfs reads.
+pub const MIN_PERIOD: Duration = Duration::from_millis(100);
+
+/// Accumulated state of one zone.
+#[derive(Debug, Clone, Default)]
+struct ZoneTotal {
+    last_raw: u64,
+    /// Starts at the first raw reading (so two mirrored zones keep identical totals) and only
+    /// grows.
+    total_uj: u128,
+    wraps: u64,
+    /// Backward steps of a counter whose range is unknown: counted as 0.
+    uncorrected: u64,
+    /// Samples further apart than the counter takes to wrap at the power bound.
+    late: u64,
+}
+
+struct Totals {
+    zones: Vec<ZoneTotal>,
+    last_at: Instant,
+}
+
+/// What the sampling thread shares with the meter.
+struct Shared {
     zones: Vec<(Zone, Component, String)>,
     reader: SysfsReader,
+    /// Seconds each zone needs to wrap at its power bound (None: range unknown).
+    wrap_s: Vec<Option<f64>>,
+    totals: Mutex<Totals>,
+}
+
+struct SamplerThread {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A RAPL reader over a fixed set of de-duplicated zones, with a background thread that keeps
+/// monotonic per-zone totals (see the module documentation).
+pub struct RaplMeter {
+    shared: Arc<Shared>,
     notes: Vec<String>,
+    period: Duration,
+    sampler: Option<SamplerThread>,
+}
+
+fn power_bound_w(kind: Kind) -> f64 {
+    if kind == Kind::Psys {
+        MAX_PLATFORM_W
+    } else {
+        MAX_PACKAGE_W
+    }
+}
+
+/// The period that keeps every counter from wrapping twice between reads: half the time the
+/// fastest-wrapping zone needs to run through its range at the power bound, clamped to
+/// [`MIN_PERIOD`, `MAX_PERIOD`]. A zone without a known range does not shorten it.
+pub fn sampling_period(ranges: &[(Option<u64>, f64)]) -> Duration {
+    let fastest = ranges
+        .iter()
+        .filter_map(|(max, w)| max.map(|m| m as f64 / 1e6 / w))
+        .fold(f64::INFINITY, f64::min);
+    if !fastest.is_finite() {
+        return MAX_PERIOD;
+    }
+    Duration::from_secs_f64(
+        (fastest / 2.0).clamp(MIN_PERIOD.as_secs_f64(), MAX_PERIOD.as_secs_f64()),
+    )
+}
+
+fn read_counter(reader: &SysfsReader, z: &Zone) -> Result<u64, EnergyError> {
+    let s = reader(&z.energy_path).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            EnergyError::Read(permission_hint(&z.energy_path))
+        } else {
+            EnergyError::Read(format!("{}: {e}", z.energy_path.display()))
+        }
+    })?;
+    parse_u64(&s).ok_or_else(|| EnergyError::Format {
+        path: z.energy_path.clone(),
+        message: format!("not a counter value: {:?}", s.trim()),
+    })
+}
+
+impl Shared {
+    /// Reads every zone and folds the readings into the totals. The lock is held across the
+    /// reads, so two concurrent samples cannot interleave and make a counter look as if it went
+    /// backwards. A failed read leaves the totals untouched.
+    fn sample(&self) -> Result<Vec<ZoneTotal>, EnergyError> {
+        let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let raws = self
+            .zones
+            .iter()
+            .map(|(z, _, _)| read_counter(&self.reader, z))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = Instant::now();
+        let gap = now.duration_since(t.last_at).as_secs_f64();
+        t.last_at = now;
+        for (i, raw) in raws.into_iter().enumerate() {
+            let max = self.zones[i].0.max_range_uj;
+            let zt = &mut t.zones[i];
+            let step = match wrapped_delta_uj(zt.last_raw, raw, max) {
+                Some(d) => {
+                    if raw < zt.last_raw {
+                        zt.wraps += 1;
+                    }
+                    d
+                }
+                None => {
+                    zt.uncorrected += 1;
+                    0
+                }
+            };
+            if self.wrap_s[i].is_some_and(|w| gap > w) {
+                zt.late += 1;
+            }
+            zt.total_uj += u128::from(step);
+            zt.last_raw = raw;
+        }
+        Ok(t.zones.clone())
+    }
+}
+
+fn start_sampler(shared: Arc<Shared>, period: Duration) -> SamplerThread {
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("mica-rapl-sampler".into())
+        .spawn(move || {
+            // Ends when the meter is dropped (sender gone) or asked to stop.
+            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(period) {
+                // Errors surface at the window's own read; the next tick tries again.
+                let _ = shared.sample();
+            }
+        })
+        .expect("spawn RAPL sampler thread");
+    SamplerThread {
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+impl Drop for RaplMeter {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.sampler {
+            drop(s.stop.take());
+            if let Some(h) = s.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
 }
 
 fn default_reader() -> SysfsReader {
@@ -105,7 +263,18 @@ impl RaplMeter {
         Self::open_with_reader(root, default_reader())
     }
 
+    /// [`RaplMeter::open`] with an injected file reader; starts the background sampler.
     pub fn open_with_reader(root: &Path, reader: SysfsReader) -> Result<RaplMeter, String> {
+        let mut m = Self::open_manual(root, reader)?;
+        m.sampler = Some(start_sampler(m.shared.clone(), m.period));
+        Ok(m)
+    }
+
+    /// Opens without the background thread: the counters are folded in only by
+    /// [`RaplMeter::sample_now`] and [`EnergyMeter::read`]. For tests (which drive the
+    /// sampling by hand, deterministically) and callers that sample on their own schedule at
+    /// least every [`RaplMeter::sampling_period`].
+    pub fn open_manual(root: &Path, reader: SysfsReader) -> Result<RaplMeter, String> {
         if !root.exists() {
             return Err(format!(
                 "{} absent (no RAPL exposed, typical of VMs and containers)",
@@ -238,10 +407,11 @@ impl RaplMeter {
             ));
         }
 
-        // Readability, now rather than at the first window.
+        // Readability, now rather than at the first window; the first readings seed the totals.
+        let mut first = Vec::with_capacity(chosen.len());
         for (z, _, _) in &chosen {
             match reader(&z.energy_path) {
-                Ok(s) if parse_u64(&s).is_some() => {}
+                Ok(s) if parse_u64(&s).is_some() => first.push(parse_u64(&s).unwrap_or(0)),
                 Ok(s) => {
                     return Err(format!(
                         "{}: not a counter value: {:?}",
@@ -261,15 +431,60 @@ impl RaplMeter {
                 ));
             }
         }
+        let bounds: Vec<(Option<u64>, f64)> = chosen
+            .iter()
+            .map(|(z, _, _)| (z.max_range_uj, power_bound_w(z.kind)))
+            .collect();
+        let period = sampling_period(&bounds);
+        let wrap_s = bounds
+            .iter()
+            .map(|(max, w)| max.map(|m| m as f64 / 1e6 / w))
+            .collect();
+        let totals = Totals {
+            zones: first
+                .iter()
+                .map(|&raw| ZoneTotal {
+                    last_raw: raw,
+                    total_uj: u128::from(raw),
+                    ..ZoneTotal::default()
+                })
+                .collect(),
+            last_at: Instant::now(),
+        };
         Ok(RaplMeter {
-            zones: chosen,
-            reader,
+            shared: Arc::new(Shared {
+                zones: chosen,
+                reader,
+                wrap_s,
+                totals: Mutex::new(totals),
+            }),
             notes,
+            period,
+            sampler: None,
         })
     }
 
+    /// Reads every counter now and folds the readings into the running totals: one step of
+    /// what the background thread does every [`RaplMeter::sampling_period`].
+    pub fn sample_now(&self) -> Result<(), EnergyError> {
+        self.shared.sample().map(|_| ())
+    }
+
+    /// How often the background thread reads the counters.
+    pub fn sampling_period(&self) -> Duration {
+        self.period
+    }
+
+    /// Whether a background thread samples the counters (false after [`RaplMeter::open_manual`]).
+    pub fn is_sampling(&self) -> bool {
+        self.sampler.is_some()
+    }
+
     pub fn has_dram(&self) -> bool {
-        self.zones.iter().any(|(_, c, _)| *c == Component::Ram)
+        self.shared
+            .zones
+            .iter()
+            .any(|(_, c, _)| *c == Component::Ram)
     }
 
     /// Notes from discovery (duplicates dropped, psys skipped).
@@ -279,7 +494,11 @@ impl RaplMeter {
 
     /// Labels of the zones that are counted.
     pub fn zone_labels(&self) -> Vec<String> {
-        self.zones.iter().map(|(_, _, l)| l.clone()).collect()
+        self.shared
+            .zones
+            .iter()
+            .map(|(_, _, l)| l.clone())
+            .collect()
     }
 }
 
@@ -292,6 +511,9 @@ pub fn wrapped_delta_uj(start: u64, end: u64, max: Option<u64>) -> Option<u64> {
     }
 }
 
+/// Values per zone in a [`Snapshot`]: total µJ, wraps, uncorrected backward steps, late samples.
+const PER_ZONE: usize = 4;
+
 impl EnergyMeter for RaplMeter {
     fn name(&self) -> &'static str {
         "rapl"
@@ -299,28 +521,36 @@ impl EnergyMeter for RaplMeter {
 
     fn describe(&self) -> String {
         let zones: Vec<String> = self
+            .shared
             .zones
             .iter()
             .map(|(z, _, l)| format!("{l} [{}]", z.id))
             .collect();
-        format!("RAPL energy counters: {}", zones.join(", "))
+        format!(
+            "RAPL energy counters (machine-wide), {}: {}",
+            if self.sampler.is_some() {
+                format!(
+                    "sampled every {:.1} s in the background",
+                    self.period.as_secs_f64()
+                )
+            } else {
+                "sampled by hand".to_string()
+            },
+            zones.join(", ")
+        )
     }
 
+    /// Takes a fresh sample, then returns the accumulated totals (monotonic, wrap-corrected).
     fn read(&self) -> Result<Snapshot, EnergyError> {
-        let mut values = Vec::with_capacity(self.zones.len());
-        for (z, _, _) in &self.zones {
-            let s = (self.reader)(&z.energy_path).map_err(|e| {
-                if e.kind() == io::ErrorKind::PermissionDenied {
-                    EnergyError::Read(permission_hint(&z.energy_path))
-                } else {
-                    EnergyError::Read(format!("{}: {e}", z.energy_path.display()))
-                }
-            })?;
-            let v = parse_u64(&s).ok_or_else(|| EnergyError::Format {
-                path: z.energy_path.clone(),
-                message: format!("not a counter value: {:?}", s.trim()),
-            })?;
-            values.push(v as f64);
+        let totals = self.shared.sample()?;
+        let mut values = Vec::with_capacity(totals.len() * PER_ZONE);
+        for t in totals {
+            values.extend([
+                t.total_uj as f64,
+                t.wraps as f64,
+                t.uncorrected as f64,
+                t.late as f64,
+            ]);
         }
         Ok(Snapshot::new(values))
     }
@@ -328,9 +558,11 @@ impl EnergyMeter for RaplMeter {
     fn delta(&self, start: &Snapshot, end: &Snapshot) -> Delta {
         let mut notes = Vec::new();
         let mut components: Vec<ComponentEnergy> = Vec::new();
-        let mut package_readings: Vec<(u64, u64, String)> = Vec::new();
-        for (i, (z, component, label)) in self.zones.iter().enumerate() {
-            let (s, e) = (start.values[i] as u64, end.values[i] as u64);
+        let mut package_readings: Vec<(f64, f64, String)> = Vec::new();
+        let period = self.period.as_secs_f64();
+        for (i, (_, component, label)) in self.shared.zones.iter().enumerate() {
+            let at = |snap: &Snapshot, k: usize| snap.values[i * PER_ZONE + k];
+            let (s, e) = (at(start, 0), at(end, 0));
             if *component == Component::Cpu {
                 if let Some((_, _, first)) = package_readings
                     .iter()
@@ -343,25 +575,28 @@ impl EnergyMeter for RaplMeter {
                 }
                 package_readings.push((s, e, label.clone()));
             }
-            let uj = match wrapped_delta_uj(s, e, z.max_range_uj) {
-                Some(d) => {
-                    if e < s {
-                        notes.push(format!("RAPL {label}: counter wrapped during the window (corrected with max_energy_range_uj)"));
-                    }
-                    d
-                }
-                None => {
-                    notes.push(format!(
-                        "RAPL {label}: counter went backwards ({s} -> {e} uJ) and its range is unknown; counted as 0"
-                    ));
-                    0
-                }
-            };
+            let count = |k: usize| (at(end, k) - at(start, k)).max(0.0) as u64;
+            let (wraps, uncorrected, late) = (count(1), count(2), count(3));
+            if wraps > 0 {
+                notes.push(format!(
+                    "RAPL {label}: counter wrapped {wraps} time(s) during the window (each corrected with max_energy_range_uj; counters sampled every {period:.1} s)"
+                ));
+            }
+            if uncorrected > 0 {
+                notes.push(format!(
+                    "RAPL {label}: counter went backwards {uncorrected} time(s) and its range is unknown; those intervals counted as 0"
+                ));
+            }
+            if late > 0 {
+                notes.push(format!(
+                    "RAPL {label}: {late} sample(s) came later than the counter needs to wrap at {MAX_PACKAGE_W:.0} W (suspend or a starved sampler); a wrap may have been missed"
+                ));
+            }
             components.push(ComponentEnergy {
                 component: *component,
                 label: label.clone(),
                 method: Method::MeasuredRapl,
-                joules: uj as f64 / 1e6,
+                joules: (e - s).max(0.0) / 1e6,
             });
         }
         Delta { components, notes }
@@ -375,6 +610,8 @@ impl EnergyMeter for RaplMeter {
         );
         MeterDetails {
             tracking_mode: Some("machine"),
+            scope: Some(crate::meter::SCOPE_MACHINE.into()),
+            sampling_period_s: self.sampler.as_ref().map(|_| self.period.as_secs_f64()),
             warnings,
             ..MeterDetails::default()
         }
@@ -410,6 +647,12 @@ mod tests {
 
     const MAX: u64 = 262_143_328_850;
 
+    /// Without the background thread: the tests write the fake files, and a sampler reading a
+    /// half-written file would be a race of the test's making.
+    fn open(root: &Path) -> RaplMeter {
+        RaplMeter::open_manual(root, default_reader()).unwrap()
+    }
+
     #[test]
     fn package_and_dram_without_double_counting() {
         let dir = tempfile::tempdir().unwrap();
@@ -419,7 +662,7 @@ mod tests {
         zone(r, "intel-rapl:0:1", "uncore", 100_000, MAX);
         zone(r, "intel-rapl:0:2", "dram", 2_000_000, MAX);
         zone(r, "intel-rapl:1", "psys", 9_000_000, MAX);
-        let m = RaplMeter::open(r).unwrap();
+        let m = open(r);
         assert!(m.has_dram());
         assert_eq!(m.zone_labels(), ["package-0", "dram (package-0)"]);
         assert!(m.notes().iter().any(|n| n.contains("psys")));
@@ -450,7 +693,7 @@ mod tests {
         let r = dir.path();
         zone(r, "intel-rapl:1", "psys", 0, MAX);
         zone(r, "intel-rapl:1:0", "dram", 0, MAX);
-        let m = RaplMeter::open(r).unwrap();
+        let m = open(r);
         assert_eq!(m.zone_labels(), ["psys (platform)"]);
         assert!(!m.has_dram());
     }
@@ -460,7 +703,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
         zone(r, "intel-rapl:0", "package-0", MAX - 1_000_000, MAX);
-        let m = RaplMeter::open(r).unwrap();
+        let m = open(r);
         let d = window(&m, r, &[("intel-rapl:0", 2_000_000)]);
         assert_eq!(d.components[0].joules, 3.0);
         assert!(d.notes.iter().any(|n| n.contains("wrapped")));
@@ -477,7 +720,7 @@ mod tests {
         zone(r, "intel-rapl:1", "package-1", 0, MAX);
         zone(r, "intel-rapl:2", "package-1", 0, MAX);
         zone(r, "intel-rapl:2:0", "dram", 0, MAX);
-        let m = RaplMeter::open(r).unwrap();
+        let m = open(r);
         assert_eq!(m.zone_labels(), ["package-0", "package-1"]);
         assert_eq!(
             m.notes()
@@ -506,7 +749,7 @@ mod tests {
         let r = dir.path();
         zone(r, "intel-rapl:0", "package-0", 7_000, MAX);
         zone(r, "intel-rapl:1", "package-1", 7_000, MAX);
-        let m = RaplMeter::open(r).unwrap();
+        let m = open(r);
         let d = window(
             &m,
             r,
@@ -523,7 +766,7 @@ mod tests {
         let r = dir.path().join("intel-rapl");
         zone(&r, "intel-rapl:0", "package-0", 0, MAX);
         zone(&r.join("intel-rapl:0"), "intel-rapl:0:0", "dram", 0, MAX);
-        let m = RaplMeter::open(dir.path()).unwrap();
+        let m = open(dir.path());
         assert_eq!(m.zone_labels(), ["package-0", "dram (package-0)"]);
     }
 
@@ -564,5 +807,139 @@ mod tests {
         zone(dir.path(), "intel-rapl:0:0", "core", 0, MAX);
         let err = RaplMeter::open(dir.path()).err().unwrap();
         assert!(err.contains("no package or psys"), "{err}");
+    }
+
+    /// A counter kept in memory (reads are atomic), wrapping at `max` like the hardware.
+    struct FakeCounter {
+        value: Arc<std::sync::atomic::AtomicU64>,
+        max: u64,
+    }
+
+    impl FakeCounter {
+        fn advance(&self, uj: u64) {
+            use std::sync::atomic::Ordering;
+            let v = self.value.load(Ordering::SeqCst) + uj;
+            self.value.store(
+                if v > self.max { v - self.max } else { v },
+                Ordering::SeqCst,
+            );
+        }
+    }
+
+    /// A fake tree with one package whose `energy_uj` comes from memory.
+    fn memory_zone(root: &Path, max: u64) -> (FakeCounter, SysfsReader) {
+        zone(root, "intel-rapl:0", "package-0", 0, max);
+        let value = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let v = value.clone();
+        let reader: SysfsReader = Arc::new(move |p: &Path| {
+            if p.ends_with("energy_uj") {
+                Ok(format!("{}\n", v.load(std::sync::atomic::Ordering::SeqCst)))
+            } else {
+                fs::read_to_string(p)
+            }
+        });
+        (FakeCounter { value, max }, reader)
+    }
+
+    #[test]
+    fn five_wraps_in_one_window_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1_000_000;
+        let (counter, reader) = memory_zone(dir.path(), max);
+        let m = RaplMeter::open_manual(dir.path(), reader).unwrap();
+        assert!(!m.is_sampling());
+        let start = m.read().unwrap();
+        // 17 steps of 0.3 J on a 1 J counter: 5.1 J, five wraps, each seen by a sample.
+        for _ in 0..17 {
+            counter.advance(300_000);
+            m.sample_now().unwrap();
+        }
+        let end = m.read().unwrap();
+        let d = m.delta(&start, &end);
+        assert_eq!(d.components.len(), 1);
+        assert_eq!(d.components[0].joules, 5.1);
+        assert!(
+            d.notes.iter().any(|n| n.contains("wrapped 5 time(s)")),
+            "{:?}",
+            d.notes
+        );
+        // The ends alone (what a start/end reader sees) would give 0.1 J.
+        assert_eq!(
+            wrapped_delta_uj(
+                0,
+                counter.value.load(std::sync::atomic::Ordering::SeqCst),
+                Some(max)
+            ),
+            Some(100_000)
+        );
+        // A nested window inside the same totals is exact too.
+        let inner_start = m.read().unwrap();
+        counter.advance(950_000);
+        m.sample_now().unwrap();
+        counter.advance(950_000);
+        let inner = m.delta(&inner_start, &m.read().unwrap());
+        assert_eq!(inner.components[0].joules, 1.9);
+        assert_eq!(
+            m.delta(&start, &m.read().unwrap()).components[0].joules,
+            7.0
+        );
+    }
+
+    #[test]
+    fn unknown_range_backward_step_counts_zero_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        zone(r, "intel-rapl:0", "package-0", 5_000_000, MAX);
+        fs::remove_file(r.join("intel-rapl:0/max_energy_range_uj")).unwrap();
+        let m = open(r);
+        assert!(m
+            .notes()
+            .iter()
+            .any(|n| n.contains("max_energy_range_uj unreadable")));
+        assert_eq!(m.sampling_period(), MAX_PERIOD);
+        let d = window(&m, r, &[("intel-rapl:0", 1_000_000)]);
+        assert_eq!(d.components[0].joules, 0.0);
+        assert!(d
+            .notes
+            .iter()
+            .any(|n| n.contains("went backwards 1 time(s)")));
+    }
+
+    #[test]
+    fn period_keeps_every_counter_from_wrapping_twice() {
+        // 262 kJ at 500 W wraps in 524 s: capped at 10 s.
+        assert_eq!(sampling_period(&[(Some(MAX), MAX_PACKAGE_W)]), MAX_PERIOD);
+        // 2 kJ at 500 W wraps in 4 s: sampled every 2 s.
+        assert_eq!(
+            sampling_period(&[(Some(MAX), 500.0), (Some(2_000_000_000), 500.0)]),
+            Duration::from_secs(2)
+        );
+        // A 1 J range would need 1 ms: floored at 0.1 s.
+        assert_eq!(sampling_period(&[(Some(1_000_000), 500.0)]), MIN_PERIOD);
+        assert_eq!(sampling_period(&[(None, 500.0)]), MAX_PERIOD);
+        assert_eq!(sampling_period(&[]), MAX_PERIOD);
+    }
+
+    #[test]
+    fn background_sampler_runs_and_stops_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (counter, reader) = memory_zone(dir.path(), MAX);
+        let m = RaplMeter::open_with_reader(dir.path(), reader).unwrap();
+        assert!(m.is_sampling());
+        assert_eq!(m.sampling_period(), MAX_PERIOD);
+        assert!(
+            m.describe().contains("sampled every 10.0 s"),
+            "{}",
+            m.describe()
+        );
+        assert_eq!(m.details().sampling_period_s, Some(10.0));
+        let s = m.read().unwrap();
+        counter.advance(2_000_000);
+        assert_eq!(m.delta(&s, &m.read().unwrap()).components[0].joules, 2.0);
+        // The reader (held by the meter and its thread) is released only once the thread
+        // has been joined.
+        assert!(Arc::strong_count(&counter.value) > 1);
+        drop(m);
+        assert_eq!(Arc::strong_count(&counter.value), 1);
     }
 }

@@ -6,7 +6,7 @@ use crate::carbon::CarbonConfig;
 use crate::meter::{Component, Measurement, Method, Unavailable};
 use crate::remote::RemoteUsage;
 use crate::tdp::TdpSource;
-use crate::util::run_id;
+use crate::util::{experiment_uuid, host_info, online_cpus, run_id};
 use mica_core::time::iso_utc;
 
 const J_PER_WH: f64 = 3600.0;
@@ -84,6 +84,28 @@ pub struct EnergyReport {
     /// Estimates, fallbacks and anything a reader must know before trusting the numbers.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Which processes the figure covers, so a reader can tell whether two rows compare:
+    /// `mica process`, `mica + local server pid N (port P)`, `machine-wide`, then, where a
+    /// GPU meter ran, `; GPU: <which devices>`. Empty in files written before the field.
+    #[serde(default)]
+    pub scope: String,
+    /// Energy that was spent but is NOT in the totals, one entry per part, e.g.
+    /// `local server on port 11434 (not-measured:local-server)` or a remote API. Non-empty
+    /// means the totals are incomplete: no energy ratio should involve this row
+    /// ([`EnergyReport::is_complete`]).
+    #[serde(default)]
+    pub not_measured: Vec<String>,
+    /// CodeCarbon's `experiment_id`: UUID v5 of the project name by default
+    /// ([`crate::experiment_uuid`]), or of the name given to
+    /// [`EnergyReport::set_experiment`]. Empty in files written before the field.
+    #[serde(default)]
+    pub experiment_id: String,
+    /// Logical CPUs online (CodeCarbon's `cpu_count`).
+    #[serde(default)]
+    pub cpu_count: Option<usize>,
+    /// Total memory in GiB (CodeCarbon's `ram_total_size`).
+    #[serde(default)]
+    pub ram_total_gb: Option<f64>,
 }
 
 impl EnergyReport {
@@ -111,11 +133,25 @@ impl EnergyReport {
         if let Some(w) = carbon.warning() {
             warnings.insert(0, w);
         }
+        let not_measured = m.not_measured();
+        let mut method = m.method_label();
+        let mut uncounted: Vec<Method> = m
+            .components
+            .iter()
+            .filter(|c| c.method.is_not_measured())
+            .map(|c| c.method)
+            .collect();
+        uncounted.sort();
+        uncounted.dedup();
+        for u in uncounted {
+            method = format!("{method}+{}", u.label());
+        }
+        let host = host_info();
         let mut r = EnergyReport {
             project_name: project_name.to_string(),
             run_id: run_id(),
             timestamp: iso_utc(m.started_at),
-            method: m.method_label(),
+            method,
             duration_s: secs,
             images,
             components,
@@ -140,9 +176,27 @@ impl EnergyReport {
             remote: Vec::new(),
             unavailable: m.unavailable.clone(),
             warnings,
+            scope: m.scope(),
+            not_measured,
+            experiment_id: experiment_uuid(project_name),
+            cpu_count: Some(online_cpus()),
+            ram_total_gb: host.mem_total_gb,
         };
         r.set_images(images);
         r
+    }
+
+    /// Names the experiment this window belongs to: `experiment_id` becomes the UUID v5 of
+    /// `name`, so every classifier of one comparison can share it.
+    pub fn set_experiment(&mut self, name: &str) {
+        self.experiment_id = experiment_uuid(name);
+    }
+
+    /// Whether the totals hold all the energy the work spent: false when a part (a local
+    /// server, a remote API) is not measured, in which case no energy ratio should involve
+    /// this report.
+    pub fn is_complete(&self) -> bool {
+        self.not_measured.is_empty() && self.remote.is_empty()
     }
 
     /// One report over several windows (a resumed run, the shards of a run): energies, CO2 and
@@ -160,7 +214,11 @@ impl EnergyReport {
             e.co2e_g += r.co2e_g;
             images += r.images;
             for c in &mut e.components {
-                if let Some(o) = r.components.iter().find(|o| o.label == c.label && o.component == c.component) {
+                if let Some(o) = r
+                    .components
+                    .iter()
+                    .find(|o| o.label == c.label && o.component == c.component)
+                {
                     c.energy_wh += o.energy_wh;
                 }
             }
@@ -168,6 +226,18 @@ impl EnergyReport {
                 e.method = format!("{}+{}", e.method, r.method);
             }
             e.remote.extend(r.remote.iter().cloned());
+            for n in &r.not_measured {
+                if !e.not_measured.contains(n) {
+                    e.not_measured.push(n.clone());
+                }
+            }
+            if r.scope != e.scope && !r.scope.is_empty() {
+                e.scope = if e.scope.is_empty() {
+                    r.scope.clone()
+                } else {
+                    format!("mixed: {} | {}", e.scope, r.scope)
+                };
+            }
             for w in &r.warnings {
                 if !e.warnings.contains(w) {
                     e.warnings.push(w.clone());
@@ -176,7 +246,8 @@ impl EnergyReport {
         }
         e.set_images(images);
         if !rest.is_empty() {
-            e.warnings.push(format!("summed over {} {note}", reports.len()));
+            e.warnings
+                .push(format!("summed over {} {note}", reports.len()));
         }
         Some(e)
     }
@@ -224,6 +295,15 @@ impl EnergyReport {
         if !self.method.contains(Method::NotMeasuredRemoteApi.label()) {
             self.method = format!("{}+{}", self.method, Method::NotMeasuredRemoteApi.label());
         }
+        let entry = format!(
+            "remote API {} {} ({})",
+            usage.provider,
+            usage.model,
+            Method::NotMeasuredRemoteApi.label()
+        );
+        if !self.not_measured.contains(&entry) {
+            self.not_measured.push(entry);
+        }
         self.remote.push(RemoteReport {
             method: Method::NotMeasuredRemoteApi,
             usage,
@@ -259,8 +339,13 @@ impl EnergyReport {
             (Some(c), true) => format!(", TDP {:.1} W assumed", c.tdp_w),
             _ => String::new(),
         };
+        let incomplete = if self.not_measured.is_empty() {
+            String::new()
+        } else {
+            format!("; NOT MEASURED: {}", self.not_measured.join(", "))
+        };
         format!(
-            "energy [{}]: {:.4} Wh over {:.1} s, {:.4} gCO2e at {:.0} gCO2e/kWh x PUE {:.2}{per}{tdp}",
+            "energy [{}]: {:.4} Wh over {:.1} s, {:.4} gCO2e at {:.0} gCO2e/kWh x PUE {:.2}{per}{tdp}{incomplete}",
             self.method,
             self.energy_wh,
             self.duration_s,
@@ -269,6 +354,22 @@ impl EnergyReport {
             self.carbon.pue
         )
     }
+}
+
+/// Runs `work` inside one energy window of `meters` and reports it: the one way every command
+/// measures (a run's classifier, `mica train`, `mica energy burn`). `work` returns its value
+/// and the images it processed (for the per-image figures). A meter that fails to start or
+/// stop is an error, never a silent fallback to another method.
+pub fn measure<T, E: From<crate::EnergyError>>(
+    meters: &crate::MeterSet,
+    carbon: &crate::CarbonConfig,
+    project: &str,
+    work: impl FnOnce() -> Result<(T, usize), E>,
+) -> Result<(T, EnergyReport), E> {
+    let window = meters.start()?;
+    let (value, images) = work()?;
+    let m = window.stop()?;
+    Ok((value, EnergyReport::new(project, &m, carbon, images)))
 }
 
 #[cfg(test)]
@@ -355,21 +456,80 @@ mod tests {
             .contains("Epoch AI"));
         assert!(r.method.ends_with("+not-measured:remote-api"));
         assert!(r.warnings.iter().any(|w| w.contains("NOT MEASURED")));
+        assert!(!r.is_complete());
+        assert_eq!(
+            r.not_measured,
+            ["remote API openai gpt-4o (not-measured:remote-api)"]
+        );
     }
-}
 
-/// Runs `work` inside one energy window of `meters` and reports it: the one way every command
-/// measures (a run's classifier, `mica train`, `mica energy burn`). `work` returns its value
-/// and the images it processed (for the per-image figures). A meter that fails to start or
-/// stop is an error, never a silent fallback to another method.
-pub fn measure<T, E: From<crate::EnergyError>>(
-    meters: &crate::MeterSet,
-    carbon: &crate::CarbonConfig,
-    project: &str,
-    work: impl FnOnce() -> Result<(T, usize), E>,
-) -> Result<(T, EnergyReport), E> {
-    let window = meters.start()?;
-    let (value, images) = work()?;
-    let m = window.stop()?;
-    Ok((value, EnergyReport::new(project, &m, carbon, images)))
+    #[test]
+    fn a_local_server_not_measured_is_flagged_and_left_out_of_totals() {
+        let mut m = measurement();
+        m.components.push(ComponentEnergy {
+            component: Component::Cpu,
+            label: "local server on port 11434".into(),
+            method: Method::NotMeasuredLocalServer,
+            joules: 0.0,
+        });
+        m.details.scope = Some("mica process (local server on port 11434 NOT measured)".into());
+        let carbon = CarbonConfig::resolve(None, Some(500.0), Some(1.0)).unwrap();
+        let r = EnergyReport::new("p", &m, &carbon, 4);
+        assert_eq!(r.energy_wh, 1.0, "the process's 3600 J only");
+        assert_eq!(r.component_wh(Component::Cpu), 0.75);
+        assert_eq!(r.method, "estimated:cpu-time*tdp+not-measured:local-server");
+        assert_eq!(
+            r.not_measured,
+            ["local server on port 11434 (not-measured:local-server)"]
+        );
+        assert!(!r.is_complete());
+        assert!(r.scope.contains("NOT measured"));
+        assert!(r
+            .summary_line()
+            .contains("NOT MEASURED: local server on port 11434"));
+        // Survives the round trip; an old file without the new fields reads as before.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            serde_json::from_value::<EnergyReport>(json.clone()).unwrap(),
+            r
+        );
+        let mut old = json;
+        for k in [
+            "scope",
+            "not_measured",
+            "experiment_id",
+            "cpu_count",
+            "ram_total_gb",
+        ] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let back: EnergyReport = serde_json::from_value(old).unwrap();
+        assert!(back.not_measured.is_empty() && back.scope.is_empty());
+        assert!(back.is_complete());
+        // Summing keeps the flag.
+        let complete = EnergyReport::new("p", &measurement(), &carbon, 1);
+        assert!(complete.is_complete());
+        assert_eq!(complete.scope, "mica process");
+        let sum = EnergyReport::sum(&[complete, r], "shards").unwrap();
+        assert!(!sum.is_complete());
+        assert!(
+            sum.scope.starts_with("mixed: mica process | "),
+            "{}",
+            sum.scope
+        );
+    }
+
+    #[test]
+    fn experiment_id_is_a_stable_uuid_v5() {
+        let carbon = CarbonConfig::resolve(None, Some(500.0), None).unwrap();
+        let a = EnergyReport::new("brain-mri", &measurement(), &carbon, 1);
+        let b = EnergyReport::new("brain-mri", &measurement(), &carbon, 1);
+        assert_ne!(a.run_id, b.run_id);
+        assert_eq!(a.experiment_id, b.experiment_id);
+        assert_eq!(&a.experiment_id[14..15], "5");
+        let mut c = a.clone();
+        c.set_experiment("runs/exp1");
+        assert_ne!(c.experiment_id, a.experiment_id);
+        assert!(a.cpu_count.unwrap() >= 1);
+    }
 }

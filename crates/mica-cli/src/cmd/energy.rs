@@ -74,6 +74,7 @@ impl EnergyOpts {
             try_nvml: !self.no_nvml,
             tdp_w: self.tdp,
             cpu_model: self.cpu_model.clone(),
+            ..MeterConfig::default()
         })
     }
 }
