@@ -379,7 +379,7 @@ mod tests {
     #[test]
     fn refusals_are_their_own_outcome() {
         let refused = ParsedAnswer::refusal("I'm sorry, I can't assist with that request.");
-        let d = decide(&FilterSpec::default(), &[refused.clone()], &[None], None);
+        let d = decide(&FilterSpec::default(), std::slice::from_ref(&refused), &[None], None);
         assert_eq!(
             (d.outcome, d.predicted.as_deref()),
             (Outcome::Refused, None)
