@@ -16,6 +16,29 @@
 //! let report = EnergyReport::new("brain-mri", &measurement, &carbon, 100);
 //! println!("{}", report.summary_line());
 //! ```
+//!
+//! An LLM served on this machine (Ollama, vLLM, llama.cpp) spends its energy outside mica's
+//! process; naming its port makes the window cover it, and a server nothing can measure is
+//! flagged instead of silently left out:
+//!
+//! ```no_run
+//! use mica_energy::{CarbonConfig, LocalServer, MeterConfig, MeterSet};
+//! let cfg = MeterConfig {
+//!     local_server: LocalServer::from_base_url("http://localhost:11434/v1"),
+//!     ..MeterConfig::default()
+//! };
+//! let meters = MeterSet::auto(&cfg);
+//! let carbon = CarbonConfig::resolve(Some("FRA"), None, None).unwrap();
+//! let (_, report) = mica_energy::measure(&meters, &carbon, "brain-mri/llava", || {
+//!     // ... ask the server about 100 images ...
+//!     Ok::<_, mica_energy::EnergyError>(((), 100))
+//! })
+//! .unwrap();
+//! println!("{} [{}]", report.summary_line(), report.scope);
+//! if !report.is_complete() {
+//!     eprintln!("not measured: {:?}", report.not_measured);
+//! }
+//! ```
 
 pub mod carbon;
 pub mod csv;
