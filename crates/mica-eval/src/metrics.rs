@@ -12,7 +12,12 @@
 //!   true);
 //! - ROC AUC is one-vs-rest, macro-averaged, from the given probabilities (for two classes:
 //!   the AUC of the second class's score, as scikit-learn's binary case); it is undefined (None,
-//!   with a note) when some class has no positive or no negative case.
+//!   with a note) when some class has no positive or no negative case;
+//! - calibration (ECE, AURC, Brier) covers the answered cases only, since a case without an
+//!   answer states no confidence; a note gives the count left out;
+//! - bootstrap intervals resample within each true class ([`stratified_resamples`]), so each
+//!   resample has the test set's class counts, and are percentile intervals
+//!   ([`percentile_interval`]).
 
 use std::collections::BTreeMap;
 
