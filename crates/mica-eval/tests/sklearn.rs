@@ -455,7 +455,7 @@ fn random_case(rng: &mut ChaCha8Rng, idx: usize) -> Case {
     };
     let latency = (0..n).map(|_| rng.random_range(5.0..500.0)).collect();
     let p_values = p_values(rng);
-    let boot = (idx % 4 == 0 && n <= 300).then(|| {
+    let boot = (idx.is_multiple_of(4) && n <= 300).then(|| {
         let outcomes = y_pred
             .iter()
             .map(|&p| {
