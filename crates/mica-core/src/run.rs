@@ -187,6 +187,9 @@ pub struct RunManifest {
     pub split_manifest: Option<PathBuf>,
     pub seed: Option<u64>,
     pub created_unix: u64,
+    /// `created_unix` in ISO 8601 UTC, for readers of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_utc: Option<String>,
     #[serde(default)]
     pub machine: BTreeMap<String, String>,
     #[serde(default)]

@@ -305,9 +305,15 @@ impl RunMetrics {
             path: path.to_path_buf(),
             message: format!("not a mica metrics.json: {e}"),
         };
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(bad)?;
-        let has_live = value.get("live").is_some();
-        let mut m: RunMetrics = serde_json::from_value(value).map_err(bad)?;
+        // Parsed straight from the bytes, not through `serde_json::Value`, whose map would
+        // reorder the per-class labels alphabetically.
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            live: Option<serde::de::IgnoredAny>,
+        }
+        let has_live = serde_json::from_slice::<Probe>(&bytes).map_err(bad)?.live.is_some();
+        let mut m: RunMetrics = serde_json::from_slice(&bytes).map_err(bad)?;
         if !has_live {
             // Written before cache accounting: every image counts as asked in that run.
             m.live = m.images - m.cached.min(m.images);

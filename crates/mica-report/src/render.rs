@@ -97,54 +97,160 @@ pub const HEADLINE_COLUMNS: [&str; 13] = [
     "Classifier",
     "Accuracy % (95 % CI)",
     "Macro F1 (95 % CI)",
-    "Weighted F1",
+    "Weighted F1 (95 % CI)",
     "Coverage % (acc. on accepted)",
     "No answer %",
     "Refused %",
-    "Latency p50 / p90 ms",
-    "Images/s",
+    "Latency p50 / p90 ms (kind)",
+    "Images/s (live)",
     "Wh / 1k img",
     "gCO2e / 1k img",
-    "Energy method",
+    "Energy method (scope)",
     "$ / 1k img",
 ];
 
 pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
-    let mut name = if r.simulated {
-        format!("{} [SIMULATED]", r.classifier)
-    } else {
-        r.classifier.clone()
-    };
-    if r.label_like_context {
-        name.push_str(" [LABEL-LIKE CONTEXT]");
-    }
     vec![
-        name,
+        r.name.clone(),
         pct_ci(r.accuracy, r.accuracy_ci),
         f1_ci(r.macro_f1, r.macro_f1_ci),
-        format!("{:.3}", r.weighted_f1),
+        f1_ci(r.weighted_f1, r.weighted_f1_ci),
         match (r.coverage, r.accepted_accuracy) {
-            (Some(c), Some(a)) => format!("{} ({})", pct(c), pct(a)),
-            (Some(c), None) => pct(c),
+            (Some(c), Some(a)) => format!("{} ({})", pct_ci(c, r.coverage_ci), pct_ci(a, r.accepted_accuracy_ci)),
+            (Some(c), None) => pct_ci(c, r.coverage_ci),
             _ => "100 (none deferred)".into(),
         },
         pct(r.no_answer_share),
         pct(r.refused_share),
-        format!("{} / {}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
-        opt(r.images_per_s, 1),
-        sig(r.wh_per_1000),
-        sig(r.gco2e_per_1000),
-        r.energy_method.clone().unwrap_or_else(|| "not measured".into()),
-        match r.usd_per_1000 {
-            Some(c) => format!("{c:.2}"),
-            None => "0 (local)".into(),
+        match &r.latency_kind {
+            Some(k) => format!("{} / {} ({k})", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
+            None => format!("{} / {}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
         },
+        match r.images_per_s {
+            Some(v) => format!("{v:.1}"),
+            None if r.live == 0 && r.cached > 0 => "– (all cached)".into(),
+            None => "–".into(),
+        },
+        if r.wh_per_1000.is_none() && r.live == 0 && r.cached > 0 { "– (all cached)".into() } else { sig(r.wh_per_1000) },
+        sig(r.gco2e_per_1000),
+        match (&r.energy_method, &r.energy_scope) {
+            (Some(m), Some(s)) => format!("{m} ({s})"),
+            (Some(m), None) => m.clone(),
+            _ => "not measured".into(),
+        },
+        r.cost_text(),
     ]
+}
+
+const CLASS_COLUMNS: [&str; 5] = ["Class", "Precision (95 % CI)", "Recall (95 % CI)", "F1", "Support"];
+
+/// Per-class intervals are Wilson score intervals (small counts); F1 is a point estimate.
+const CLASS_NOTE: &str = "Precision and recall with Wilson 95 % score intervals; F1 = 2tp / (2tp + fp + fn), a point estimate; no-answer cases count against recall.";
+
+fn class_cells(r: &crate::comparison::ClassRow) -> Vec<String> {
+    vec![
+        r.label.clone(),
+        f1_ci(r.precision, r.precision_ci),
+        f1_ci(r.recall, r.recall_ci),
+        format!("{:.3}", r.f1),
+        r.support.to_string(),
+    ]
+}
+
+/// The second table: every interval and calibration figure the headline leaves out.
+pub const QUALITY_COLUMNS: [&str; 7] = [
+    "Classifier",
+    "Cohen's kappa (95 % CI)",
+    "Macro AUC (95 % CI)",
+    "ECE",
+    "Brier",
+    "AURC",
+    "Accuracy on shared images %",
+];
+
+pub fn quality_cells(cmp: &Comparison, i: usize) -> Vec<String> {
+    let r = &cmp.headline[i];
+    let opt_ci = |v: Option<f64>, ci| match v {
+        Some(x) => f1_ci(x, ci),
+        None => "– (undefined)".into(),
+    };
+    vec![
+        r.name.clone(),
+        opt_ci(r.kappa, r.kappa_ci),
+        match r.auc {
+            Some(x) => f1_ci(x, r.auc_ci),
+            None => "– (no probabilities)".into(),
+        },
+        opt(r.ece, 3),
+        opt(r.brier, 3),
+        opt(r.aurc, 3),
+        format!("{} (of {})", pct(cmp.shared_accuracy.get(i).copied().unwrap_or(0.0)), cmp.shared_images),
+    ]
+}
+
+const QUALITY_NOTE: &str = "ECE (15 equal-width bins), Brier score and AURC (area under the risk-coverage curve; lower is better) are over the labelled cases that state a confidence. Intervals: see Provenance.";
+
+/// The third table: what a classifier costs in time, energy and money, each with its basis.
+pub const COST_COLUMNS: [&str; 9] = [
+    "Classifier",
+    "Live / cached answers",
+    "Latency p99 ms",
+    "First image ms (cold start)",
+    "Wall s (live)",
+    "Carbon intensity",
+    "Training (Wh, gCO2e, method)",
+    "$ replayed (not spent now)",
+    "Cost basis",
+];
+
+pub fn cost_cells(r: &HeadlineRow) -> Vec<String> {
+    vec![
+        r.name.clone(),
+        format!("{} / {}", r.live, r.cached),
+        opt(r.latency_p99_ms, 1),
+        opt(r.first_latency_ms, 1),
+        opt(r.wall_s, 1),
+        r.carbon_intensity.clone().unwrap_or_else(|| "–".into()),
+        match &r.training {
+            Some(t) => format!("{} Wh, {} g ({})", sig(Some(t.energy_wh)), sig(Some(t.co2e_g)), t.method),
+            None if r.family == crate::Family::Cnn => "not metered".into(),
+            None => "–".into(),
+        },
+        if r.replayed_usd > 0.0 { format!("{:.4}", r.replayed_usd) } else { "0".into() },
+        r.cost_basis.clone(),
+    ]
+}
+
+pub const BREAK_EVEN_COLUMNS: [&str; 6] = [
+    "CNN (training included) vs LLM",
+    "Training Wh",
+    "Wh per image (CNN / LLM)",
+    "Break-even, energy (images)",
+    "Break-even, money (images)",
+    "Why a figure is missing",
+];
+
+fn break_even_rows(cmp: &Comparison) -> Vec<Vec<String>> {
+    cmp.break_even
+        .iter()
+        .map(|b| {
+            vec![
+                format!("{} vs {}", b.cnn, b.llm),
+                sig(Some(b.training_wh)),
+                format!("{} / {}", sig(Some(b.cnn_wh_per_image)), sig(b.llm_wh_per_image)),
+                b.energy_images.map(|n| format!("{:.0}", n.ceil())).unwrap_or_else(|| "–".into()),
+                b.money_images.map(|n| format!("{:.0}", n.ceil())).unwrap_or_else(|| "–".into()),
+                if b.notes.is_empty() { "–".into() } else { b.notes.join("; ") },
+            ]
+        })
+        .collect()
 }
 
 /// The headline table as aligned plain text, for the terminal.
 pub fn headline_text(cmp: &Comparison) -> String {
     let cols: [usize; 10] = [0, 1, 2, 4, 5, 6, 7, 8, 9, 12];
+    // Every figure in this table has its method or interval in the full report; the terminal
+    // table points there.
     let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
     let header: Vec<String> = cols.iter().map(|&c| HEADLINE_COLUMNS[c].to_string()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -182,14 +288,15 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
     let energy_points: Vec<(String, f64, f64)> = cmp
         .headline
         .iter()
-        .filter_map(|r| r.wh_per_1000.filter(|w| *w > 0.0).map(|w| (r.classifier.clone(), w, r.accuracy * 100.0)))
+        .filter(|r| r.energy_comparable)
+        .filter_map(|r| r.wh_per_1000.map(|w| (r.name.clone(), w, r.accuracy * 100.0)))
         .collect();
     if !energy_points.is_empty() {
         out.push(plots::render(
             "accuracy-vs-energy",
             "Accuracy vs energy",
             &ScatterChart {
-                title: "Accuracy vs energy (log scale)".into(),
+                title: "Accuracy vs energy measured here (log scale; simulated and unmetered rows left out)".into(),
                 x_label: "Wh per 1,000 images".into(),
                 y_label: "accuracy %".into(),
                 points: energy_points,
@@ -197,37 +304,52 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
             },
         )?);
     }
+    // Only known money: unknown prices and the simulator are left out, not drawn at $0.
     let cost_points: Vec<(String, f64, f64)> = cmp
         .headline
         .iter()
-        .map(|r| (r.classifier.clone(), r.usd_per_1000.unwrap_or(0.0), r.accuracy * 100.0))
+        .filter_map(|r| match r.cost_basis.as_str() {
+            "api-price" => r.usd_per_1000.map(|c| (r.name.clone(), c, r.accuracy * 100.0)),
+            "no-api-fee" => Some((r.name.clone(), 0.0, r.accuracy * 100.0)),
+            _ => None,
+        })
         .collect();
     out.push(plots::render(
         "accuracy-vs-cost",
         "Accuracy vs cost",
         &ScatterChart {
-            title: "Accuracy vs API cost (local models at $0)".into(),
+            title: "Accuracy vs API fees (no-fee models at $0; unknown prices and simulated rows left out)".into(),
             x_label: "$ per 1,000 images".into(),
             y_label: "accuracy %".into(),
             points: cost_points,
             log_x: false,
         },
     )?);
+    // The same images as the latency figures of the tables: failed ones left out. The legend
+    // says what one value is, since per-request and batch-amortised times differ in kind.
     let latency: Vec<(String, Vec<(f64, f64)>)> = run
         .classifiers
         .iter()
-        .filter(|c| !c.predictions.is_empty())
-        .map(|c| {
+        .zip(&cmp.headline)
+        .filter_map(|(c, h)| {
             let mut l: Vec<f64> = c
                 .predictions
                 .iter()
+                .filter(|p| p.outcome != mica_core::Outcome::Failed)
                 .map(|p| p.latency_ms.max(1e-3))
                 .filter(|v| v.is_finite())
                 .collect();
+            if l.is_empty() {
+                return None;
+            }
             l.sort_by(f64::total_cmp);
             let n = l.len() as f64;
             let pts = l.iter().enumerate().map(|(i, &v)| (v, (i + 1) as f64 / n)).collect();
-            (c.metrics.classifier.clone(), pts)
+            let label = match &h.latency_kind {
+                Some(k) => format!("{} ({k})", h.name),
+                None => h.name.clone(),
+            };
+            Some((label, pts))
         })
         .collect();
     if !latency.is_empty() {
@@ -235,8 +357,8 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
             "latency",
             "Latency distribution",
             &LineChart {
-                title: "Latency per image (cumulative share)".into(),
-                x_label: "ms per image (log scale)".into(),
+                title: "Latency (cumulative share; failed images left out)".into(),
+                x_label: "ms (log scale; kind in the legend)".into(),
                 y_label: "share of images".into(),
                 series: latency,
                 x_range: None,
@@ -250,10 +372,11 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
     let rc: Vec<(String, Vec<(f64, f64)>)> = run
         .classifiers
         .iter()
-        .filter(|c| c.metrics.risk_coverage.len() > 1)
-        .map(|c| {
+        .zip(&cmp.headline)
+        .filter(|(c, _)| c.metrics.risk_coverage.len() > 1)
+        .map(|(c, h)| {
             (
-                c.metrics.classifier.clone(),
+                h.name.clone(),
                 c.metrics.risk_coverage.iter().map(|p| (p.coverage, p.accuracy)).collect(),
             )
         })
@@ -278,9 +401,10 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
     let rel: Vec<(String, Vec<(f64, f64)>)> = run
         .classifiers
         .iter()
-        .map(|c| {
+        .zip(&cmp.headline)
+        .map(|(c, h)| {
             (
-                c.metrics.classifier.clone(),
+                h.name.clone(),
                 c.metrics
                     .all
                     .reliability
@@ -309,13 +433,13 @@ pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportErr
             },
         )?);
     }
-    for c in &run.classifiers {
+    for (c, h) in run.classifiers.iter().zip(&cmp.headline) {
         let cm = &c.metrics.all.confusion;
         out.push(plots::render(
             &format!("confusion-{}", c.slug),
-            &format!("Confusion matrix: {}", c.metrics.classifier),
+            &format!("Confusion matrix: {}", h.name),
             &ConfusionChart {
-                title: format!("{} ({} images)", c.metrics.classifier, c.metrics.images),
+                title: format!("{} ({} images)", h.name, c.metrics.images),
                 labels: cm.labels.clone(),
                 matrix: cm.matrix.clone(),
                 no_answer: cm.no_answer.clone(),
@@ -350,20 +474,29 @@ fn mcnemar_rows(cmp: &Comparison) -> Vec<Vec<String>> {
                 format!("{:+.1}", t.difference_points),
                 format!("{} / {}", t.a_only, t.b_only),
                 format!("{:.4}{}", t.p_value, if t.exact { " (exact)" } else { "" }),
+                format!("{:.4}", t.p_holm),
                 if t.significant { "yes".into() } else { "no".into() },
             ]
         })
         .collect()
 }
 
-const MCNEMAR_HEADER: [&str; 6] = [
+const MCNEMAR_HEADER: [&str; 7] = [
     "Pair (A vs B)",
-    "Images",
+    "Shared images",
     "A − B (points)",
     "Only A right / only B right",
-    "p",
-    "Significant (p < 0.05)",
+    "p (this pair)",
+    "p (Holm-adjusted)",
+    "Significant (Holm p < 0.05)",
 ];
+
+fn mcnemar_note(cmp: &Comparison) -> String {
+    format!(
+        "McNemar's test on the images both classifiers saw (exact binomial below 25 discordant pairs, else chi-squared with continuity correction). p-values are Holm-adjusted across all {} pairs of this report; significance is decided on the adjusted value.",
+        cmp.mcnemar.len()
+    )
+}
 
 fn provenance_lines(cmp: &Comparison) -> Vec<(String, String)> {
     let p = &cmp.provenance;
@@ -376,8 +509,22 @@ fn provenance_lines(cmp: &Comparison) -> Vec<(String, String)> {
         ("Seed".into(), p.seed.map(|s| s.to_string()).unwrap_or_else(|| "–".into())),
         ("mica version".into(), p.mica_version.clone().unwrap_or_else(|| "–".into())),
         ("Command".into(), p.command.clone().unwrap_or_else(|| "–".into())),
-        ("Created (Unix time)".into(), p.created_unix.map(|s| s.to_string()).unwrap_or_else(|| "–".into())),
+        ("Created (UTC)".into(), p.created_utc.clone().unwrap_or_else(|| "–".into())),
+        ("Intervals".into(), p.intervals.clone().unwrap_or_else(|| "none computed (bootstrap off)".into())),
+        ("Timing".into(), p.timing_rule.clone()),
+        (
+            "Electricity price".into(),
+            p.electricity_usd_per_kwh
+                .map(|v| format!("{v} USD/kWh (given)"))
+                .unwrap_or_else(|| "not given: local energy is not turned into money".into()),
+        ),
     ];
+    for m in &p.models {
+        v.push(("Model version".into(), m.clone()));
+    }
+    for w in &p.model_warnings {
+        v.push(("Model warning".into(), w.clone()));
+    }
     for (k, val) in &p.machine {
         v.push((format!("Machine: {k}"), val.clone()));
     }
@@ -420,23 +567,30 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
         s,
         "\n{NO_ANSWER_NOTE}\n"
     );
-    let _ = writeln!(s, "## Per-class results\n");
+    let _ = writeln!(s, "## Agreement, discrimination and calibration\n");
+    let rows: Vec<Vec<String>> = (0..cmp.headline.len()).map(|i| quality_cells(cmp, i)).collect();
+    s.push_str(&md_table(&QUALITY_COLUMNS, &rows));
+    let _ = writeln!(s, "\n{QUALITY_NOTE}\n");
+    let _ = writeln!(s, "## Time, energy and money\n");
+    let rows: Vec<Vec<String>> = cmp.headline.iter().map(cost_cells).collect();
+    s.push_str(&md_table(&COST_COLUMNS, &rows));
+    let _ = writeln!(s, "\n{}\n", cmp.provenance.timing_rule);
+    if !cmp.break_even.is_empty() {
+        let _ = writeln!(s, "### Break-even: a trained CNN against an LLM\n");
+        s.push_str(&md_table(&BREAK_EVEN_COLUMNS, &break_even_rows(cmp)));
+        s.push('\n');
+    }
+    let _ = writeln!(s, "## Per-class results\n\n{CLASS_NOTE}\n");
     for t in &cmp.per_class {
-        let _ = writeln!(s, "### {}\n", t.classifier);
+        let _ = writeln!(s, "### {}\n", t.name);
         let rows: Vec<Vec<String>> = t
             .rows
             .iter()
             .map(|r| {
-                vec![
-                    r.label.clone(),
-                    format!("{:.3}", r.precision),
-                    format!("{:.3}", r.recall),
-                    format!("{:.3}", r.f1),
-                    r.support.to_string(),
-                ]
+                class_cells(r)
             })
             .collect();
-        s.push_str(&md_table(&["Class", "Precision", "Recall", "F1", "Support"], &rows));
+        s.push_str(&md_table(&CLASS_COLUMNS, &rows));
         if let Some(p) = plots.iter().find(|p| p.stem == format!("confusion-{}", t.slug)) {
             let _ = writeln!(s, "\n![{}](plots/{}.png)\n", p.title, p.stem);
         }
@@ -450,7 +604,7 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
         let _ = writeln!(s, "Only one classifier: nothing to compare.\n");
     } else {
         s.push_str(&md_table(&MCNEMAR_HEADER, &mcnemar_rows(cmp)));
-        s.push('\n');
+        let _ = writeln!(s, "\n{}\n", mcnemar_note(cmp));
     }
     let _ = writeln!(s, "## Provenance\n");
     let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
@@ -544,6 +698,18 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
     s.push_str(&html_table(&HEADLINE_COLUMNS, &rows, "headline"));
     let _ = writeln!(s, "<p>{}</p>", html_escape(NO_ANSWER_NOTE));
+    s.push_str("<h2 id=\"quality\">Agreement, discrimination and calibration</h2>\n");
+    let rows: Vec<Vec<String>> = (0..cmp.headline.len()).map(|i| quality_cells(cmp, i)).collect();
+    s.push_str(&html_table(&QUALITY_COLUMNS, &rows, "quality"));
+    let _ = writeln!(s, "<p>{}</p>", html_escape(QUALITY_NOTE));
+    s.push_str("<h2 id=\"cost\">Time, energy and money</h2>\n");
+    let rows: Vec<Vec<String>> = cmp.headline.iter().map(cost_cells).collect();
+    s.push_str(&html_table(&COST_COLUMNS, &rows, "cost"));
+    let _ = writeln!(s, "<p>{}</p>", html_escape(&cmp.provenance.timing_rule));
+    if !cmp.break_even.is_empty() {
+        s.push_str("<h3 id=\"break-even\">Break-even: a trained CNN against an LLM</h3>\n");
+        s.push_str(&html_table(&BREAK_EVEN_COLUMNS, &break_even_rows(cmp), "break-even"));
+    }
     s.push_str("<h2 id=\"figures\">Accuracy, energy, cost, latency, selective prediction, calibration</h2><div class=\"figs\">\n");
     for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
         let _ = writeln!(
@@ -555,22 +721,17 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
         );
     }
     s.push_str("</div>\n<h2 id=\"per-class\">Per-class results and confusion matrices</h2>\n");
+    let _ = writeln!(s, "<p>{}</p>", html_escape(CLASS_NOTE));
     for t in &cmp.per_class {
-        let _ = writeln!(s, "<h3>{}</h3><div class=\"figs\"><div>", html_escape(&t.classifier));
+        let _ = writeln!(s, "<h3>{}</h3><div class=\"figs\"><div>", html_escape(&t.name));
         let rows: Vec<Vec<String>> = t
             .rows
             .iter()
             .map(|r| {
-                vec![
-                    r.label.clone(),
-                    format!("{:.3}", r.precision),
-                    format!("{:.3}", r.recall),
-                    format!("{:.3}", r.f1),
-                    r.support.to_string(),
-                ]
+                class_cells(r)
             })
             .collect();
-        s.push_str(&html_table(&["Class", "Precision", "Recall", "F1", "Support"], &rows, "per-class"));
+        s.push_str(&html_table(&CLASS_COLUMNS, &rows, "per-class"));
         s.push_str("</div>");
         if let Some(p) = plots.iter().find(|p| p.stem == format!("confusion-{}", t.slug)) {
             let _ = write!(
@@ -588,6 +749,7 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
         s.push_str("<p>Only one classifier: nothing to compare.</p>\n");
     } else {
         s.push_str(&html_table(&MCNEMAR_HEADER, &mcnemar_rows(cmp), "mcnemar"));
+        let _ = writeln!(s, "<p>{}</p>", html_escape(&mcnemar_note(cmp)));
     }
     s.push_str("<h2 id=\"provenance\">Provenance</h2>\n");
     let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
@@ -619,19 +781,40 @@ pub fn csv(cmp: &Comparison) -> String {
             o(r.macro_f1_ci.map(|c| c.lower)),
             o(r.macro_f1_ci.map(|c| c.upper)),
             r.weighted_f1.to_string(),
+            o(r.weighted_f1_ci.map(|c| c.lower)),
+            o(r.weighted_f1_ci.map(|c| c.upper)),
+            o(r.kappa),
+            o(r.kappa_ci.map(|c| c.lower)),
+            o(r.kappa_ci.map(|c| c.upper)),
+            o(r.auc),
+            o(r.auc_ci.map(|c| c.lower)),
+            o(r.auc_ci.map(|c| c.upper)),
             o(r.coverage),
+            o(r.coverage_ci.map(|c| c.lower)),
+            o(r.coverage_ci.map(|c| c.upper)),
             o(r.accepted_accuracy),
+            o(r.accepted_accuracy_ci.map(|c| c.lower)),
+            o(r.accepted_accuracy_ci.map(|c| c.upper)),
             r.no_answer_share.to_string(),
             r.refused_share.to_string(),
             o(r.latency_p50_ms),
             o(r.latency_p90_ms),
             o(r.latency_p99_ms),
+            r.latency_kind.clone().unwrap_or_default(),
+            o(r.first_latency_ms),
+            r.live.to_string(),
+            r.cached.to_string(),
             o(r.images_per_s),
             o(r.wh_per_1000),
             o(r.gco2e_per_1000),
             r.energy_method.clone().unwrap_or_default(),
+            r.energy_scope.clone().unwrap_or_default(),
             o(r.usd_per_1000),
+            r.cost_basis.clone(),
+            o(r.training.as_ref().map(|t| t.energy_wh)),
             o(r.ece),
+            o(r.brier),
+            o(r.aurc),
             r.simulated.to_string(),
         ];
         w.write_record(&fields).expect(row_err);
@@ -639,7 +822,7 @@ pub fn csv(cmp: &Comparison) -> String {
     String::from_utf8(w.into_inner().expect(row_err)).expect("CSV of UTF-8 fields is UTF-8")
 }
 
-const CSV_HEADER: [&str; 25] = [
+const CSV_HEADER: [&str; 46] = [
     "classifier",
     "slug",
     "family",
@@ -651,19 +834,40 @@ const CSV_HEADER: [&str; 25] = [
     "macro_f1_ci_lower",
     "macro_f1_ci_upper",
     "weighted_f1",
+    "weighted_f1_ci_lower",
+    "weighted_f1_ci_upper",
+    "kappa",
+    "kappa_ci_lower",
+    "kappa_ci_upper",
+    "macro_auc",
+    "macro_auc_ci_lower",
+    "macro_auc_ci_upper",
     "coverage",
+    "coverage_ci_lower",
+    "coverage_ci_upper",
     "accepted_accuracy",
+    "accepted_accuracy_ci_lower",
+    "accepted_accuracy_ci_upper",
     "no_answer_share",
     "refused_share",
     "latency_p50_ms",
     "latency_p90_ms",
     "latency_p99_ms",
+    "latency_kind",
+    "first_latency_ms",
+    "live",
+    "cached",
     "images_per_s",
     "wh_per_1000",
     "gco2e_per_1000",
     "energy_method",
+    "energy_scope",
     "usd_per_1000",
+    "cost_basis",
+    "training_wh",
     "ece",
+    "brier",
+    "aurc",
     "simulated",
 ];
 

@@ -345,13 +345,17 @@ fn merge_runs(runs: &[ClassifierRun], opts: &EvalOptions) -> Result<Merged, Repo
     )
     .map_err(|e| ReportError::Invalid(format!("{}: {e}", runs[0].dir.display())))?;
     metrics.simulated = runs.iter().any(|r| r.metrics.simulated);
+    metrics.latency_kind = first.latency_kind;
+    // Each shard had its own cold start; the first shard's stands for them.
+    metrics.first_latency_ms = first.first_latency_ms;
     metrics.extra = first.extra.clone();
     metrics.extra.insert("shards".into(), serde_json::json!(runs.len()));
     let energies: Vec<EnergyReport> = runs.iter().filter_map(|r| r.energy.clone()).collect();
     if energies.len() == runs.len() {
         let mut e = EnergyReport::sum(&energies, "shard energy windows (machines may differ)")
             .expect("at least one shard");
-        e.set_images(metrics.images);
+        // Per-image energy is over the answers asked live, as in each shard.
+        e.set_images(metrics.live);
         metrics.energy = Some(serde_json::to_value(&e).expect("energy report serialises"));
     } else if !energies.is_empty() {
         metrics.extra.insert(

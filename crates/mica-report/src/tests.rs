@@ -79,6 +79,11 @@ fn energy(wh: f64, images: usize) -> serde_json::Value {
         remote: vec![],
         unavailable: vec![],
         warnings: vec!["CPU energy is an estimate".into()],
+        scope: "mica process".into(),
+        not_measured: vec![],
+        experiment_id: String::new(),
+        cpu_count: None,
+        ram_total_gb: None,
     };
     e.set_images(images);
     serde_json::to_value(e).unwrap()
@@ -107,6 +112,7 @@ fn write_manifest(root: &Path, slugs: &[&str]) {
         split_manifest: Some("split.csv".into()),
         seed: Some(42),
         created_unix: 1_700_000_000,
+        created_utc: None,
         machine: [("cpu".to_string(), "test cpu".to_string())].into_iter().collect(),
         config: serde_json::json!({
             "classifier_slugs": slugs,
@@ -157,7 +163,9 @@ fn report_figures_equal_metrics_json() {
         }
     }
     assert_eq!(rows[1]["coverage"].as_f64().unwrap(), llm.coverage);
-    assert_eq!(rows[1]["usd_per_1000"].as_f64().unwrap(), llm.cost.unwrap().per_image_usd * 1000.0);
+    // The simulator's "cost" is no money: never shown as a price.
+    assert!(rows[1]["usd_per_1000"].is_null() && rows[1]["cost_basis"] == "simulated", "{}", rows[1]);
+    assert_eq!(rows[0]["cost_basis"], "no-api-fee");
     assert!(rows[0]["coverage"].is_null(), "CNN without a filter has no coverage column value");
 
     // The formatted HTML and Markdown show the same numbers, rounded.
@@ -200,11 +208,19 @@ fn summary_sentences_follow_the_numbers() {
     let diff = (cnn.all.accuracy - llm.all.accuracy) * 100.0;
     let s = cmp.summary.join("\n");
     assert!(s.contains(&format!("{diff:.1} points more accurate than llm:sim/gpt-4o")), "{s}");
-    let ratio = 4.0 / 0.02;
-    assert!(s.contains(&format!("uses {ratio:.0} times less energy")), "{s}");
+    // The simulator's energy is never put in a ratio with a model's.
+    assert!(s.contains("a simulated classifier's energy is not compared"), "{s}");
+    assert!(!s.contains("times less energy"), "{s}");
     let acc = llm.accepted.as_ref().unwrap().accuracy;
+    let ci = llm.accepted_accuracy_ci.unwrap();
     assert!(
-        s.contains(&format!("to {:.1} % accuracy on the {:.1} % of cases it accepts", acc * 100.0, llm.coverage * 100.0)),
+        s.contains(&format!(
+            "to {:.1} % accuracy (95 % CI {:.1}–{:.1} %) on the {:.1} % of cases it accepts",
+            acc * 100.0,
+            ci.lower * 100.0,
+            ci.upper * 100.0,
+            llm.coverage * 100.0
+        )),
         "{s}"
     );
     assert!(s.contains("SIMULATED"));
@@ -213,6 +229,16 @@ fn summary_sentences_follow_the_numbers() {
     assert!((pair.difference_points - diff).abs() < 1e-9, "paired difference equals the headline difference here");
     let text = headline_text(&cmp);
     assert!(text.lines().count() >= 3 && text.contains("cnn:small"), "{text}");
+
+    // The same LLM as a real, locally metered model: now the ratio is given, with both methods.
+    let path = dir.path().join("llm-sim/metrics.json");
+    let mut m = RunMetrics::read(&path).unwrap();
+    m.simulated = false;
+    m.write(&path).unwrap();
+    let (_, cmp) = load(dir.path()).unwrap();
+    let s = cmp.summary.join("\n");
+    let ratio = 4.0 / 0.02;
+    assert!(s.contains(&format!("uses {ratio:.0} times less energy per image on this machine (estimated:cpu-time*tdp vs estimated:cpu-time*tdp)")), "{s}");
 }
 
 #[test]
@@ -289,6 +315,7 @@ fn remote_api_energy_is_not_compared_as_if_measured() {
     fixture(dir.path());
     let path = dir.path().join("llm-sim/metrics.json");
     let mut m = RunMetrics::read(&path).unwrap();
+    m.simulated = false;
     let mut e: EnergyReport = serde_json::from_value(m.energy.clone().unwrap()).unwrap();
     e.method = "estimated:cpu-time*tdp+not-measured:remote-api".into();
     m.energy = Some(serde_json::to_value(e).unwrap());
@@ -347,4 +374,14 @@ fn refusals_have_their_own_column_in_every_format() {
     let (_, cmp) = load(dir.path()).unwrap();
     assert!(cmp.summary.iter().any(|s| s.contains("declined to answer 5.0 %")), "{:?}", cmp.summary);
     assert!(headline_text(&cmp).contains("Refused %"));
+}
+
+#[test]
+fn wilson_intervals_match_published_values() {
+    // statsmodels.stats.proportion.proportion_confint(k, n, method="wilson")
+    let c = crate::comparison::wilson(5, 10).unwrap();
+    assert!((c.lower - 0.236_593_090_512_564).abs() < 1e-9 && (c.upper - 0.763_406_909_487_436_1).abs() < 1e-9, "{c:?}");
+    let c = crate::comparison::wilson(0, 10).unwrap();
+    assert!(c.lower == 0.0 && (c.upper - 0.277_532_799_862_889_2).abs() < 1e-9, "{c:?}");
+    assert!(crate::comparison::wilson(0, 0).is_none());
 }

@@ -47,6 +47,8 @@ pub struct Built {
     /// `api-price` (a remote API with a known price), `unknown-price` (a remote API missing
     /// from the price table) or `simulated`.
     pub cost_basis: &'static str,
+    /// What one latency value of this classifier measures.
+    pub latency_kind: mica_eval::LatencyKind,
 }
 
 impl Built {
@@ -60,12 +62,13 @@ impl Built {
             summarize: None,
             local_server: None,
             cost_basis: "no-api-fee",
+            latency_kind: mica_eval::LatencyKind::PerImage,
         }
     }
 }
 
-/// Builds the classifier an entry names. Builders warm their classifier up themselves, before
-/// the run opens its energy window.
+/// Builds the classifier an entry names. No builder warms its classifier up: every family's
+/// cold start falls inside the run's timing and energy (see the report's timing rule).
 pub fn build(
     cfg: &ClassifierConfig,
     ctx: &BuildContext,

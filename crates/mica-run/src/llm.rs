@@ -266,13 +266,16 @@ pub(crate) fn build(
         m.insert("llm_run".into(), serde_json::to_value(r.counters()).expect("counters serialise"));
         m
     }));
-    let local = local_port(&pspec.base_url);
+    b.latency_kind = mica_eval::LatencyKind::PerRequest;
+    let local = mica_energy::LocalServer::from_base_url(&pspec.base_url).map(|s| s.port);
+    // A priced model is charged wherever it is served (a local proxy may forward to a paid
+    // API); an unpriced one is free only when it runs here.
     b.cost_basis = if cfg.simulated {
         "simulated"
-    } else if local.is_some() {
-        "no-api-fee"
-    } else if runner.price().is_some() {
+    } else if runner.price().is_some_and(|(_, p)| p.input_per_million > 0.0 || p.output_per_million > 0.0) {
         "api-price"
+    } else if runner.price().is_some() || local.is_some() {
+        "no-api-fee"
     } else {
         "unknown-price"
     };
@@ -300,54 +303,4 @@ pub(crate) fn build(
         }));
     }
     Ok(b)
-}
-
-/// The port of an endpoint served by this machine, or None for a remote one. "This machine"
-/// is a loopback or unspecified address, `localhost`, or this host's own name; a server
-/// reached through a LAN address counts as remote (its energy is then not measured).
-pub fn local_port(base_url: &str) -> Option<u16> {
-    let (scheme, rest) = base_url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, tail) = v6.split_once(']')?;
-        (h, tail.strip_prefix(':'))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None if scheme.eq_ignore_ascii_case("https") => 443,
-        None => 80,
-    };
-    let host = host.to_ascii_lowercase();
-    let this_host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let local = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback() || ip.is_unspecified(),
-        Err(_) => host == "localhost" || host.ends_with(".localhost") || (!this_host.is_empty() && host == this_host),
-    };
-    local.then_some(port)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::local_port;
-
-    #[test]
-    fn endpoints_on_this_machine_are_told_from_remote_ones() {
-        assert_eq!(local_port("http://localhost:11434"), Some(11434));
-        assert_eq!(local_port("http://127.0.0.1:8000/v1"), Some(8000));
-        assert_eq!(local_port("http://[::1]:8080/v1"), Some(8080));
-        assert_eq!(local_port("http://user:secret@127.0.0.2/v1"), Some(80));
-        assert_eq!(local_port("http://0.0.0.0:9000"), Some(9000));
-        assert_eq!(local_port("https://api.openai.com/v1"), None);
-        assert_eq!(local_port("http://10.0.0.5:11434"), None);
-        assert_eq!(local_port("http://localhost.example.com:1"), None);
-        assert_eq!(local_port("not a url"), None);
-    }
 }

@@ -277,6 +277,7 @@ fn write_or_check_manifest(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        created_utc: Some(mica_core::time::iso_utc(std::time::SystemTime::now())),
         machine: mica_core::machine::describe(),
         config: serde_json::json!({
             "experiment": exp,
@@ -312,6 +313,13 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), RunError> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Window {
     images: usize,
+    /// Images asked live in the window (the rest were replayed from the response cache);
+    /// absent in windows written before replays were told apart.
+    #[serde(default)]
+    live: Option<usize>,
+    /// Latency of the window's first image (not failed): its cold start.
+    #[serde(default)]
+    first_latency_ms: Option<f64>,
     seconds: f64,
     report: Option<EnergyReport>,
 }
@@ -437,10 +445,16 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         Vec::new()
     };
     let mut simulated = cfg.simulated;
-    let mut extra = serde_json::Map::new();
+    // What the classifier's builder recorded (model, training, cost basis) survives a resume
+    // that has nothing left to ask and so builds nothing.
+    let mut extra = previous_extra(&files.metrics());
+    for recomputed in ["timing_note", "label_like_context"] {
+        extra.remove(recomputed);
+    }
     extra.insert("family".into(), serde_json::to_value(cfg.kind).expect("kind"));
     extra.insert("spec".into(), serde_json::to_value(cfg).expect("entry"));
     let mut summarize = None;
+    let mut latency_kind = None;
     if !todo.is_empty() {
         let ctx = BuildContext {
             ds,
@@ -456,8 +470,13 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         write_json(&files.config(), &config)?;
         simulated |= built.simulated;
         extra.extend(std::mem::take(&mut built.extra));
+        extra.insert("cost_basis".into(), built.cost_basis.into());
         summarize = built.summarize.take();
-        let meters = MeterSet::auto(job.meter);
+        latency_kind = Some(built.latency_kind);
+        // A model server on this machine does the LLM's work: its energy belongs to the window.
+        let mut meter_cfg = job.meter.clone();
+        meter_cfg.local_server = built.local_server.map(|port| mica_energy::LocalServer { port });
+        let meters = MeterSet::auto(&meter_cfg);
         let project = format!("{}/{slug}", job.root.path().display());
         let classifier = &mut built.classifier;
         let batch = built.batch;
@@ -502,9 +521,19 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
             gate.finish(&name)?;
             Ok::<_, RunError>((t0.elapsed().as_secs_f64(), todo.len()))
         })?;
+        let asked: HashSet<&str> = todo.iter().map(|s| s.id.as_str()).collect();
+        let asked_preds = log_predictions(&pred_path, &asked)?;
+        // Replayed answers took no model time: the per-image energy is over live answers only.
+        let live = asked_preds.iter().filter(|p| !p.cached).count();
+        // Every classifier of one run shares CodeCarbon's experiment_id.
+        r.set_experiment(&job.root.path().display().to_string());
+        let first_latency = todo
+            .iter()
+            .find_map(|s| asked_preds.iter().find(|p| p.sample_id == s.id && p.outcome != Outcome::Failed && !p.cached))
+            .map(|p| p.latency_ms);
+        r.set_images(live);
         if let Some(remote) = &built.remote_usage {
-            let asked: HashSet<&str> = todo.iter().map(|s| s.id.as_str()).collect();
-            r.add_remote(remote(&log_predictions(&pred_path, &asked)?));
+            r.add_remote(remote(&asked_preds));
         }
         mica_energy::append_energy_csv(&files.energy_csv(), &r)?;
         progress(Event::Energy {
@@ -514,6 +543,8 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         });
         windows.push(Window {
             images: todo.len(),
+            live: Some(live),
+            first_latency_ms: first_latency,
             seconds,
             report: Some(r),
         });
@@ -546,6 +577,13 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         source,
     })?;
     metrics.simulated = simulated || preds.iter().any(|p| p.simulated);
+    metrics.latency_kind = latency_kind.or_else(|| {
+        previous_extra_kind(&extra)
+    });
+    if let Some(k) = metrics.latency_kind {
+        extra.insert("latency_kind".into(), serde_json::to_value(k).expect("kind serialises"));
+    }
+    metrics.first_latency_ms = windows.iter().find_map(|w| w.first_latency_ms);
     let reports: Vec<EnergyReport> = windows.iter().filter_map(|w| w.report.clone()).collect();
     metrics.energy = EnergyReport::sum(&reports, "energy windows (the run was resumed)")
         .map(|e| serde_json::to_value(e).expect("energy serialises"));
@@ -560,6 +598,17 @@ fn run_classifier(job: &Job, samples: &[Sample], progress: &mut dyn FnMut(Event)
         );
     }
     extra.insert("needs_review".into(), preds.iter().filter(|p| p.needs_review).count().into());
+    let (prov, prov_warnings) = model_provenance(&preds);
+    if !prov.is_empty() {
+        extra.insert("provenance".into(), serde_json::Value::Object(prov));
+    }
+    extra.remove("provenance_warnings");
+    if !prov_warnings.is_empty() {
+        for w in &prov_warnings {
+            progress(Event::Notice(format!("{name}: {w}")));
+        }
+        extra.insert("provenance_warnings".into(), serde_json::json!(prov_warnings));
+    }
     if cfg.uses_clinical_context() && !ds.label_like_context.is_empty() {
         extra.insert("label_like_context".into(), serde_json::json!(ds.label_like_context));
     }
@@ -624,6 +673,61 @@ impl FailFast {
             message: mica_llm::spec::redact_url(first.error.as_deref().unwrap_or("no message")),
         }
     }
+}
+
+/// The latency kind an earlier invocation recorded (a resume that built nothing).
+fn previous_extra_kind(extra: &serde_json::Map<String, serde_json::Value>) -> Option<mica_eval::LatencyKind> {
+    extra.get("latency_kind").and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// The `extra` section of a metrics.json written before, or empty.
+fn previous_extra(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("extra").and_then(|e| e.as_object()).cloned())
+        .unwrap_or_default()
+}
+
+/// Which model versions answered, counted over the predictions: the resolved model (the
+/// snapshot behind an alias), OpenAI's system fingerprint, the weights' digest and why
+/// generation stopped. More than one snapshot or digest in one run is a warning: the run then
+/// mixes two models under one name.
+fn model_provenance(preds: &[Prediction]) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
+    use std::collections::BTreeMap;
+    let count = |f: &dyn Fn(&Prediction) -> Option<&str>| -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for p in preds {
+            if let Some(v) = f(p) {
+                *m.entry(v.to_string()).or_insert(0) += 1;
+            }
+        }
+        m
+    };
+    let fields: [(&str, BTreeMap<String, usize>); 4] = [
+        ("resolved_models", count(&|p| p.resolved_model.as_deref())),
+        ("system_fingerprints", count(&|p| p.system_fingerprint.as_deref())),
+        ("model_digests", count(&|p| p.model_digest.as_deref())),
+        ("finish_reasons", count(&|p| p.finish_reason.as_deref())),
+    ];
+    let mut warnings = Vec::new();
+    for (key, what) in [("resolved_models", "model snapshots"), ("model_digests", "model weight digests")] {
+        let m = &fields.iter().find(|(k, _)| *k == key).expect("listed").1;
+        if m.len() > 1 {
+            let list: Vec<String> = m.iter().map(|(v, n)| format!("{v} ({n} answers)")).collect();
+            warnings.push(format!(
+                "the model changed mid-run: {} {what} answered ({}); the figures mix them",
+                m.len(),
+                list.join(", ")
+            ));
+        }
+    }
+    let out = fields
+        .into_iter()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(k, m)| (k.to_string(), serde_json::to_value(m).expect("counts serialise")))
+        .collect();
+    (out, warnings)
 }
 
 fn log_predictions(path: &Path, wanted: &HashSet<&str>) -> Result<Vec<Prediction>, RunError> {

@@ -44,7 +44,17 @@ fn deterministic(dir: &Path) -> serde_json::Value {
     let mut v = serde_json::to_value(&cmp).unwrap();
     for row in v["headline"].as_array_mut().unwrap() {
         let o = row.as_object_mut().unwrap();
-        for k in ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "images_per_s", "wh_per_1000", "gco2e_per_1000", "energy_method"] {
+        for k in [
+            "latency_p50_ms",
+            "latency_p90_ms",
+            "latency_p99_ms",
+            "first_latency_ms",
+            "wall_s",
+            "images_per_s",
+            "wh_per_1000",
+            "gco2e_per_1000",
+            "energy_method",
+        ] {
             o.remove(k);
         }
     }
@@ -400,4 +410,112 @@ fn credentials_in_a_server_address_are_written_nowhere() {
     }
     // Resuming with the same address is the same run.
     run_experiment(&exp, &RunOptions::default(), &mut |_| {}).unwrap();
+}
+
+/// A priced OpenAI-compatible model "m" at the stub, answering from a shared response cache.
+fn cached_llm_experiment(data: &Path, out: &Path, url: &str, cache: &Path, prices: &Path) -> Experiment {
+    let mut exp = llm_experiment(data, out, url);
+    let c = &mut exp.classifiers[0];
+    c.llm.no_cache = Some(false);
+    c.llm.cache_dir = Some(cache.to_path_buf());
+    c.llm.prices = Some(prices.to_path_buf());
+    exp
+}
+
+#[test]
+fn a_fully_cached_rerun_claims_no_live_call_no_cost_and_no_throughput() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    let prices = tmp.path().join("prices.toml");
+    std::fs::write(&prices, "[models.\"openai-compatible/m\"]\ninput_per_million = 5.0\noutput_per_million = 15.0\nas_of = \"2026-12\"\n").unwrap();
+    let cache = tmp.path().join("cache");
+    let server = Server::start(|_| (200, completion("bright")));
+
+    let first = cached_llm_experiment(&data, &tmp.path().join("first"), &server.url, &cache, &prices);
+    let one = run(&first, &RunOptions::default());
+    let asked = server.requests();
+    assert_eq!(asked, 8);
+    let m1 = mica_eval::RunMetrics::read(one.classifiers[0].dir.join("metrics.json")).unwrap();
+    assert_eq!((m1.live, m1.cached), (8, 0));
+    let cost1 = m1.cost.unwrap();
+    assert!((cost1.total_usd - 8.0 * (100.0 * 5.0 + 20.0 * 15.0) / 1e6).abs() < 1e-12, "{cost1:?}");
+    assert_eq!(m1.extra["cost_basis"], "api-price");
+
+    // The same images into a new run directory: every answer comes from the cache.
+    let second = cached_llm_experiment(&data, &tmp.path().join("second"), &server.url, &cache, &prices);
+    let two = run(&second, &RunOptions::default());
+    assert_eq!(server.requests(), asked, "a fully cached rerun makes no request");
+    let m2 = mica_eval::RunMetrics::read(two.classifiers[0].dir.join("metrics.json")).unwrap();
+    assert_eq!((m2.live, m2.cached, m2.images), (0, 8, 8));
+    assert_eq!(m2.throughput_images_per_s, None, "no throughput claim from replays");
+    let cost2 = m2.cost.unwrap();
+    assert_eq!(cost2.total_usd, 0.0, "replays cost nothing in this run");
+    assert!((cost2.replayed_usd - cost1.total_usd).abs() < 1e-12, "their original cost is kept: {cost2:?}");
+    let energy = m2.energy.as_ref().unwrap();
+    assert!(energy["per_1000_images"].is_null(), "no per-image energy from replays: {energy}");
+
+    let (_, cmp) = mica_report::load(&two.dir).unwrap();
+    let row = &cmp.headline[0];
+    assert_eq!((row.live, row.cached, row.images_per_s), (0, 8, None));
+    assert_eq!(row.usd_per_1000, None);
+    assert!(cmp.summary.iter().any(|s| s.contains("0 live calls") && s.contains("no cost")), "{:#?}", cmp.summary);
+    let md = mica_report::render::markdown(&cmp, &[]);
+    assert!(md.contains("– (all cached)"), "{md}");
+}
+
+#[test]
+fn a_model_server_on_this_machine_is_metered_with_the_run_and_never_called_remote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    let server = Server::start(|_| (200, completion("bright")));
+    let out = tmp.path().join("run");
+    let mut exp = llm_experiment(&data, &out, &server.url);
+    exp.classifiers.insert(0, Experiment::classifier_from_flag("baseline").unwrap());
+    let outcome = run(&exp, &RunOptions::default());
+    let m = mica_eval::RunMetrics::read(outcome.classifiers[1].dir.join("metrics.json")).unwrap();
+    assert_eq!(m.extra["cost_basis"], "no-api-fee", "an unpriced model served here has no API fee");
+    let energy: mica_energy::EnergyReport = serde_json::from_value(m.energy.clone().unwrap()).unwrap();
+    assert!(energy.remote.is_empty(), "a loopback server is not a remote API: {energy:?}");
+    assert!(!energy.method.contains("remote"), "{}", energy.method);
+    let (_, cmp) = mica_report::load(&outcome.dir).unwrap();
+    let llm = &cmp.headline[1];
+    if energy.method.contains("not-measured:local-server") {
+        assert!(!llm.energy_comparable && llm.wh_per_1000.is_none());
+        assert!(!cmp.summary.iter().any(|s| s.contains("times less energy") || s.contains("times more energy")), "{:#?}", cmp.summary);
+    } else {
+        // Measured: the figure says it covers the server (here the stub inside this process).
+        assert!(energy.scope.contains("server") || energy.scope.contains("machine"), "{}", energy.scope);
+    }
+    assert_eq!(m.latency_kind, Some(mica_eval::LatencyKind::PerRequest));
+    assert!(m.first_latency_ms.is_some());
+}
+
+#[test]
+fn three_classifiers_get_holm_adjusted_mcnemar_tests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 12);
+    let out = tmp.path().join("run");
+    let mut exp = experiment(&data, &out);
+    let mut third = Experiment::classifier_from_flag("baseline").unwrap();
+    third.slug = Some("baseline-c".into());
+    third.limit_per_class = Some(1);
+    exp.classifiers.push(third);
+    let outcome = run(&exp, &RunOptions::default());
+    let (_, cmp) = mica_report::load(&outcome.dir).unwrap();
+    assert_eq!(cmp.mcnemar.len(), 3);
+    let raw: Vec<f64> = cmp.mcnemar.iter().map(|t| t.p_value).collect();
+    let holm = mica_eval::holm(&raw);
+    for (t, h) in cmp.mcnemar.iter().zip(&holm) {
+        assert_eq!(t.p_holm, *h);
+        assert!(t.p_holm >= t.p_value);
+        assert_eq!(t.significant, t.p_holm < 0.05);
+    }
+    let md = mica_report::render::markdown(&cmp, &[]);
+    assert!(md.contains("p (Holm-adjusted)") && md.contains("Holm-adjusted across all 3 pairs"), "{md}");
+    // The CNN-free summary still ranks on the images every classifier saw.
+    assert_eq!(cmp.shared_images, 4, "limit 1 per class x 4 classes");
+    assert!(cmp.summary[0].contains("test images every classifier saw"), "{}", cmp.summary[0]);
 }

@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// average is used, and the report says so.
     #[arg(long)]
     pub country: Option<String>,
+    /// Electricity price in USD per kWh, for the break-even point between a trained CNN and a
+    /// paid API (without it only energy is compared).
+    #[arg(long, value_name = "USD_PER_KWH")]
+    pub electricity_price: Option<f64>,
     /// A smoke run in well under a minute: few, small images and one epoch. Its figures mean
     /// nothing; it checks that every stage works.
     #[arg(long)]
@@ -195,6 +199,7 @@ fn experiment(
         classifiers,
         energy: EnergySpec {
             country: args.country.clone(),
+            electricity_usd_per_kwh: args.electricity_price,
             ..Default::default()
         },
         eval: EvalSpec::default(),
