@@ -519,3 +519,33 @@ fn three_classifiers_get_holm_adjusted_mcnemar_tests() {
     assert_eq!(cmp.shared_images, 4, "limit 1 per class x 4 classes");
     assert!(cmp.summary[0].contains("test images every classifier saw"), "{}", cmp.summary[0]);
 }
+
+#[test]
+fn the_model_that_answered_is_recorded_and_a_mid_run_snapshot_change_is_warned() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let server = Server::start(move |_| {
+        // The alias moves to a new snapshot after the first three answers.
+        let snapshot = if n.fetch_add(1, Ordering::SeqCst) < 3 { "m-2024-08-06" } else { "m-2024-11-20" };
+        let body = completion("bright").replace(r#""model":"m""#, &format!(r#""model":"{snapshot}","system_fingerprint":"fp_1""#));
+        (200, body)
+    });
+    let out = tmp.path().join("run");
+    let outcome = run(&llm_experiment(&data, &out, &server.url), &RunOptions::default());
+    let m = mica_eval::RunMetrics::read(outcome.classifiers[0].dir.join("metrics.json")).unwrap();
+    let prov = &m.extra["provenance"];
+    assert_eq!(prov["resolved_models"]["m-2024-08-06"], 3, "{prov}");
+    assert_eq!(prov["resolved_models"]["m-2024-11-20"], 5, "{prov}");
+    assert_eq!(prov["system_fingerprints"]["fp_1"], 8, "{prov}");
+    assert_eq!(prov["finish_reasons"]["stop"], 8, "{prov}");
+    let warnings = m.extra["provenance_warnings"].as_array().unwrap();
+    assert!(warnings[0].as_str().unwrap().contains("the model changed mid-run"), "{warnings:?}");
+    let (_, cmp) = mica_report::load(&outcome.dir).unwrap();
+    assert!(cmp.provenance.models[0].contains("answered by m-2024-08-06 (3), m-2024-11-20 (5)"), "{:?}", cmp.provenance.models);
+    assert_eq!(cmp.provenance.model_warnings.len(), 1);
+    let preds = mica_core::read_predictions(outcome.classifiers[0].dir.join("predictions.jsonl")).unwrap();
+    assert!(preds.iter().all(|p| p.resolved_model.is_some() && p.finish_reason.as_deref() == Some("stop")));
+}
