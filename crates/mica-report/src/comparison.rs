@@ -109,6 +109,27 @@ pub struct TrainingCost {
     pub method: String,
 }
 
+/// Energy figures are shown with enough significant digits for tiny CNN numbers.
+pub fn sig(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => {
+            let a = x.abs();
+            if a == 0.0 {
+                "0".into()
+            } else if a >= 100.0 {
+                format!("{x:.0}")
+            } else if a >= 1.0 {
+                format!("{x:.2}")
+            } else if a >= 0.001 {
+                format!("{x:.4}")
+            } else {
+                format!("{x:.2e}")
+            }
+        }
+        _ => "–".into(),
+    }
+}
+
 /// Prints a classifier's name with its stamps.
 pub fn stamped(classifier: &str, simulated: bool, label_like_context: bool) -> String {
     let mut name = classifier.to_string();
@@ -566,11 +587,18 @@ fn provenance(run: &RunDir) -> Provenance {
         if let Some(t) = c.metrics.extra.get("training") {
             match (t.get("energy_wh").and_then(|v| v.as_f64()), t.get("energy_method").and_then(|v| v.as_str())) {
                 (Some(wh), Some(method)) => energy.push(format!(
-                    "{name} training: {wh:.3} Wh, {:.3} gCO2e ({method}) over {:.1} s",
-                    t.get("co2e_g").and_then(|v| v.as_f64()).unwrap_or(0.0),
-                    t.get("energy_seconds").and_then(|v| v.as_f64()).unwrap_or(0.0)
+                    "{name} training: {} Wh, {} gCO2e ({method}) over {} s",
+                    sig(Some(wh)),
+                    sig(t.get("co2e_g").and_then(|v| v.as_f64())),
+                    sig(t.get("energy_seconds").and_then(|v| v.as_f64()))
                 )),
                 _ => energy.push(format!("{name} training: not metered (trained outside mica, or before mica metered training)")),
+            }
+        }
+        if let Some(ck) = c.metrics.extra.get("checkpoint") {
+            let get = |k: &str| ck.get(k).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+            if let (Some(arch), Some(epoch), Some(w)) = (get("arch"), get("epoch"), get("weights_fnv64")) {
+                models.push(format!("{name}: {arch}, weights of epoch {epoch}, weights file fnv64:{w}"));
             }
         }
         if let Some(p) = c.metrics.extra.get("provenance").and_then(|v| v.as_object()) {
@@ -787,8 +815,10 @@ fn ci_words(ci: Option<ConfidenceInterval>) -> String {
 /// Whole images, rounded up: a break-even point is reached on an image, not between two.
 fn images_words(n: f64) -> String {
     let n = n.ceil().max(1.0);
-    if n >= 1e9 {
-        format!("{n:.2e}")
+    if n == 1.0 {
+        "1 image".into()
+    } else if n >= 1e9 {
+        format!("{n:.2e} images")
     } else {
         let s = format!("{n:.0}");
         let mut out = String::new();
@@ -798,7 +828,7 @@ fn images_words(n: f64) -> String {
             }
             out.push(ch);
         }
-        out
+        out + " images"
     }
 }
 
@@ -954,18 +984,20 @@ fn summary(
         let mut parts = Vec::new();
         if let (Some(n), Some(l)) = (b.energy_images, b.llm_wh_per_image) {
             parts.push(format!(
-                "after {} images in energy (training {:.3} Wh, then {:.4} Wh per image against {:.4})",
+                "after {} in energy (training {} Wh, then {} Wh per image against {})",
                 images_words(n),
-                b.training_wh,
-                b.cnn_wh_per_image,
-                l
+                sig(Some(b.training_wh)),
+                sig(Some(b.cnn_wh_per_image)),
+                sig(Some(l))
             ));
         }
         if let (Some(n), Some(f), Some(l)) = (b.money_images, b.training_usd, b.llm_usd_per_image) {
             parts.push(format!(
-                "after {} images in money (training ${f:.4}, then ${:.6} per image against ${l:.6})",
+                "after {} in money (training ${}, then ${} per image against ${})",
                 images_words(n),
-                b.cnn_usd_per_image.unwrap_or(0.0)
+                sig(Some(f)),
+                sig(b.cnn_usd_per_image),
+                sig(Some(l))
             ));
         }
         if parts.is_empty() {

@@ -68,26 +68,7 @@ fn f1_ci(x: f64, ci: Option<mica_eval::ConfidenceInterval>) -> String {
     }
 }
 
-/// Energy figures are shown with enough significant digits for tiny CNN numbers.
-fn sig(v: Option<f64>) -> String {
-    match v {
-        Some(x) if x.is_finite() => {
-            let a = x.abs();
-            if a == 0.0 {
-                "0".into()
-            } else if a >= 100.0 {
-                format!("{x:.0}")
-            } else if a >= 1.0 {
-                format!("{x:.2}")
-            } else if a >= 0.001 {
-                format!("{x:.4}")
-            } else {
-                format!("{x:.2e}")
-            }
-        }
-        _ => "–".into(),
-    }
-}
+use crate::comparison::sig;
 
 /// What the headline table counts as wrong, under it in every format.
 const NO_ANSWER_NOTE: &str = "Accuracy and F1 count unparseable, refused and failed answers as wrong. No answer % is all three; Refused % is the part where the model declined to answer. Coverage is the share the filter accepted; the rest goes to a physician.";
@@ -123,7 +104,7 @@ pub fn headline_cells(r: &HeadlineRow) -> Vec<String> {
         pct(r.no_answer_share),
         pct(r.refused_share),
         match &r.latency_kind {
-            Some(k) => format!("{} / {} ({k})", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
+            Some(k) => format!("{} / {}, {k}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
             None => format!("{} / {}", opt(r.latency_p50_ms, 1), opt(r.latency_p90_ms, 1)),
         },
         match r.images_per_s {
@@ -150,7 +131,10 @@ const CLASS_NOTE: &str = "Precision and recall with Wilson 95 % score intervals;
 fn class_cells(r: &crate::comparison::ClassRow) -> Vec<String> {
     vec![
         r.label.clone(),
-        f1_ci(r.precision, r.precision_ci),
+        match r.precision_ci {
+            None => "– (never predicted)".into(),
+            ci => f1_ci(r.precision, ci),
+        },
         f1_ci(r.recall, r.recall_ci),
         format!("{:.3}", r.f1),
         r.support.to_string(),
@@ -209,7 +193,7 @@ pub fn cost_cells(r: &HeadlineRow) -> Vec<String> {
         format!("{} / {}", r.live, r.cached),
         opt(r.latency_p99_ms, 1),
         opt(r.first_latency_ms, 1),
-        opt(r.wall_s, 1),
+        sig(r.wall_s),
         r.carbon_intensity.clone().unwrap_or_else(|| "–".into()),
         match &r.training {
             Some(t) => format!("{} Wh, {} g ({})", sig(Some(t.energy_wh)), sig(Some(t.co2e_g)), t.method),

@@ -385,3 +385,42 @@ fn wilson_intervals_match_published_values() {
     assert!(c.lower == 0.0 && (c.upper - 0.277_532_799_862_889_2).abs() < 1e-9, "{c:?}");
     assert!(crate::comparison::wilson(0, 0).is_none());
 }
+
+#[test]
+fn break_even_counts_training_energy_and_money_against_a_real_llm() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    // A real (not simulated) LLM with a price, a CNN whose training was metered (1 Wh), and an
+    // electricity price in the experiment.
+    let llm_path = dir.path().join("llm-sim/metrics.json");
+    let mut llm = RunMetrics::read(&llm_path).unwrap();
+    llm.simulated = false;
+    llm.write(&llm_path).unwrap();
+    let cnn_path = dir.path().join("cnn-small/metrics.json");
+    let mut cnn = RunMetrics::read(&cnn_path).unwrap();
+    cnn.extra.insert(
+        "training".into(),
+        serde_json::json!({"energy_wh": 1.0, "co2e_g": 0.056, "energy_method": "estimated:cpu-time*tdp", "energy_seconds": 60.0}),
+    );
+    cnn.write(&cnn_path).unwrap();
+    let manifest_path = dir.path().join("manifest.json");
+    let mut m: RunManifest = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    m.config["experiment"] = serde_json::json!({"energy": {"electricity_usd_per_kwh": 0.2}});
+    std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+
+    let (_, cmp) = load(dir.path()).unwrap();
+    assert_eq!(cmp.break_even.len(), 1);
+    let b = &cmp.break_even[0];
+    // CNN 0.02 Wh / 40 images, LLM 4 Wh / 40 images: 1 Wh / (0.1 - 0.0005) Wh per image.
+    assert!((b.energy_images.unwrap() - 1.0 / (0.1 - 0.0005)).abs() < 1e-9, "{b:?}");
+    // Money: training 1 Wh at $0.2/kWh = $0.0002 against $0.0025 per LLM image.
+    let cnn_usd = 0.0005 / 1000.0 * 0.2;
+    assert!((b.money_images.unwrap() - 0.0002 / (0.0025 - cnn_usd)).abs() < 1e-12, "{b:?}");
+    let s = cmp.summary.join("\n");
+    assert!(s.contains("Training included, cnn:small costs less than llm:sim/gpt-4o after 11 images in energy"), "{s}");
+    assert!(s.contains("after 1 image in money"), "{s}");
+    let md = render::markdown(&cmp, &[]);
+    assert!(md.contains("Break-even: a trained CNN against an LLM") && md.contains("0.2 USD/kWh (given)"), "{md}");
+    let row = cmp.headline.iter().find(|r| r.slug == "cnn-small").unwrap();
+    assert_eq!(row.training.as_ref().unwrap().energy_wh, 1.0);
+}
