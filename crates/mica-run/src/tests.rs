@@ -549,3 +549,39 @@ fn the_model_that_answered_is_recorded_and_a_mid_run_snapshot_change_is_warned()
     let preds = mica_core::read_predictions(outcome.classifiers[0].dir.join("predictions.jsonl")).unwrap();
     assert!(preds.iter().all(|p| p.resolved_model.is_some() && p.finish_reason.as_deref() == Some("stop")));
 }
+
+#[test]
+fn a_local_server_that_cannot_be_metered_is_labelled_and_never_in_a_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 10);
+    let server = Server::start(|_| (200, completion("bright")));
+    let out = tmp.path().join("run");
+    let mut exp = llm_experiment(&data, &out, &server.url);
+    exp.classifiers.insert(0, Experiment::classifier_from_flag("baseline").unwrap());
+    // No RAPL, no NVML and a /proc that shows no process: nothing can see the server.
+    let empty_proc = tmp.path().join("proc");
+    std::fs::create_dir_all(&empty_proc).unwrap();
+    let opts = RunOptions {
+        meter: mica_energy::MeterConfig {
+            powercap_root: tmp.path().join("no-powercap"),
+            try_nvml: false,
+            proc_root: empty_proc,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let outcome = run(&exp, &opts);
+    let m = mica_eval::RunMetrics::read(outcome.classifiers[1].dir.join("metrics.json")).unwrap();
+    let energy: mica_energy::EnergyReport = serde_json::from_value(m.energy.clone().unwrap()).unwrap();
+    assert!(energy.method.contains("not-measured:local-server"), "{}", energy.method);
+    assert!(!energy.is_complete());
+    let (_, cmp) = mica_report::load(&outcome.dir).unwrap();
+    let llm = &cmp.headline[1];
+    assert!(!llm.energy_comparable && llm.wh_per_1000.is_none(), "{llm:?}");
+    let s = cmp.summary.join("\n");
+    assert!(!s.contains("less energy per image") && !s.contains("more energy per image"), "{s}");
+    assert!(s.contains("not-measured:local-server"), "{s}");
+    let md = mica_report::render::markdown(&cmp, &[]);
+    assert!(md.contains("NOT in the totals: local server on port"), "{md}");
+}
