@@ -9,7 +9,20 @@ pub struct Request {
     pub method: String,
     /// The request target (`/api/tags`, `/v1/chat/completions`).
     pub path: String,
+    /// Header names (lowercase) and values in arrival order, so tests can check what a
+    /// client authenticated with (`authorization`, `api-key`, `x-api-key`, ...).
+    pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+impl Request {
+    /// The value of header `name` (case-insensitive), if the request carried it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 type Answer = dyn Fn(&Request) -> (u16, String) + Send + 'static;
@@ -46,13 +59,18 @@ impl Server {
                 let method = words.next().unwrap_or_default().to_string();
                 let path = words.next().unwrap_or_default().to_string();
                 let mut len = 0usize;
+                let mut headers = Vec::new();
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                         break;
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
+                    if let Some((k, v)) = line.split_once(':') {
+                        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        if k == "content-length" {
+                            len = v.parse().unwrap_or(0);
+                        }
+                        headers.push((k, v));
                     }
                 }
                 let mut body = vec![0; len];
@@ -63,6 +81,7 @@ impl Server {
                         n: all.len(),
                         method,
                         path,
+                        headers,
                         body: String::from_utf8_lossy(&body).into_owned(),
                     };
                     all.push(req.clone());
@@ -88,6 +107,11 @@ impl Server {
             .iter()
             .map(|r| r.body.clone())
             .collect()
+    }
+
+    /// Every request received so far, with its headers.
+    pub fn received(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
     }
 
     pub fn requests(&self) -> usize {
