@@ -165,13 +165,17 @@ pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<
         .expect("valid template")
         .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
+    // The same warning (world-average grid, TDP estimate) applies to every classifier: say it once.
+    let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
     let result = mica_run::run_experiment(exp, opts, &mut |e| match e {
         Event::Notice(m) => say(&bar, format!("note: {m}")),
         Event::Epoch { name, line } => say(&bar, format!("note: {name}: {line}")),
         Event::Energy { slug, summary, warnings } => {
             say(&bar, format!("{slug}: {summary}"));
             for w in warnings {
-                say(&bar, format!("warning: {w}"));
+                if warned.insert(w.clone()) {
+                    say(&bar, format!("warning: {w}"));
+                }
             }
         }
         Event::Start { slug, total, todo, .. } => {
