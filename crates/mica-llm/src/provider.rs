@@ -316,7 +316,7 @@ impl LlmProvider for OpenAiClient {
     }
 }
 
-fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderError> {
+pub(crate) fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderError> {
     let bad = |m: &str| ProviderError {
         retryable: true,
         status: None,
@@ -586,14 +586,14 @@ pub fn ollama_names_match(a: &str, b: &str) -> bool {
     canonical(a) == canonical(b)
 }
 
-fn str_field(v: &Value, key: &str) -> Option<String> {
+pub(crate) fn str_field(v: &Value, key: &str) -> Option<String> {
     v.get(key)
         .and_then(|x| x.as_str())
         .filter(|x| !x.is_empty())
         .map(|x| x.to_string())
 }
 
-fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     let t: String = s.chars().take(300).collect();
     t.replace('\n', " ")
 }
@@ -605,6 +605,29 @@ async fn send(
     timeout: Duration,
     url: &str,
 ) -> Result<(bool, Value), ProviderError> {
+    let r = send_raw(rb, timeout, url).await?;
+    if !(200..300).contains(&r.status) {
+        return Err(http_error(url, r.status, r.retry_after, &r.body));
+    }
+    Ok((r.simulated, json_body(url, r.status, &r.body)?))
+}
+
+/// An HTTP exchange that completed, whatever its status: the native clients (Azure,
+/// Anthropic, Gemini) read their own error bodies before falling back to [`http_error`].
+pub(crate) struct RawReply {
+    pub status: u16,
+    pub simulated: bool,
+    pub retry_after: Option<Duration>,
+    pub body: Vec<u8>,
+}
+
+/// Sends one request; only transport failures (no connection, timeout, cut-off body) are
+/// errors here, all retryable.
+pub(crate) async fn send_raw(
+    rb: reqwest::RequestBuilder,
+    timeout: Duration,
+    url: &str,
+) -> Result<RawReply, ProviderError> {
     let resp = rb
         .timeout(timeout)
         .send()
@@ -634,27 +657,43 @@ async fn send(
             format!("{url}: reading the response: {}", root_cause(&e))
         },
     })?;
-    if !status.is_success() {
-        let code = status.as_u16();
-        // An exhausted quota answers 429 too, but waiting does not refill it.
-        let quota = code == 429 && String::from_utf8_lossy(&bytes).contains("insufficient_quota");
-        return Err(ProviderError {
-            retryable: (matches!(code, 408 | 409 | 425 | 429) && !quota) || status.is_server_error(),
-            status: Some(code),
-            retry_after,
-            message: format!(
-                "{url}: HTTP {code}: {}",
-                short(&String::from_utf8_lossy(&bytes))
-            ),
-        });
+    Ok(RawReply {
+        status: status.as_u16(),
+        simulated,
+        retry_after,
+        body: bytes.to_vec(),
+    })
+}
+
+/// The error for a non-2xx answer: whether waiting can help is decided here for every
+/// provider, so the run engine's retry and fail-fast rules treat them all alike.
+pub(crate) fn http_error(
+    url: &str,
+    code: u16,
+    retry_after: Option<Duration>,
+    bytes: &[u8],
+) -> ProviderError {
+    // An exhausted quota answers 429 too, but waiting does not refill it.
+    let quota = code == 429 && String::from_utf8_lossy(bytes).contains("insufficient_quota");
+    ProviderError {
+        retryable: (matches!(code, 408 | 409 | 425 | 429) && !quota) || (500..600).contains(&code),
+        status: Some(code),
+        retry_after,
+        message: format!(
+            "{url}: HTTP {code}: {}",
+            short(&String::from_utf8_lossy(bytes))
+        ),
     }
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ProviderError {
+}
+
+/// A 2xx body as JSON; anything else (an HTML page from a proxy) is a retryable error.
+pub(crate) fn json_body(url: &str, status: u16, bytes: &[u8]) -> Result<Value, ProviderError> {
+    serde_json::from_slice(bytes).map_err(|e| ProviderError {
         retryable: true,
-        status: Some(status.as_u16()),
+        status: Some(status),
         retry_after: None,
         message: format!("{url}: response is not JSON ({e})"),
-    })?;
-    Ok((simulated, v))
+    })
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
