@@ -1,4 +1,5 @@
-//! Batched inference behind the shared [`Classifier`] contract.
+//! Batched inference behind the shared [`Classifier`] contract, with an out-of-distribution
+//! verdict on every prediction ([`crate::ood`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, ImageCache};
 use crate::device::{self, DeviceKind};
 use crate::model::Net;
+use crate::ood::{OodStats, OodVerdict, EXTRA_KEY};
 use crate::{CnnError, CpuBackend};
 
 enum Engine {
@@ -28,6 +30,11 @@ pub struct CnnClassifier {
     pub batch: usize,
     /// Confidence below which a prediction is flagged `needs_review` for a physician.
     pub review_below: Option<f64>,
+    /// Whether a prediction flagged "unlike the training data" is also marked `needs_review`
+    /// (default: yes; a physician must look at an answer the network cannot vouch for).
+    pub ood_review: bool,
+    /// The checkpoint's training-feature statistics, or why there are none.
+    ood: Result<OodStats, String>,
     resized: usize,
 }
 
@@ -57,6 +64,15 @@ impl CnnClassifier {
             #[cfg(not(feature = "cuda"))]
             DeviceKind::Cuda => unreachable!("cuda is only selected in cuda builds"),
         };
+        let width = match &engine {
+            Engine::Cpu(m) => m.feature_width(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => m.feature_width(),
+        };
+        let ood = OodStats::read(dir, &meta, width);
+        if let Err(why) = &ood {
+            notice(&format!("out-of-distribution check {}: {why}", crate::ood::NOT_AVAILABLE));
+        }
         Ok(CnnClassifier {
             name: format!("cnn:{}", meta.arch),
             meta,
@@ -64,6 +80,8 @@ impl CnnClassifier {
             device: kind,
             batch: 32,
             review_below: None,
+            ood_review: true,
+            ood,
             resized: 0,
         })
     }
@@ -82,6 +100,19 @@ impl CnnClassifier {
         self.device
     }
 
+    /// The checkpoint's training-feature statistics (`ood.json`), or why the out-of-distribution
+    /// check is not available for it.
+    pub fn ood_stats(&self) -> Result<&OodStats, &str> {
+        self.ood.as_ref().map_err(String::as_str)
+    }
+
+    /// Out-of-distribution verdicts for already-decoded images (`[0, 1]` CHW at the input
+    /// size), one per image; every one says "not available" when the checkpoint has no
+    /// statistics. [`Classifier::classify`] puts the same verdict on each prediction.
+    pub fn ood_verdicts(&self, cache: &ImageCache) -> Vec<OodVerdict> {
+        self.probabilities_and_verdicts(cache).1
+    }
+
     /// How many images so far were not at the checkpoint's input size and were resized.
     pub fn resized_images(&self) -> usize {
         self.resized
@@ -95,6 +126,25 @@ impl CnnClassifier {
             #[cfg(feature = "cuda")]
             Engine::Cuda(m) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
         }
+    }
+
+    /// Probabilities plus, when the checkpoint has statistics, the out-of-distribution verdict
+    /// from the same forward pass (the probabilities are identical to [`Self::probabilities`]).
+    fn probabilities_and_verdicts(&self, cache: &ImageCache) -> (Vec<Vec<f32>>, Vec<OodVerdict>) {
+        let stats = match &self.ood {
+            Ok(s) => s,
+            Err(why) => {
+                let v = OodVerdict::unavailable(why);
+                return (self.probabilities(cache), vec![v; cache.len()]);
+            }
+        };
+        let norm = &self.meta.normalization;
+        let (probs, feats) = match &self.engine {
+            Engine::Cpu(m) => crate::train::predict_with_features(m, cache, norm, self.batch, &Default::default()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(m) => crate::train::predict_with_features(m, cache, norm, self.batch, &Default::default()),
+        };
+        (probs, feats.iter().map(|f| stats.verdict(f)).collect())
     }
 
     /// One untimed forward pass of a full batch, so that timed runs exclude first-call costs
@@ -113,7 +163,7 @@ impl CnnClassifier {
         let _ = self.probabilities(&cache);
     }
 
-    fn to_prediction(&self, sample: &Sample, probs: &[f32], latency_ms: f64) -> Prediction {
+    fn to_prediction(&self, sample: &Sample, probs: &[f32], ood: &OodVerdict, latency_ms: f64) -> Prediction {
         let labels = &self.meta.labels;
         let mut p = Prediction::new(&sample.id, &self.name, Outcome::Answered);
         p.true_label = (sample.label < labels.len()).then(|| labels.name(sample.label).to_string());
@@ -137,6 +187,10 @@ impl CnnClassifier {
         if let Some(t) = self.review_below {
             p.needs_review = conf < t;
         }
+        if ood.flagged && self.ood_review {
+            p.needs_review = true;
+        }
+        p.extra.insert(EXTRA_KEY.into(), ood.to_json());
         p
     }
 }
@@ -152,7 +206,9 @@ impl Classifier for CnnClassifier {
 
     /// Decodes the batch (each unreadable image becomes its own `Failed` result), then runs
     /// the readable ones through the network in chunks of `self.batch`. Latency per image is
-    /// decode time plus its share of the forward pass.
+    /// decode time plus its share of the forward pass. Every prediction carries the
+    /// out-of-distribution verdict as `extra["ood"]` ([`OodVerdict`]); a flagged one is marked
+    /// `needs_review` unless `ood_review` is off.
     fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
         let size = self.meta.input_size;
         let ch = self.meta.in_channels;
@@ -179,10 +235,10 @@ impl Classifier for CnnClassifier {
             if rows.is_empty() {
                 continue;
             }
-            let probs = self.probabilities(&cache);
+            let (probs, ood) = self.probabilities_and_verdicts(&cache);
             let per_image = t0.elapsed().as_secs_f64() * 1000.0 / rows.len() as f64;
             for (r, &k) in rows.iter().enumerate() {
-                results[chunk_start + k] = Some(Ok(self.to_prediction(&chunk[k], &probs[r], per_image)));
+                results[chunk_start + k] = Some(Ok(self.to_prediction(&chunk[k], &probs[r], &ood[r], per_image)));
             }
         }
         results.into_iter().map(|r| r.expect("every image has a result")).collect()

@@ -5,7 +5,8 @@
 //! augmentation and early stopping on validation macro F1 ([`train()`]), keeps self-describing
 //! checkpoints ([`Checkpoint`]), classifies through the shared [`mica_core::Classifier`]
 //! contract ([`CnnClassifier`]), explains answers with Grad-CAM ([`gradcam`]) and imports
-//! torchvision ResNet-18 weights ([`transfer`]).
+//! torchvision ResNet-18 weights ([`transfer`]). Each checkpoint also records its training
+//! images' feature statistics, so an image unlike the training data is flagged ([`ood`]).
 //!
 //! The CPU backend is burn's pure-Rust `flex`; with the `cuda` feature a present NVIDIA GPU is
 //! used instead (see [`device`]).
@@ -17,6 +18,7 @@ pub mod gradcam;
 pub mod infer;
 pub mod model;
 pub mod norm;
+pub mod ood;
 pub mod train;
 pub mod transfer;
 
@@ -27,6 +29,7 @@ pub use data::{Augment, ImageCache, Normalization};
 pub use device::DeviceKind;
 pub use infer::{CnnClassifier, InferenceStats};
 pub use model::{Arch, Net};
+pub use ood::{OodStats, OodVerdict};
 pub use train::{train, EpochStats, Progress, TrainConfig, TrainSummary};
 
 /// burn's CPU backend.

@@ -392,15 +392,8 @@ impl<B: Backend> Net<B> {
     /// backend RNG, so a training run is reproducible even when other work in the same process
     /// draws random numbers concurrently.
     pub fn head(&self, f: Tensor<B, 4>, dropout_rng: Option<&mut ChaCha8Rng>) -> Tensor<B, 2> {
-        let [b, c, _, _] = f.dims();
-        let flat = f.flatten::<3>(2, 3);
-        let (mut x, c) = if matches!(self.backbone, Backbone::Small(_)) {
-            let avg = flat.clone().mean_dim(2).reshape([b, c]);
-            let max = flat.max_dim(2).reshape([b, c]);
-            (Tensor::cat(vec![avg, max], 1), 2 * c)
-        } else {
-            (flat.mean_dim(2).reshape([b, c]), c)
-        };
+        let mut x = self.pool(f);
+        let [b, c] = x.dims();
         if let Some(rng) = dropout_rng {
             let keep = 1.0 - DROPOUT;
             let mask: Vec<f32> = (0..b * c)
@@ -414,6 +407,35 @@ impl<B: Backend> Net<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>, dropout_rng: Option<&mut ChaCha8Rng>) -> Tensor<B, 2> {
         self.head(self.features(x), dropout_rng)
+    }
+
+    /// The pooled penultimate feature vector `[batch, width]` the linear layer reads (global
+    /// average pooling; average and max concatenated for the small CNN, see [`Net::head`]).
+    ///
+    /// Kept as its own step so the out-of-distribution check ([`crate::ood`]) sees exactly the
+    /// representation the classifier decides on.
+    pub fn pool(&self, f: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [b, c, _, _] = f.dims();
+        let flat = f.flatten::<3>(2, 3);
+        if matches!(self.backbone, Backbone::Small(_)) {
+            let avg = flat.clone().mean_dim(2).reshape([b, c]);
+            let max = flat.max_dim(2).reshape([b, c]);
+            Tensor::cat(vec![avg, max], 1)
+        } else {
+            flat.mean_dim(2).reshape([b, c])
+        }
+    }
+
+    /// Logits and pooled features of one inference pass (no dropout). The logits are the same
+    /// operations as [`Net::forward`] without dropout, so they are bit-identical to it.
+    pub fn forward_with_features(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let pooled = self.pool(self.features(x));
+        (self.fc.forward(pooled.clone()), pooled)
+    }
+
+    /// Width of the pooled feature vector (the linear layer's input).
+    pub fn feature_width(&self) -> usize {
+        self.fc.weight.dims()[0]
     }
 
     pub fn arch(&self) -> Arch {
@@ -457,6 +479,21 @@ mod tests {
                 assert_eq!(y.dims(), [2, 4], "{arch} ch={ch}");
                 assert_eq!(net.arch(), arch);
             }
+        }
+    }
+
+    #[test]
+    fn features_path_gives_the_same_logits_as_forward() {
+        let d = Default::default();
+        for arch in Arch::ALL {
+            let net = Net::<Flex>::seeded(arch, 1, 3, 2, &d);
+            let v: Vec<f32> = (0..2 * 32 * 32).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+            let x = Tensor::<Flex, 4>::from_data(TensorData::new(v, [2, 1, 32, 32]), &d);
+            let a: Vec<f32> = net.forward(x.clone(), None).into_data().to_vec().unwrap();
+            let (logits, pooled) = net.forward_with_features(x);
+            let b: Vec<f32> = logits.into_data().to_vec().unwrap();
+            assert_eq!(a, b, "{arch}: logits must be bit-identical");
+            assert_eq!(pooled.dims(), [2, net.feature_width()], "{arch}");
         }
     }
 

@@ -316,6 +316,54 @@ pub fn predict<B: Backend>(
     out
 }
 
+/// Softmax probabilities and pooled penultimate features ([`Net::pool`]) for every cached
+/// image. The probabilities are bit-identical to [`predict`]'s.
+pub fn predict_with_features<B: Backend>(
+    model: &Net<B>,
+    cache: &ImageCache,
+    norm: &Normalization,
+    batch: usize,
+    device: &B::Device,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut probs_out = Vec::with_capacity(cache.len());
+    let mut feats_out = Vec::with_capacity(cache.len());
+    let idx: Vec<usize> = (0..cache.len()).collect();
+    for rows in idx.chunks(batch.max(1)) {
+        let x = batch_tensor::<B>(cache, rows, norm, None, device);
+        let (logits, pooled) = model.forward_with_features(x);
+        let probs = burn::tensor::activation::softmax(logits, 1);
+        let [n, k] = probs.dims();
+        let [_, w] = pooled.dims();
+        let v: Vec<f32> = probs.into_data().convert::<f32>().to_vec().expect("f32 data");
+        let f: Vec<f32> = pooled.into_data().convert::<f32>().to_vec().expect("f32 data");
+        for r in 0..n {
+            probs_out.push(v[r * k..(r + 1) * k].to_vec());
+            feats_out.push(f[r * w..(r + 1) * w].to_vec());
+        }
+    }
+    (probs_out, feats_out)
+}
+
+/// Computes and writes the checkpoint's out-of-distribution statistics ([`crate::ood`]) from
+/// the best weights as saved, over the training images (no augmentation) and, for the
+/// false-flag rate, the validation images. Runs after the epochs, so it cannot change them.
+fn write_ood_stats<B: Backend>(
+    out_dir: &Path,
+    ds: &Dataset,
+    train: &ImageCache,
+    val: &ImageCache,
+    batch: usize,
+    device: &B::Device,
+) -> Result<(), CnnError> {
+    let ck = checkpoint::Checkpoint::<B>::load(out_dir, device)?;
+    let norm = &ck.meta.normalization;
+    let (_, tf) = predict_with_features(&ck.model, train, norm, batch, device);
+    let (_, vf) = predict_with_features(&ck.model, val, norm, batch, device);
+    let stats = crate::ood::fit(&tf, &train.labels, &ds.labels, &vf, &ck.meta)
+        .map_err(|m| run_err(&out_dir.join(crate::ood::OOD_FILE), m))?;
+    stats.write(out_dir)
+}
+
 struct ValScores {
     loss: f64,
     accuracy: f64,
@@ -707,6 +755,10 @@ fn train_on<B: AutodiffBackend>(
             stopped_early = epoch < cfg.epochs;
         }
         epoch += 1;
+    }
+
+    if best_epoch > 0 {
+        write_ood_stats::<B::InnerBackend>(out_dir, ds, &train, &val, cfg.batch.max(64), &device.clone().into())?;
     }
 
     let best = history.iter().find(|h| h.epoch == best_epoch);
