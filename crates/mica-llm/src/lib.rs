@@ -1,11 +1,15 @@
 //! Vision-LLM classifiers: providers, prompts, parsing, filtering, caching.
 
+pub mod anthropic;
+pub mod azure;
 pub mod cache;
 pub mod cost;
 pub mod error;
 pub mod filter;
 pub mod findings;
+pub mod gemini;
 pub mod imgenc;
+pub mod native;
 pub mod parse;
 pub mod prompt;
 pub mod provider;
@@ -22,12 +26,17 @@ pub mod testing;
 mod tests;
 #[cfg(test)]
 mod provenance_tests;
+#[cfg(test)]
+mod native_tests;
 
+pub use anthropic::AnthropicClient;
+pub use azure::{AzureAuth, AzureClient};
 pub use cache::{AliasSnapshot, ResponseCache, SnapshotWatch};
 pub use cost::{PriceEntry, PriceTable};
 pub use error::LlmError;
 pub use filter::FilterSpec;
 pub use findings::Findings;
+pub use gemini::GeminiClient;
 pub use parse::{parse_answer, ParseOptions, ParseStage, ParsedAnswer, SynonymTable};
 pub use prompt::{ContextMode, PromptSet};
 pub use provider::{

@@ -15,6 +15,13 @@ pub enum ProviderKind {
     Ollama,
     /// Any server with `/v1/chat/completions`: vLLM, llama-server, Ollama's `/v1`, llm-sim.
     OpenAiCompatible,
+    /// Azure OpenAI: a deployment of one resource (`https://<resource>.openai.azure.com`),
+    /// chat completions under `/openai/deployments/<deployment>` with an `api-version`.
+    Azure,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Anthropic,
+    /// Google's Generative Language API (`/v1beta/models/<model>:generateContent`).
+    Gemini,
 }
 
 impl ProviderKind {
@@ -23,17 +30,47 @@ impl ProviderKind {
             ProviderKind::OpenAi => "openai",
             ProviderKind::Ollama => "ollama",
             ProviderKind::OpenAiCompatible => "openai-compatible",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
         }
     }
 
-    /// Both OpenAI flavours share one client; only the default endpoint and key policy differ.
+    /// The environment variable a provider's key is read from when the user names none:
+    /// each vendor's own convention, so a hospital with several keys set never sends one
+    /// vendor's key to another. (Azure also takes an Entra ID bearer token from
+    /// [`AZURE_AD_TOKEN_ENV`] when its key variable is unset.)
+    pub fn default_key_env(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => "OPENAI_API_KEY",
+            ProviderKind::Ollama => "OLLAMA_API_KEY",
+            ProviderKind::Azure => "AZURE_OPENAI_API_KEY",
+            ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
+            ProviderKind::Gemini => "GEMINI_API_KEY",
+        }
+    }
+
+    /// The OpenAI flavours share one request builder (Azure too: only its path, query and
+    /// auth header differ), so OpenAI's parameter rules apply to all of them.
     pub fn speaks_openai(self) -> bool {
-        matches!(self, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)
+        matches!(
+            self,
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::Azure
+        )
     }
 }
 
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com";
 pub const OLLAMA_BASE_URL: &str = "http://localhost:11434";
+pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+pub const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+/// The Azure OpenAI data-plane version sent when none is chosen: the latest GA version
+/// (2024-10-21) with image input and strict `json_schema` structured output.
+pub const AZURE_API_VERSION: &str = "2024-10-21";
+/// Overrides [`AZURE_API_VERSION`] (e.g. for a preview version a deployment needs).
+pub const AZURE_API_VERSION_ENV: &str = "AZURE_OPENAI_API_VERSION";
+/// A Microsoft Entra ID token, sent as `Authorization: Bearer`, used when no Azure key is set.
+pub const AZURE_AD_TOKEN_ENV: &str = "AZURE_OPENAI_AD_TOKEN";
 
 /// A parsed classifier spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +79,10 @@ pub struct ProviderSpec {
     pub model: String,
     /// Server root without a trailing `/` or `/v1` (the clients append their paths).
     pub base_url: String,
+    /// Azure only: the `api-version` query value; from [`AZURE_API_VERSION_ENV`] at parse
+    /// time, else [`AZURE_API_VERSION`]. Kept in the spec so the run records which one it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
 }
 
 impl ProviderSpec {
@@ -72,9 +113,13 @@ impl ProviderSpec {
             "openai-compatible" | "openai_compatible" | "vllm" | "llama-server" => {
                 ProviderKind::OpenAiCompatible
             }
+            "azure" | "azure-openai" => ProviderKind::Azure,
+            "anthropic" => ProviderKind::Anthropic,
+            "gemini" => ProviderKind::Gemini,
             other => {
                 return Err(err(&format!(
-                    "unknown provider `{other}` (expected openai, ollama or openai-compatible)"
+                    "unknown provider `{other}` (expected openai, azure, anthropic, gemini, \
+                     ollama or openai-compatible)"
                 )))
             }
         };
@@ -87,11 +132,42 @@ impl ProviderSpec {
                     "openai-compatible needs a server address: openai-compatible/MODEL@http://host:port",
                 ))
             }
+            (ProviderKind::Azure, None) => {
+                return Err(err(
+                    "azure needs the resource endpoint: azure/DEPLOYMENT@https://RESOURCE.openai.azure.com",
+                ))
+            }
+            (ProviderKind::Anthropic, None) => ANTHROPIC_BASE_URL.to_string(),
+            (ProviderKind::Gemini, None) => GEMINI_BASE_URL.to_string(),
+        };
+        let model = model.trim();
+        // These names become URL path segments: anything else would change the request.
+        if matches!(kind, ProviderKind::Azure | ProviderKind::Gemini)
+            && !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+                    || (c == '/' && kind == ProviderKind::Gemini))
+        {
+            return Err(err(&format!(
+                "`{model}` is not a valid {} name (letters, digits, `-`, `_`, `.`)",
+                if kind == ProviderKind::Azure { "deployment" } else { "model" }
+            )));
+        }
+        let api_version = match kind {
+            ProviderKind::Azure => Some(
+                match std::env::var(AZURE_API_VERSION_ENV) {
+                    Ok(v) if !v.trim().is_empty() => check_api_version(v.trim())
+                        .map_err(|m| err(&format!("{AZURE_API_VERSION_ENV}: {m}")))?,
+                    _ => AZURE_API_VERSION.to_string(),
+                },
+            ),
+            _ => None,
         };
         Ok(ProviderSpec {
             kind,
-            model: model.trim().to_string(),
+            model: model.to_string(),
             base_url: normalize_base_url(&base_url).map_err(|m| err(&m))?,
+            api_version,
         })
     }
 
@@ -105,11 +181,30 @@ impl ProviderSpec {
         Ok(self)
     }
 
+    /// Sets Azure's `api-version` (a `--api-version` flag or a TOML key), overriding the
+    /// environment and the default. Only for `azure`: the other providers version by path or
+    /// header and would ignore it silently.
+    pub fn with_api_version(mut self, version: &str) -> Result<Self, LlmError> {
+        let err = |message: String| LlmError::Spec {
+            spec: self.canonical(),
+            message,
+        };
+        if self.kind != ProviderKind::Azure {
+            return Err(err(format!(
+                "an api-version applies to azure only, not {}",
+                self.kind.as_str()
+            )));
+        }
+        self.api_version = Some(check_api_version(version.trim()).map_err(err)?);
+        Ok(self)
+    }
+
     /// The canonical spec string, used as the classifier name in predictions.
     pub fn canonical(&self) -> String {
         match self.kind {
-            ProviderKind::OpenAiCompatible => {
-                format!("llm:openai-compatible/{}@{}", self.model, self.base_url)
+            // A deployment name only means something within its resource.
+            ProviderKind::OpenAiCompatible | ProviderKind::Azure => {
+                format!("llm:{}/{}@{}", self.kind.as_str(), self.model, self.base_url)
             }
             k => format!("llm:{}/{}", k.as_str(), self.model),
         }
@@ -140,6 +235,22 @@ pub fn redact_url(s: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// An `api-version` goes into the query string verbatim, so it must look like one
+/// (`2024-10-21`, `2025-04-01-preview`) and carry nothing else.
+fn check_api_version(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 40
+        && v.starts_with(|c: char| c.is_ascii_digit())
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "`{v}` is not an api-version (expected a date such as {AZURE_API_VERSION} or 2025-04-01-preview)"
+        ))
+    }
 }
 
 /// Ollama's own convention: `OLLAMA_HOST` may be `host:port` or a URL.

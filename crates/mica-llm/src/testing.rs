@@ -25,7 +25,30 @@ impl Request {
     }
 }
 
-type Answer = dyn Fn(&Request) -> (u16, String) + Send + 'static;
+/// A full answer: status, extra response headers (`retry-after`) and a body sent as is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn new(status: u16, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+type Answer = dyn Fn(&Request) -> Reply + Send + 'static;
 
 /// Answers every request with a (status, JSON body) of the test's choosing, counts requests
 /// and keeps them.
@@ -43,6 +66,15 @@ impl Server {
     /// Answers each request with `answer(request)`, so one stub can serve several endpoints
     /// of an API (Ollama's `/api/tags` and `/api/chat`).
     pub fn start_routed(answer: impl Fn(&Request) -> (u16, String) + Send + 'static) -> Server {
+        Server::start_replies(move |r: &Request| {
+            let (status, body) = answer(r);
+            Reply::new(status, body)
+        })
+    }
+
+    /// Answers each request with a full [`Reply`], for answers that carry headers
+    /// (`retry-after`) or bodies that are not JSON.
+    pub fn start_replies(answer: impl Fn(&Request) -> Reply + Send + 'static) -> Server {
         use std::io::{BufRead, BufReader, Read, Write};
         let answer: Box<Answer> = Box::new(answer);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -87,11 +119,16 @@ impl Server {
                     all.push(req.clone());
                     req
                 };
-                let (status, json) = answer(&req);
+                let Reply {
+                    status,
+                    headers,
+                    body: json,
+                } = answer(&req);
                 let reason = if status == 200 { "OK" } else { "Error" };
+                let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
                 let _ = write!(
                     stream,
-                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{json}",
                     json.len()
                 );
             }
