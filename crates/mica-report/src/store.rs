@@ -116,13 +116,24 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(&path).map_err(|e| err(e.to_string()))?;
+        let mut conn = Connection::open(&path).map_err(|e| err(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| err(e.to_string()))?;
-        conn.execute_batch("PRAGMA foreign_keys = ON;")
+        // WAL: readers (the dashboard, `mica runs`, `mica audit`) never block the server's
+        // writes and a crash mid-write cannot leave a half-applied transaction. FULL rather than
+        // NORMAL: in WAL mode NORMAL may lose the last committed transactions on power loss, and
+        // a physician's decision that the page said was recorded must survive that; decisions
+        // are a handful a minute, so the extra fsync per commit costs nothing measurable. A
+        // filesystem without shared memory (some network mounts) answers with another mode;
+        // the store still works there, only without WAL's concurrency.
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| err(format!("not a mica results store ({e})")))?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| conn.execute_batch(crate::cases::SCHEMA))
             .map_err(|e| err(format!("not a mica results store ({e})")))?;
+        crate::cases::migrate(&mut conn).map_err(|e| err(format!("cannot migrate the case tables ({e})")))?;
         Ok(Store { path, conn })
     }
 
