@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::handler::Handler;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use mica_report::cases::{CasePrediction, CaseRecord, Decision};
 use mica_report::Store;
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::panel::{review_reasons, Panel};
+use crate::panel::Panel;
 use crate::time::{from_unix, now_unix};
 use mica_core::time::iso_utc;
 use crate::{pages, ServerError};
@@ -26,12 +26,11 @@ use crate::{pages, ServerError};
 /// Multipart framing around the file (boundaries, part headers) allowed on top of the upload
 /// limit before the body itself is refused.
 const MULTIPART_SLACK: usize = 64 * 1024;
-/// Cases whose image (and overlays) stay in memory for the page; older ones keep their record
-/// in the store but not their pixels.
-pub const IMAGES_KEPT: usize = 64;
+/// Default memory for recent cases' images and overlays (see `ServeOptions::image_cache_bytes`);
+/// older cases keep their record in the store but not their pixels.
+pub const IMAGE_CACHE_BYTES: usize = 256 << 20;
 /// The decision-support notice every case carries.
 pub const NOTICE: &str = "Suggested labels are model outputs for decision support. The physician decides; nothing here is a diagnosis.";
-const COOKIE: &str = "mica_token";
 
 /// Settings that are not classifiers.
 #[derive(Debug, Clone)]
@@ -46,14 +45,30 @@ pub struct Settings {
 struct CaseImages {
     image_png: Vec<u8>,
     overlays: BTreeMap<usize, Vec<u8>>,
+    /// The task the case was classified for (shown while the case is held).
+    task: String,
+}
+
+impl CaseImages {
+    fn bytes(&self) -> usize {
+        self.image_png.len() + self.overlays.values().map(Vec::len).sum::<usize>()
+    }
 }
 
 pub(crate) struct Inner {
     pub(crate) panel: Arc<Panel>,
+    /// Every task; the first is `panel`'s.
+    pub(crate) tasks: Vec<crate::tasks::Task>,
+    pub(crate) options: crate::intake::ServeOptions,
+    /// Cases being classified now (bounded by `options.max_concurrent_cases`).
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) live: crate::intake::Live,
     pub(crate) store: Arc<Mutex<Store>>,
     pub(crate) settings: Settings,
     images: Mutex<VecDeque<(String, CaseImages)>>,
-    tmp: tempfile::TempDir,
+    pub(crate) tmp: tempfile::TempDir,
+    /// Host/origin checks, identity and sessions ([`crate::signin`]).
+    pub(crate) guard: crate::signin::Guard,
 }
 
 /// The state every handler shares.
@@ -61,7 +76,27 @@ pub(crate) struct Inner {
 pub struct App(pub(crate) Arc<Inner>);
 
 impl App {
+    /// One task (named after the panel's modality) with the default limits.
     pub fn new(panel: Panel, store: Store, settings: Settings) -> Result<App, ServerError> {
+        let name = panel.modality.as_str().to_string();
+        let tasks = vec![crate::tasks::Task { name, panel: Arc::new(panel) }];
+        App::with_tasks(tasks, store, settings, crate::intake::ServeOptions::default())
+    }
+
+    /// Several tasks in one server (the first is the default page's), with explicit limits.
+    pub fn with_tasks(
+        tasks: Vec<crate::tasks::Task>,
+        store: Store,
+        settings: Settings,
+        options: crate::intake::ServeOptions,
+    ) -> Result<App, ServerError> {
+        let Some(first) = tasks.first() else {
+            return Err(ServerError::Config("no task configured".into()));
+        };
+        if options.max_concurrent_cases == 0 {
+            return Err(ServerError::Config("the concurrent-case limit must be above 0".into()));
+        }
+        let panel = first.panel.clone();
         if !(0.0..=1.0).contains(&settings.review_threshold) {
             return Err(ServerError::Config(format!(
                 "review threshold {} must be between 0 and 1",
@@ -71,21 +106,44 @@ impl App {
         if settings.max_upload_bytes == 0 {
             return Err(ServerError::Config("the upload limit must be above 0".into()));
         }
-        if settings.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(ServerError::Config("the bearer token is empty".into()));
+        if let Some(t) = settings.token.as_deref() {
+            crate::security::check_token(t).map_err(ServerError::Config)?;
         }
+        let guard = crate::signin::Guard::new(Default::default(), settings.token.clone()).map_err(ServerError::Config)?;
         // Uploads are written here (de-identified, as PNG) only while being classified.
         let tmp = tempfile::Builder::new()
             .prefix("mica-serve-")
             .tempdir()
             .map_err(|e| ServerError::Config(format!("cannot create a temporary folder: {e}")))?;
         Ok(App(Arc::new(Inner {
-            panel: Arc::new(panel),
+            panel,
+            permits: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_cases)),
+            tasks,
+            options,
+            live: Default::default(),
             store: Arc::new(Mutex::new(store)),
             settings,
             images: Mutex::new(VecDeque::new()),
             tmp,
+            guard,
         })))
+    }
+
+    /// Sets how people are identified (named users, a trusted proxy) and the deployment checks
+    /// (allowed host names, `Secure` cookies). Call it right after [`App::new`], before the app
+    /// is shared.
+    pub fn with_access(mut self, access: crate::signin::AccessConfig) -> Result<App, ServerError> {
+        let token = self.0.settings.token.clone();
+        let guard = crate::signin::Guard::new(access, token).map_err(ServerError::Config)?;
+        let inner = Arc::get_mut(&mut self.0)
+            .ok_or_else(|| ServerError::Config("with_access must be called before the app is shared".into()))?;
+        inner.guard = guard;
+        Ok(self)
+    }
+
+    /// True when some authentication (token, users or proxy) is configured.
+    pub fn authenticated(&self) -> bool {
+        self.0.guard.enabled()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -114,12 +172,37 @@ impl App {
         })
     }
 
-    fn keep_images(&self, id: &str, images: CaseImages) {
+    /// Holds a new case's image; the oldest cases' images go once the cache is over its
+    /// byte budget (the newest case is always kept).
+    pub(crate) fn keep_image(&self, id: &str, task: &str, image_png: Vec<u8>) {
         let mut q = self.0.images.lock().unwrap_or_else(|p| p.into_inner());
-        q.push_back((id.to_string(), images));
-        while q.len() > IMAGES_KEPT {
-            q.pop_front();
+        q.push_back((id.to_string(), CaseImages { image_png, overlays: BTreeMap::new(), task: task.to_string() }));
+        self.trim_images(&mut q);
+    }
+
+    /// Adds a Grad-CAM overlay to a held case (dropped when the case's image is gone).
+    pub(crate) fn add_overlay(&self, id: &str, index: usize, png: Vec<u8>) {
+        let mut q = self.0.images.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = q.iter_mut().find(|(k, _)| k == id) {
+            c.overlays.insert(index, png);
         }
+        self.trim_images(&mut q);
+    }
+
+    fn trim_images(&self, q: &mut VecDeque<(String, CaseImages)>) {
+        let budget = self.0.options.image_cache_bytes;
+        let mut total: usize = q.iter().map(|(_, c)| c.bytes()).sum();
+        while total > budget && q.len() > 1 {
+            if let Some((_, c)) = q.pop_front() {
+                total -= c.bytes();
+            }
+        }
+    }
+
+    /// Bytes held by the image cache now.
+    pub fn image_cache_bytes(&self) -> usize {
+        let q = self.0.images.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().map(|(_, c)| c.bytes()).sum()
     }
 
     fn with_images<T>(&self, id: &str, f: impl FnOnce(&CaseImages) -> Option<T>) -> Option<T> {
@@ -150,7 +233,7 @@ impl ApiError {
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
-    fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
     fn too_large(max: usize) -> Self {
@@ -216,7 +299,7 @@ fn routes() -> Routes {
         // The JSON API (documented in openapi.yaml).
         .get("/api/v1/health", health)
         .get("/api/v1/openapi.yaml", openapi)
-        .post("/api/v1/classify", classify)
+        .post("/api/v1/classify", crate::intake::classify)
         .get("/api/v1/cases/{id}", get_case)
         .post("/api/v1/cases/{id}/decision", post_decision)
         .get("/api/v1/cases/{id}/image.png", case_image)
@@ -230,6 +313,10 @@ fn routes() -> Routes {
         .get("/monitoring", pages::monitoring_page)
         .get("/runs", pages::runs_page)
         .get("/runs/{id}", pages::run_report_page)
+        // Sign-in and sign-out (open: the guard lets them through unauthenticated).
+        .get("/sign-in", crate::signin::sign_in_form)
+        .post("/sign-in", crate::signin::sign_in)
+        .post("/sign-out", crate::signin::sign_out)
 }
 
 /// Every route the router serves.
@@ -242,11 +329,23 @@ pub fn router(app: App) -> Router {
     let limit = app.0.settings.max_upload_bytes.saturating_add(MULTIPART_SLACK);
     routes()
         .router
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(app.clone(), auth))
+        .layer(middleware::from_fn_with_state(app.clone(), crate::intake::request_timeout))
+        .layer(middleware::from_fn_with_state(app.clone(), crate::signin::guard))
         .layer(middleware::from_fn(headers_and_log))
         .with_state(app)
+}
+
+/// axum's own 405 has an empty body; API clients get the usual JSON error instead.
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {} (see /api/v1/openapi.yaml)", req.method(), truncate(req.uri().path(), 120)),
+    )
+    .into_response()
 }
 
 async fn not_found(req: Request) -> Response {
@@ -257,100 +356,9 @@ async fn not_found(req: Request) -> Response {
     }
 }
 
-fn sha256_hex(b: &[u8]) -> String {
+pub(crate) fn sha256_hex(b: &[u8]) -> String {
     let d = Sha256::digest(b);
     d.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Equal-time comparison, so the token cannot be guessed byte by byte from response times.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
-}
-
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'+' {
-            out.push(b' ');
-        } else if b[i] == b'%' && i + 2 < b.len() {
-            match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                Some(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            }
-        } else {
-            out.push(b[i]);
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Bearer-token authentication (when a token is configured): the `Authorization: Bearer`
-/// header, or the cookie a page visit with `?token=` sets once (the cookie holds the token's
-/// SHA-256, is HttpOnly and SameSite=Strict). Without a token configured everything is open.
-async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(token) = app.0.settings.token.as_deref() else {
-        return next.run(req).await;
-    };
-    let hashed = sha256_hex(token.as_bytes());
-    let headers = req.headers();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(|t| same(t.trim().as_bytes(), token.as_bytes()))
-        .unwrap_or(false);
-    let cookie = cookie_token(headers).map(|c| same(c.as_bytes(), hashed.as_bytes())).unwrap_or(false);
-    if bearer || cookie {
-        return next.run(req).await;
-    }
-    let path = req.uri().path().to_string();
-    let is_api = path.starts_with("/api/");
-    if !is_api && req.method() == Method::GET {
-        if let Some(q) = query_param(req.uri().query(), "token") {
-            if same(q.as_bytes(), token.as_bytes()) {
-                // The token leaves the address bar at once: redirect to the bare path.
-                let mut r = Redirect::to(&path).into_response();
-                let c = format!("{COOKIE}={hashed}; Path=/; HttpOnly; SameSite=Strict");
-                if let Ok(v) = HeaderValue::from_str(&c) {
-                    r.headers_mut().insert(header::SET_COOKIE, v);
-                }
-                return r;
-            }
-        }
-    }
-    if is_api {
-        let mut r = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this server requires a bearer token: send `Authorization: Bearer <token>` (the token is in the server's MICA_SERVE_TOKEN)",
-        )
-        .into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        r
-    } else {
-        pages::login_page(&path).into_response()
-    }
 }
 
 /// Security headers on every response, and one log line per request (method, path, status,
@@ -386,7 +394,7 @@ pub fn valid_case_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn new_case_id() -> String {
+pub(crate) fn new_case_id() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -394,8 +402,10 @@ fn new_case_id() -> String {
 // ---------------------------------------------------------------------------------------------
 // API handlers.
 
-async fn health(State(app): State<App>) -> Json<Value> {
+async fn health(State(app): State<App>, who: Option<axum::Extension<crate::auth::Principal>>) -> Json<Value> {
     let p = &app.0.panel;
+    let g = &app.0.guard;
+    let who = who.map(|w| w.0);
     Json(json!({
         "status": "ok",
         "service": "mica",
@@ -406,9 +416,26 @@ async fn health(State(app): State<App>) -> Json<Value> {
         "classifiers": p.members.iter().map(|m| json!({
             "name": m.name, "family": m.family, "model_version": m.model_version,
         })).collect::<Vec<_>>(),
+        "tasks": app.0.tasks.iter().map(|t| json!({
+            "name": t.name,
+            "modality": t.panel.modality.as_str(),
+            "labels": t.panel.labels.names(),
+            "classifiers": t.panel.members.iter().map(|m| json!({
+                "name": m.name, "family": m.family, "model_version": m.model_version,
+                "sends_image_off_machine": m.remote,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "review_threshold": app.0.settings.review_threshold,
         "max_upload_bytes": app.0.settings.max_upload_bytes,
-        "auth_required": app.0.settings.token.is_some(),
+        "auth_required": g.enabled(),
+        "auth": {
+            "mode": g.mode(),
+            "identity": g.identity(),
+            "signed_in": who.as_ref().is_some_and(|w| matches!(w.method, crate::auth::AuthMethod::Password | crate::auth::AuthMethod::Token)),
+            "user": who.as_ref().and_then(|w| w.name.clone()),
+            "role": who.as_ref().map(|w| w.role.as_str()),
+            "auth_method": who.as_ref().map(|w| w.method.as_str()),
+        },
     }))
 }
 
@@ -426,7 +453,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, max: usize) -> A
     }
 }
 
-fn upload_error(e: mica_data::upload::UploadError) -> ApiError {
+pub(crate) fn upload_error(e: mica_data::upload::UploadError) -> ApiError {
     use mica_data::upload::UploadError as U;
     let (status, code) = match &e {
         U::Empty => (StatusCode::BAD_REQUEST, "empty_file"),
@@ -434,12 +461,14 @@ fn upload_error(e: mica_data::upload::UploadError) -> ApiError {
         U::NoPixelData => (StatusCode::UNPROCESSABLE_ENTITY, "dicom_without_pixels"),
         U::TooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
         U::Undecodable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "undecodable"),
+        U::UnsupportedTransferSyntax { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_transfer_syntax"),
+        U::LimitExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "upload_limit_exceeded"),
     };
     ApiError::new(status, code, e.to_string())
 }
 
 /// Reads the `file` part of a multipart upload, refusing it as soon as it passes the limit.
-async fn read_upload(
+pub(crate) async fn read_upload(
     headers: &HeaderMap,
     mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
     max: usize,
@@ -502,8 +531,15 @@ async fn read_upload(
 
 /// The JSON of a case: the record, links to its images while they are held, and decisions.
 #[derive(Serialize)]
-struct CaseView {
+pub(crate) struct CaseView {
     id: String,
+    /// The task the case was classified for, while the server holds the case in memory.
+    task: Option<String>,
+    /// False while any classifier is still `pending` (poll this case until it is true).
+    complete: bool,
+    /// Why the image was not classified by its task's classifiers, when its DICOM header
+    /// says it is another kind of study.
+    modality_mismatch: Option<String>,
     created: String,
     created_unix: i64,
     notice: &'static str,
@@ -533,6 +569,10 @@ struct ImageView {
 struct PredictionView {
     #[serde(flatten)]
     p: CasePrediction,
+    /// `pending`, `answered`, `failed`, `timed-out`, `not-sent` or `not-asked`.
+    state: &'static str,
+    /// The classifier sends the image off this machine (a provider not on a loopback address).
+    sends_image_off_machine: bool,
     gradcam_url: Option<String>,
 }
 
@@ -559,11 +599,29 @@ impl From<Decision> for DecisionView {
     }
 }
 
-fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> CaseView {
+/// Whether classifier `name` sends images off this machine: as configured now, else (a
+/// classifier no longer configured) any LLM, to be safe.
+fn sends_off_machine(app: &App, p: &CasePrediction) -> bool {
+    app.0
+        .tasks
+        .iter()
+        .flat_map(|t| t.panel.members.iter())
+        .find(|m| m.name == p.classifier)
+        .map(|m| m.remote)
+        .unwrap_or(p.family == "llm")
+}
+
+pub(crate) fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> CaseView {
     let held = app.has_image(&c.id);
     let id = c.id.clone();
+    let task = app.with_images(&id, |i| Some(i.task.clone())).or_else(|| app.0.live.get(&id).map(|(_, t)| t));
+    let complete = !c.predictions.iter().any(|p| p.outcome == "pending");
+    let modality_mismatch = c.review_reasons.iter().find(|r| r.starts_with("modality mismatch")).cloned();
     let decisions: Vec<DecisionView> = decisions.into_iter().map(DecisionView::from).collect();
     CaseView {
+        task,
+        complete,
+        modality_mismatch,
         created: iso_utc(from_unix(c.created_unix)),
         created_unix: c.created_unix,
         notice: NOTICE,
@@ -586,6 +644,8 @@ fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> CaseView {
             .enumerate()
             .map(|(i, p)| PredictionView {
                 gradcam_url: (held && p.has_gradcam).then(|| format!("/api/v1/cases/{id}/gradcam/{i}")),
+                state: crate::intake::state_of(&p.outcome),
+                sends_image_off_machine: sends_off_machine(app, &p),
                 p,
             })
             .collect(),
@@ -610,72 +670,6 @@ impl CaseView {
     }
 }
 
-async fn classify(
-    State(app): State<App>,
-    headers: HeaderMap,
-    mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Response, ApiError> {
-    let max = app.0.settings.max_upload_bytes;
-    let bytes = read_upload(&headers, mp, max).await?;
-    // Sniff, strip DICOM identifiers and decode, off the async threads. The original bytes
-    // (with any DICOM header) end here: only de-identified pixels go further.
-    let decoded = tokio::task::spawn_blocking(move || mica_data::upload::decode_upload(&bytes))
-        .await
-        .map_err(|e| ApiError::internal(format!("decoder task failed: {e}")))?
-        .map_err(upload_error)?;
-    let id = new_case_id();
-    let png = mica_data::image::png_bytes(&decoded.image);
-    let sha = sha256_hex(&png);
-    let png_path = app.0.tmp.path().join(format!("{id}.png"));
-    std::fs::write(&png_path, &png)
-        .map_err(|e| ApiError::internal(format!("cannot write the temporary image: {e}")))?;
-    let answers = app.0.panel.classify(&id, &png_path, &decoded.image).await;
-    let _ = std::fs::remove_file(&png_path);
-
-    let mut overlays = BTreeMap::new();
-    let mut predictions = Vec::with_capacity(answers.len());
-    for (i, a) in answers.into_iter().enumerate() {
-        if let Some(o) = a.gradcam_png {
-            overlays.insert(i, o);
-        }
-        predictions.push(a.prediction);
-    }
-    let threshold = app.0.settings.review_threshold;
-    let reasons = review_reasons(&predictions, threshold);
-    let record = CaseRecord {
-        id: id.clone(),
-        created_unix: now_unix(),
-        image_sha256: sha,
-        image_format: decoded.kind.as_str().to_string(),
-        width: decoded.image.width(),
-        height: decoded.image.height(),
-        frames: decoded.frames,
-        deidentified: decoded.removed.clone(),
-        labels: app.0.panel.labels.names().to_vec(),
-        review_threshold: threshold,
-        needs_review: !reasons.is_empty(),
-        review_reasons: reasons,
-        predictions,
-    };
-    let rec = record.clone();
-    app.with_store(move |st| st.insert_case(&rec)).await?;
-    app.keep_images(&id, CaseImages { image_png: png, overlays });
-    tracing::info!(
-        "case {id}: {} {}x{}, {} suggestions, needs review: {}",
-        record.image_format,
-        record.width,
-        record.height,
-        record.predictions.len(),
-        record.needs_review
-    );
-    let view = case_view(&app, record, Vec::new());
-    let mut r = (StatusCode::CREATED, Json(view)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/cases/{id}")) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
-}
-
 async fn load_case(app: &App, id: &str) -> Result<(CaseRecord, Vec<Decision>), ApiError> {
     if !valid_case_id(id) {
         return Err(ApiError::not_found(format!("no case `{}`", truncate(id, 40))));
@@ -688,7 +682,15 @@ async fn load_case(app: &App, id: &str) -> Result<(CaseRecord, Vec<Decision>), A
             Ok(c.map(|c| (c, d)))
         })
         .await?;
-    found.ok_or_else(|| ApiError::not_found(format!("no case `{id}`")))
+    match found {
+        Some(f) => Ok(f),
+        None if app.0.live.get(id).is_some() => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "case_pending",
+            "the case's classifiers are still at work: decide once every classifier has answered, failed or timed out",
+        )),
+        None => Err(ApiError::not_found(format!("no case `{id}`"))),
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -696,6 +698,9 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 async fn get_case(State(app): State<App>, Path(id): Path<String>) -> Result<Json<CaseView>, ApiError> {
+    if let Some((rec, _)) = app.0.live.get(&id) {
+        return Ok(Json(case_view(&app, rec, Vec::new())));
+    }
     let (c, d) = load_case(&app, &id).await?;
     Ok(Json(case_view(&app, c, d)))
 }
@@ -704,7 +709,10 @@ async fn get_case(State(app): State<App>, Path(id): Path<String>) -> Result<Json
 #[serde(deny_unknown_fields)]
 struct DecisionIn {
     final_label: String,
-    reviewer: String,
+    /// Required without named identities; with them the signed-in user is recorded and a
+    /// different name here is refused.
+    #[serde(default)]
+    reviewer: Option<String>,
     #[serde(default)]
     note: Option<String>,
 }
@@ -715,6 +723,7 @@ const MAX_NOTE: usize = 4000;
 async fn post_decision(
     State(app): State<App>,
     Path(id): Path<String>,
+    who: Option<axum::Extension<crate::auth::Principal>>,
     body: Result<Json<DecisionIn>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(d) = body.map_err(|e| {
@@ -733,7 +742,19 @@ async fn post_decision(
             format!("`{}` is not one of this case's labels: {}", truncate(&label, 60), case.labels.join(", ")),
         ));
     }
-    let reviewer = d.reviewer.trim().to_string();
+    let principal = who.map(|w| w.0).unwrap_or_else(crate::auth::Principal::open);
+    let given = d.reviewer.as_deref().map(str::trim).filter(|r| !r.is_empty());
+    let reviewer = match (&principal.name, given) {
+        (Some(name), Some(g)) if g != name => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reviewer_mismatch",
+                format!("you are signed in as `{name}`: the decision is recorded under that name (leave `reviewer` out)"),
+            ))
+        }
+        (Some(name), _) => name.clone(),
+        (None, g) => g.unwrap_or_default().to_string(),
+    };
     if reviewer.is_empty() || reviewer.chars().count() > MAX_REVIEWER || reviewer.chars().any(char::is_control) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -768,7 +789,7 @@ fn png_response(bytes: Vec<u8>) -> Response {
 
 fn image_gone(id: &str) -> ApiError {
     ApiError::not_found(format!(
-        "the image of case {id} is no longer held: mica keeps uploaded images in memory only, for the {IMAGES_KEPT} most recent cases, and never stores them"
+        "the image of case {id} is no longer held: mica keeps uploaded images in memory only, for the most recent cases (within a fixed memory budget), and never stores them"
     ))
 }
 

@@ -15,15 +15,23 @@
 //!   hospital system use the same routes, and nothing is fetched from outside (works offline).
 
 pub mod app;
+pub mod auth;
+pub mod intake;
 pub mod pages;
 pub mod panel;
+pub mod security;
+pub mod signin;
+pub mod tasks;
 pub mod time;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use app::{route_table, router, App, RouteInfo, Settings, OPENAPI};
+pub use intake::ServeOptions;
 pub use panel::{LlmOptions, Panel};
+pub use signin::AccessConfig;
+pub use tasks::{load_tasks, read_tasks_file, Task, TaskSpec};
 
 /// Errors that stop the server from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +102,8 @@ pub async fn serve(
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router(app))
+    // The peer address is what `--trusted-proxy` is checked against.
+    axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServerError::Serve)

@@ -17,7 +17,7 @@ const CSS: &str = r#"
 *{box-sizing:border-box}body{margin:0;font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--ink);background:var(--bg);font-size:15px}
 header{background:var(--brand);color:#fff;display:flex;align-items:center;gap:1.5rem;padding:.6rem 1.5rem}
 header .brand{font-weight:700;font-size:1.1rem;letter-spacing:.02em}header nav a{color:#cfe0f5;text-decoration:none;margin-right:1rem}
-header nav a.active,header nav a:hover{color:#fff;text-decoration:underline}header .ds{margin-left:auto;font-size:.8rem;color:#cfe0f5}
+header nav a.active,header nav a:hover{color:#fff;text-decoration:underline}header .ds{margin-left:auto;font-size:.8rem;color:#cfe0f5}header .who{font-size:.85rem}header form{margin:0}
 main{max-width:1280px;margin:0 auto;padding:1rem 1.5rem 3rem}h1{font-size:1.4rem;margin:.6rem 0}h2{font-size:1.15rem;margin:1.4rem 0 .6rem}
 .notice{background:#eef4fb;border-left:4px solid var(--brand);padding:.5rem .9rem;margin:.6rem 0;color:#22384f;font-size:.9rem}
 .drop{border:2px dashed #8aa1bd;border-radius:10px;background:#fff;padding:1.6rem;text-align:center;cursor:pointer;transition:background .15s}
@@ -46,6 +46,10 @@ form.decision label{display:flex;flex-direction:column;font-size:.85rem;color:va
 select,input[type=text],input[type=password],textarea{font:inherit;padding:.4rem .5rem;border:1px solid #b8c2cf;border-radius:6px;color:var(--ink);background:#fff}textarea{min-height:3.5rem;resize:vertical}
 ul.trail{padding-left:1.2rem}.summary{display:flex;gap:1rem;flex-wrap:wrap;margin:.6rem 0}.summary div{background:#fff;border:1px solid var(--line);border-radius:10px;padding:.6rem 1rem;min-width:150px}
 .summary b{display:block;font-size:1.5rem}.agree{color:var(--ok);font-weight:700}.disagree{color:var(--bad);font-weight:700}.muted{color:var(--muted)}
+.offsite{background:#fff4e0;border:1px solid #e0a030;color:#5a3a00;border-radius:6px;padding:.3rem .5rem;font-size:.8rem;margin:.3rem 0}
+.flag.waiting{background:#eef4fb;border:1px solid #8aa1bd;color:#22384f}.flag button{margin-top:.5rem}.suggest .label.pending{color:var(--muted);font-weight:400;font-size:1rem}
+.badge.state.answered{background:#e8f5ee;color:var(--ok)}.badge.state.pending{background:#eef4fb;color:var(--brand)}.badge.state.timed-out,.badge.state.failed,.badge.state.not-sent,.badge.state.not-asked{background:#fde3e1;color:var(--bad)}
+ul.deid{margin:0;padding-left:1.1rem;columns:2;font-size:.82rem}
 .minibar{display:inline-block;width:90px;height:8px;background:#e9edf2;border-radius:4px;vertical-align:middle;margin-left:.4rem;overflow:hidden}.minibar span{display:block;height:100%;background:var(--ok)}
 "#;
 
@@ -73,20 +77,41 @@ function mb(n) { return (n / 1048576).toFixed(n % 1048576 ? 1 : 0) + ' MB'; }
 function wh(x) { if (x === null || x === undefined) return null; if (x === 0) return '0 Wh'; const a = Math.abs(x); return (a >= 0.01 ? x.toFixed(3) : x.toExponential(2)) + ' Wh'; }
 function when(iso) { return iso ? iso.replace('T', ' ').replace('Z', ' UTC') : ''; }
 function status(msg, kind) { const s = $('status'); s.textContent = msg; s.className = 'status ' + (kind || ''); }
+// Who is signed in (from /api/v1/health), shown in the header with a sign-out button.
+async function whoami() {
+  try {
+    const a = (await api('/api/v1/health')).auth || {};
+    if (a.user) { $('who').textContent = a.user + ' (' + a.role + ')'; $('who').hidden = false; }
+    if (a.signed_in) $('sign-out').hidden = false;
+  } catch (_) { /* the page shows its own errors */ }
+}
+whoami();
 "#;
 
 const CASE_JS: &str = r#"
 let health = null;
 let current = null;
+let lastFile = null;
+let polling = null;
 async function init() {
   try {
     health = await api('/api/v1/health');
     $('panel').textContent = health.classifiers.map(c => c.name).join('  ·  ');
+    const tasks = health.tasks || [];
+    if (tasks.length > 1) {
+      const sel = $('task'); sel.replaceChildren(el('option', { value: '', text: 'from the DICOM header (Modality, Body Part)' }));
+      for (const t of tasks) sel.append(el('option', { value: t.name, text: t.name + ' (' + t.modality + ': ' + t.classifiers.map(c => c.name).join(', ') + ')' }));
+      $('task-row').hidden = false;
+    }
     $('limits').textContent = 'PNG, JPEG or DICOM, up to ' + mb(health.max_upload_bytes) + '. DICOM patient fields are removed before anything is stored.';
   } catch (e) { status(e.message, 'error'); }
   const m = location.pathname.match(/^\/cases\/([0-9a-f]{32})$/);
-  if (m) { try { render(await api('/api/v1/cases/' + m[1])); } catch (e) { status(e.message, 'error'); } }
-  const who = localStorage.getItem('mica.reviewer'); if (who) $('reviewer').value = who;
+  if (m) { try { const c = await api('/api/v1/cases/' + m[1]); render(c); follow(c); } catch (e) { status(e.message, 'error'); } }
+  // With named identities the server records the signed-in user: no name to type.
+  const a = (health && health.auth) || {};
+  if (a.identity) { $('reviewer-row').hidden = true; $('reviewer').required = false; $('reviewer').disabled = true; }
+  else { const who = localStorage.getItem('mica.reviewer'); if (who) $('reviewer').value = who; }
+  if (a.role === 'viewer') { $('decision-form').hidden = true; $('viewer-note').hidden = false; }
 }
 const drop = $('drop');
 drop.addEventListener('click', () => $('file').click());
@@ -97,18 +122,32 @@ drop.addEventListener('drop', (e) => { e.preventDefault(); drop.classList.remove
 $('file').addEventListener('click', (e) => e.stopPropagation());
 $('file').addEventListener('change', (e) => { if (e.target.files.length) upload(e.target.files[0]); });
 
-async function upload(file) {
+// Answers arrive one by one: the case is polled until every classifier is done.
+function follow(c) {
+  if (polling) { clearTimeout(polling); polling = null; }
+  if (c.complete) return;
+  polling = setTimeout(async () => {
+    try { const n = await api('/api/v1/cases/' + c.id); if (current && current.id === n.id) { render(n); follow(n); } }
+    catch (e) { status(e.message, 'error'); }
+  }, 600);
+}
+
+async function upload(file, override) {
+  lastFile = file;
   if (health && file.size > health.max_upload_bytes) {
     status('Upload refused: ' + file.name + ' is larger than the limit of ' + mb(health.max_upload_bytes) + '.', 'error'); return;
   }
-  const n = health ? health.classifiers.length : '';
-  status('Classifying ' + file.name + ' with ' + n + ' classifiers…', 'busy');
+  status('Sending ' + file.name + '…', 'busy');
   const fd = new FormData(); fd.append('file', file, file.name);
+  const q = new URLSearchParams();
+  if ($('task').value) q.set('task', $('task').value);
+  if (override) { q.set('override_modality', 'true'); if (current && current.task) q.set('task', current.task); }
   try {
-    const c = await api('/api/v1/classify', { method: 'POST', body: fd });
+    const c = await api('/api/v1/classify' + (q.toString() ? '?' + q : ''), { method: 'POST', body: fd });
     history.pushState(null, '', '/cases/' + c.id);
     render(c);
-    status('Suggestions ready for ' + file.name + '.', 'ok');
+    follow(c);
+    status('Case created for ' + file.name + ': each answer appears as soon as it is in.', 'ok');
   } catch (e) { status('Upload refused: ' + e.message, 'error'); }
   finally { $('file').value = ''; }
 }
@@ -123,14 +162,26 @@ function render(c) {
   const meta = $('case-meta'); meta.replaceChildren();
   const add = (k, v) => { meta.append(el('dt', { text: k }), el('dd', { text: v })); };
   add('Received', when(c.created));
+  if (c.task) add('Task', c.task);
   add('Image', c.image.format.toUpperCase() + ', ' + c.image.width + ' × ' + c.image.height + ' px' + (c.image.frames > 1 ? ' (first of ' + c.image.frames + ' frames)' : ''));
   add('SHA-256 of pixels', c.image.sha256);
-  if (c.image.deidentified.length) add('Removed before processing', c.image.deidentified.join(', '));
+  if (c.image.deidentified.length) {
+    meta.append(el('dt', { text: 'De-identified (' + c.image.deidentified.length + ' attributes removed before processing)' }),
+      el('dd', {}, el('ul', { id: 'deidentified', class: 'deid' }, ...c.image.deidentified.map(a => el('li', { text: a })))));
+  }
   add('Labels', c.labels.join(', '));
   add('Review threshold', c.review_threshold.toFixed(2));
 
   const flag = $('review-flag'); flag.replaceChildren();
-  if (c.needs_review) {
+  const waiting = c.predictions.filter(p => p.state === 'pending').map(p => p.classifier);
+  if (c.modality_mismatch) {
+    flag.className = 'flag review mismatch';
+    flag.append('⚠ Not classified: the image does not match the task', el('ul', {}, el('li', { text: c.modality_mismatch })));
+    if (lastFile) { const b = el('button', { type: 'button', id: 'override', text: 'Classify anyway with task ' + (c.task || '') }); b.addEventListener('click', () => upload(lastFile, true)); flag.append(b); }
+  } else if (waiting.length) {
+    flag.className = 'flag waiting';
+    flag.append('Waiting for ' + waiting.length + ' classifier' + (waiting.length > 1 ? 's' : '') + ': ' + waiting.join(', ') + '. The answers already in are shown below.');
+  } else if (c.needs_review) {
     flag.className = 'flag review';
     flag.append('⚠ Needs physician review', el('ul', {}, ...c.review_reasons.map(r => el('li', { text: r }))));
   } else {
@@ -148,13 +199,17 @@ function render(c) {
   $('decision-status').textContent = '';
 }
 
+const STATES = { 'pending': 'waiting for its answer…', 'timed-out': 'no answer in time', 'failed': 'no answer', 'not-sent': 'image not sent', 'not-asked': 'not asked' };
 function card(p, i, thr) {
-  const head = el('h3', {}, p.classifier, el('span', { class: 'badge', text: p.family }), p.simulated ? el('span', { class: 'badge sim', text: 'simulated' }) : null);
+  const head = el('h3', {}, p.classifier, el('span', { class: 'badge', text: p.family }), el('span', { class: 'badge state ' + p.state, text: p.state }), p.simulated ? el('span', { class: 'badge sim', text: 'simulated' }) : null);
   const label = p.suggested_label
     ? el('div', { class: 'label', text: p.suggested_label })
-    : el('div', { class: 'label none', text: 'no answer (' + p.outcome + ')' });
+    : el('div', { class: 'label none' + (p.state === 'pending' ? ' pending' : ''), text: STATES[p.state] || ('no answer (' + p.outcome + ')') });
   const sug = el('div', { class: 'suggest' }, el('div', { class: 'cap', text: 'suggested label' }), label);
-  const parts = [head, el('div', { class: 'version', text: p.model_version }), sug];
+  const parts = [head, el('div', { class: 'version', text: p.model_version })];
+  if (p.sends_image_off_machine) parts.push(el('div', { class: 'offsite', role: 'note', text: '⚠ Sends the image off this machine, to this provider\'s servers (de-identified pixels only).' }));
+  parts.push(sug);
+  if (p.state === 'pending') return el('article', { class: 'card prediction pending', 'data-index': String(i), 'data-state': p.state }, ...parts);
   if (p.confidence !== null && p.confidence !== undefined) {
     const low = p.confidence < thr;
     const bar = el('div', { class: 'bar' + (low ? ' low' : '') }, el('span', { style: 'width:' + (100 * p.confidence).toFixed(1) + '%' }));
@@ -163,7 +218,7 @@ function card(p, i, thr) {
   const dl = el('dl', { class: 'meta' });
   const add = (k, v) => { if (v !== null && v !== undefined) dl.append(el('dt', { text: k }), el('dd', { text: v })); };
   add('Outcome', p.outcome);
-  add('Latency', p.latency_ms.toFixed(1) + ' ms');
+  if (p.state !== 'not-sent' && p.state !== 'not-asked') add('Latency', p.latency_ms.toFixed(1) + ' ms');
   add('Energy', (wh(p.energy_wh) || 'not measured') + ' (' + p.energy_method + ')');
   if (p.tokens) add('Tokens', p.tokens.prompt + ' in / ' + p.tokens.completion + ' out');
   if (p.cost_usd !== null && p.cost_usd !== undefined) add('Cost', '$' + p.cost_usd.toFixed(5));
@@ -175,7 +230,7 @@ function card(p, i, thr) {
   if (p.gradcam_url) parts.push(el('figure', { class: 'gradcam' }, el('img', { src: p.gradcam_url, alt: 'Grad-CAM overlay of ' + p.classifier }), el('figcaption', { text: 'Grad-CAM: where the CNN looked for its answer (red: most influence).' })));
   if (p.rationale) parts.push(el('blockquote', {}, el('b', { text: 'Model rationale: ' }), p.rationale));
   if (p.error) parts.push(el('div', { class: 'err', text: p.error }));
-  return el('article', { class: 'card prediction', 'data-index': String(i) }, ...parts);
+  return el('article', { class: 'card prediction', 'data-index': String(i), 'data-state': p.state }, ...parts);
 }
 
 function trail(ds) {
@@ -187,12 +242,12 @@ function trail(ds) {
 $('decision-form').addEventListener('submit', async (e) => {
   e.preventDefault();
   if (!current) return;
-  const body = { final_label: $('final-label').value, reviewer: $('reviewer').value, note: $('note').value || null };
+  const body = { final_label: $('final-label').value, reviewer: $('reviewer').disabled ? undefined : $('reviewer').value, note: $('note').value || null };
   const s = $('decision-status');
   if (!body.final_label) { s.className = 'status wide error'; s.textContent = 'Choose the final label first.'; return; }
   try {
     const r = await api('/api/v1/cases/' + current.id + '/decision', { method: 'POST', headers: { 'Content-Type': 'application/json', 'Accept': 'application/json' }, body: JSON.stringify(body) });
-    localStorage.setItem('mica.reviewer', body.reviewer);
+    if (body.reviewer) localStorage.setItem('mica.reviewer', body.reviewer);
     current = r.case; trail(r.case.decisions);
     s.className = 'status wide ok'; s.textContent = 'Decision recorded: ' + r.decision.final_label + ' by ' + r.decision.reviewer + ' (it now counts on the monitoring page).';
   } catch (err) { s.className = 'status wide error'; s.textContent = err.message; }
@@ -250,7 +305,7 @@ fn nav(active: &str) -> String {
         format!("<a href=\"{href}\"{}>{text}</a>", if key == active { " class=\"active\"" } else { "" })
     };
     format!(
-        "<header><span class=\"brand\">mica</span><nav>{}{}{}</nav><span class=\"ds\">Decision support: suggestions for a physician, not a diagnosis</span></header>",
+        "<header><span class=\"brand\">mica</span><nav>{}{}{}</nav><span class=\"ds\">Decision support: suggestions for a physician, not a diagnosis</span><span class=\"who\" id=\"who\" hidden></span><form method=\"post\" action=\"/sign-out\" id=\"sign-out\" hidden><button type=\"submit\" class=\"button secondary\">Sign out</button></form></header>",
         link("/", "case", "Case view"),
         link("/monitoring", "monitoring", "Monitoring"),
         link("/runs", "runs", "Runs")
@@ -280,6 +335,7 @@ fn case_html() -> Html<String> {
   <p>or <label for="file" class="button secondary">choose a file</label><input type="file" id="file" name="file" accept=".png,.jpg,.jpeg,.dcm,.dicom,image/png,image/jpeg,application/dicom"></p>
   <div class="muted" id="limits"></div>
 </div>
+<p id="task-row" hidden><label>Task <select id="task"></select></label></p>
 <div id="status" class="status" role="status" aria-live="polite"></div>
 <section id="case" hidden>
   <h2>Case <code id="case-id"></code></h2>
@@ -288,9 +344,10 @@ fn case_html() -> Html<String> {
   <h2>Suggestions</h2>
   <div id="results" class="cards"></div>
   <h2>Physician's decision</h2>
+  <p id="viewer-note" class="notice" hidden>You are signed in as a viewer: you can read cases, but only physicians record decisions.</p>
   <form id="decision-form" class="decision">
     <label>Final label<select id="final-label" required></select></label>
-    <label>Reviewer<input type="text" id="reviewer" maxlength="120" required autocomplete="name" placeholder="your name"></label>
+    <label id="reviewer-row">Reviewer<input type="text" id="reviewer" maxlength="120" required autocomplete="name" placeholder="your name"></label>
     <label class="wide">Note (optional)<textarea id="note" maxlength="4000" placeholder="e.g. why the final label differs from the suggestions"></textarea></label>
     <div><button type="submit" id="decide">Record decision</button></div>
     <div id="decision-status" class="status wide" role="status" aria-live="polite"></div>
@@ -389,13 +446,42 @@ pub fn not_found_page() -> Response {
     message_page(StatusCode::NOT_FOUND, "Not found", "There is no page here.")
 }
 
-/// Asked for when a token is configured and the browser has not presented it yet. The form
-/// sends it once as `?token=`; the server answers with an HttpOnly cookie and a redirect.
-pub fn login_page(path: &str) -> Response {
-    let body = format!(
-        "<h1>Sign in</h1><div class=\"notice\">This mica server requires its access token (MICA_SERVE_TOKEN on the server).</div>\
-         <form method=\"get\" action=\"{}\" class=\"decision\"><label>Access token<input type=\"password\" name=\"token\" required autocomplete=\"current-password\"></label><div><button type=\"submit\">Open</button></div></form>",
-        html_escape(path)
-    );
-    (StatusCode::UNAUTHORIZED, layout("Sign in", "", &body, "")).into_response()
+/// What the sign-in form asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInKind {
+    /// A user name and secret (`--users`).
+    Users,
+    /// The shared access token (`MICA_SERVE_TOKEN`).
+    Token,
+    /// Nothing to sign in to (open server, or identity from a proxy).
+    None,
+}
+
+/// The sign-in form. It is POSTed (the secret never lands in an address, a log or the
+/// history); `next` is a local path already checked by the caller and is escaped here anyway.
+pub fn sign_in_page(kind: SignInKind, next: &str, error: Option<&str>) -> Html<String> {
+    let err = error
+        .map(|e| format!("<div class=\"status error\" role=\"alert\" id=\"sign-in-error\">{}</div>", html_escape(e)))
+        .unwrap_or_default();
+    let fields = match kind {
+        SignInKind::Users => "<label>User name<input type=\"text\" name=\"name\" id=\"name\" required autocomplete=\"username\" maxlength=\"120\"></label>\
+             <label>Secret<input type=\"password\" name=\"secret\" id=\"secret\" required autocomplete=\"current-password\"></label>",
+        SignInKind::Token => "<label>Access token<input type=\"password\" name=\"token\" id=\"token\" required autocomplete=\"current-password\"></label>",
+        SignInKind::None => "",
+    };
+    let body = if kind == SignInKind::None {
+        format!("<h1>Sign in</h1>{err}<div class=\"notice\">This server does not use a sign-in form: it is open, or the hospital's proxy in front of it identifies you.</div><p><a href=\"/\">Case view</a></p>")
+    } else {
+        format!(
+            "<h1>Sign in</h1>{err}<div class=\"notice\">{}</div>\
+             <form method=\"post\" action=\"/sign-in\" class=\"decision\" id=\"sign-in-form\"><input type=\"hidden\" name=\"next\" value=\"{}\">{fields}<div><button type=\"submit\" id=\"sign-in\">Sign in</button></div></form>",
+            if kind == SignInKind::Users {
+                "Sign in with the name and secret your administrator gave you. Your name is recorded with every decision you make."
+            } else {
+                "This mica server requires its access token (MICA_SERVE_TOKEN on the server)."
+            },
+            html_escape(next)
+        )
+    };
+    layout("Sign in", "", &body, "")
 }

@@ -52,6 +52,10 @@ pub struct Member {
     /// `cnn` or `llm`.
     pub family: &'static str,
     pub model_version: String,
+    /// True when this classifier sends the image off this machine (an LLM whose endpoint is
+    /// not a loopback address): the page says so on its card, and an image with burned-in
+    /// annotation is not sent.
+    pub remote: bool,
     engine: Engine,
 }
 
@@ -59,6 +63,14 @@ pub struct Member {
 pub struct Answer {
     pub prediction: CasePrediction,
     pub gradcam_png: Option<Vec<u8>>,
+}
+
+/// Classifiers at work on one image (see [`Panel::start`]).
+pub struct Running {
+    /// `(member index, answer)`, each as soon as it is in.
+    pub answers: tokio::sync::mpsc::UnboundedReceiver<(usize, Answer)>,
+    /// The LLM calls in flight, by member index.
+    pub llm_tasks: Vec<(usize, tokio::task::AbortHandle)>,
 }
 
 /// Every configured classifier, sharing one label set.
@@ -140,6 +152,7 @@ impl Panel {
                 name,
                 family: "cnn",
                 model_version,
+                remote: false,
                 engine: Engine::Cnn { clf: Box::new(Mutex::new(clf)), run_dir: dir },
             });
         }
@@ -194,12 +207,14 @@ impl Panel {
             })
             .map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
             let model_version = mica_run::llm::version(&ready.provider);
+            let remote = mica_energy::LocalServer::from_base_url(&ready.provider.base_url).is_none();
             let name = redact_url(&ready.provider.canonical());
             let ready_runner = ready.runner.with_name(name.clone());
             llms.push(Member {
                 name,
                 family: "llm",
                 model_version,
+                remote,
                 engine: Engine::Llm { runner: Arc::new(ready_runner) },
             });
         }
@@ -221,9 +236,28 @@ impl Panel {
     }
 
     /// Asks every classifier about the image stored (de-identified, as PNG) at `png`; answers
-    /// come back in the configured order. `case_id` keys the predictions; `original` is the
-    /// same image in memory, for the overlays.
+    /// come back in the configured order once all are in. `case_id` keys the predictions;
+    /// `original` is the same image in memory, for the overlays.
     pub async fn classify(self: &Arc<Self>, case_id: &str, png: &Path, original: &GrayImage) -> Vec<Answer> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let mut running = self.start(case_id, png, Arc::new(original.clone()), &all);
+        let mut slots: Vec<Option<Answer>> = (0..self.members.len()).map(|_| None).collect();
+        while let Some((i, a)) = running.answers.recv().await {
+            slots[i] = Some(a);
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| a.unwrap_or_else(|| self.stopped(i)))
+            .collect()
+    }
+
+    /// Starts the classifiers numbered in `which`, each in its own task, and returns at once:
+    /// every answer is sent on `answers` the moment it is in (the CNN's in milliseconds, an
+    /// LLM's when the provider answers), so a slow model never holds back a fast one. The
+    /// channel closes when every started classifier has answered or stopped; `llm_tasks`
+    /// lets the caller abandon an LLM call that is past its deadline.
+    pub fn start(self: &Arc<Self>, case_id: &str, png: &Path, original: Arc<GrayImage>, which: &[usize]) -> Running {
         let sample = Sample {
             id: case_id.to_string(),
             source: ImageSource::file(png),
@@ -231,51 +265,62 @@ impl Panel {
             split: None,
             context: None,
         };
-        let me = self.clone();
-        let (s, img) = (sample.clone(), original.clone());
-        let cnn = tokio::task::spawn_blocking(move || me.classify_cnns(&s, &img));
-        let mut llm_tasks = tokio::task::JoinSet::new();
-        for (i, m) in self.members.iter().enumerate() {
-            if let Engine::Llm { runner } = &m.engine {
-                let runner = runner.clone();
-                let item = WorkItem { sample: sample.clone(), true_label: None };
-                llm_tasks.spawn(async move { (i, runner.classify_one(&item).await) });
-            }
-        }
-        let mut slots: Vec<Option<Answer>> = (0..self.members.len()).map(|_| None).collect();
-        while let Some(r) = llm_tasks.join_next().await {
-            if let Ok((i, p)) = r {
-                slots[i] = Some(Answer { prediction: self.llm_answer(&self.members[i], p, png), gradcam_png: None });
-            }
-        }
-        match cnn.await {
-            Ok(answers) => {
-                for (i, a) in answers {
-                    slots[i] = Some(a);
-                }
-            }
-            Err(e) => tracing::error!("CNN task failed: {e}"),
-        }
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| {
-                a.unwrap_or_else(|| {
-                    let m = &self.members[i];
-                    Answer {
-                        prediction: failed(m, "the classifier stopped unexpectedly (see the server log)"),
-                        gradcam_png: None,
-                    }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cnns: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| matches!(self.members.get(i).map(|m| &m.engine), Some(Engine::Cnn { .. })))
+            .collect();
+        if !cnns.is_empty() {
+            let (me, s, tx) = (self.clone(), sample.clone(), tx.clone());
+            // CPU-heavy (inference, Grad-CAM, PNG encoding): on a blocking thread.
+            tokio::task::spawn_blocking(move || {
+                me.classify_cnns(&s, &original, &cnns, &mut |i, a| {
+                    let _ = tx.send((i, a));
                 })
-            })
-            .collect()
+            });
+        }
+        let mut llm_tasks = Vec::new();
+        for &i in which {
+            let Some(m) = self.members.get(i) else { continue };
+            if let Engine::Llm { runner } = &m.engine {
+                let (me, runner, tx) = (self.clone(), runner.clone(), tx.clone());
+                let item = WorkItem { sample: sample.clone(), true_label: None };
+                let png = png.to_path_buf();
+                let h = tokio::spawn(async move {
+                    let p = runner.classify_one(&item).await;
+                    let a = Answer { prediction: me.llm_answer(&me.members[i], p, &png), gradcam_png: None };
+                    let _ = tx.send((i, a));
+                });
+                llm_tasks.push((i, h.abort_handle()));
+            }
+        }
+        Running { answers: rx, llm_tasks }
     }
 
-    fn classify_cnns(&self, sample: &Sample, original: &GrayImage) -> Vec<(usize, Answer)> {
+    /// The answer recorded for a classifier that stopped without one.
+    pub fn stopped(&self, i: usize) -> Answer {
+        Answer {
+            prediction: failed(&self.members[i], "the classifier stopped unexpectedly (see the server log)"),
+            gradcam_png: None,
+        }
+    }
+
+    /// A prediction without an answer: `outcome` (`failed`, `pending`, `not-asked`) and why.
+    pub fn no_answer(&self, i: usize, outcome: &str, message: &str) -> CasePrediction {
+        let mut p = failed(&self.members[i], message);
+        p.outcome = outcome.to_string();
+        if outcome != "failed" {
+            p.energy_method = "not-measured:not-run".to_string();
+        }
+        p
+    }
+
+    fn classify_cnns(&self, sample: &Sample, original: &GrayImage, which: &[usize], out: &mut dyn FnMut(usize, Answer)) {
         let _one_at_a_time = self.cnn_lock.lock().unwrap_or_else(|p| p.into_inner());
         let png = sample.source.path().to_path_buf();
-        let mut out = Vec::new();
-        for (i, m) in self.members.iter().enumerate() {
+        for &i in which {
+            let m = &self.members[i];
             let Engine::Cnn { clf, run_dir } = &m.engine else { continue };
             let mut clf = clf.lock().unwrap_or_else(|p| p.into_inner());
             let window = self.meters.start();
@@ -285,11 +330,11 @@ impl Panel {
             let p = match result {
                 Some(Ok(p)) => p,
                 Some(Err(e)) => {
-                    out.push((i, Answer { prediction: failed(m, &scrub(&e.message, &png)), gradcam_png: None }));
+                    out(i, Answer { prediction: failed(m, &scrub(&e.message, &png)), gradcam_png: None });
                     continue;
                 }
                 None => {
-                    out.push((i, Answer { prediction: failed(m, "no result"), gradcam_png: None }));
+                    out(i, Answer { prediction: failed(m, "no result"), gradcam_png: None });
                     continue;
                 }
             };
@@ -321,9 +366,8 @@ impl Panel {
             cp.energy_wh = energy_wh;
             cp.energy_method = method;
             cp.has_gradcam = gradcam_png.is_some();
-            out.push((i, Answer { prediction: cp, gradcam_png }));
+            out(i, Answer { prediction: cp, gradcam_png });
         }
-        out
     }
 
     fn llm_answer(&self, m: &Member, p: Prediction, png: &Path) -> CasePrediction {
@@ -362,6 +406,10 @@ fn base(m: &Member, p: &Prediction) -> CasePrediction {
         tokens: p.tokens,
         cost_usd: p.cost_usd,
         has_gradcam: false,
+        // The model that answered, as the provider reports it (not only the alias asked for).
+        resolved_model: p.resolved_model.clone(),
+        system_fingerprint: p.system_fingerprint.clone(),
+        model_digest: p.model_digest.clone(),
     }
 }
 
@@ -441,6 +489,9 @@ mod tests {
             tokens: None,
             cost_usd: None,
             has_gradcam: false,
+            resolved_model: None,
+            system_fingerprint: None,
+            model_digest: None,
         }
     }
 

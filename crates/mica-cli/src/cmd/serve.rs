@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mica_core::Modality;
-use mica_server::{App, LlmOptions, Panel, ServerError, Settings};
+use mica_server::{App, LlmOptions, Panel, ServeOptions, ServerError, Settings, TaskSpec};
 
 use crate::exit::usage;
 
@@ -20,8 +20,20 @@ pub struct ServeArgs {
     /// A classifier to run on every upload, repeatable: `cnn:RUN_DIR` (a `mica train` run) or
     /// `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
     /// `llm:openai-compatible/<model>@http://host:port`.
-    #[arg(long = "classifier", value_name = "SPEC", required = true)]
+    /// (One task; for several, use --task or --tasks.)
+    #[arg(long = "classifier", value_name = "SPEC", required_unless_present_any = ["tasks", "tasks_file"])]
     pub classifiers: Vec<String>,
+    /// A task with its own classifiers, repeatable: `NAME=SPEC[,SPEC...]`, e.g.
+    /// `--task xray=cnn:runs/xray,llm:openai/gpt-4o --task mri=cnn:runs/brain`. The uploader
+    /// picks the task, or a DICOM's Modality and Body Part Examined pick it (CR/DX: xray,
+    /// MR: mri, CT: ct); an image whose header contradicts its task is flagged, not classified.
+    /// A task named xray, mri or ct has that modality.
+    #[arg(long = "task", value_name = "NAME=SPECS", conflicts_with = "classifiers")]
+    pub tasks: Vec<String>,
+    /// Tasks from a TOML file: `[[task]]` tables with `name`, `classifiers` and optional
+    /// `modality`.
+    #[arg(long = "tasks", value_name = "FILE", conflicts_with_all = ["classifiers", "tasks"])]
+    pub tasks_file: Option<PathBuf>,
     /// The task (xray, mri or ct), needed when only LLMs are configured; with a CNN its labels
     /// are used.
     #[arg(long)]
@@ -45,6 +57,22 @@ pub struct ServeArgs {
     /// Per-request timeout for LLM calls, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub llm_timeout: f64,
+    /// Deadline for one LLM's answer on one case, retries included, in seconds; past it the
+    /// card says `timed-out` and the other answers stand.
+    #[arg(long, default_value_t = 180.0)]
+    pub llm_deadline: f64,
+    /// Deadline for one CNN's answer on one case, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub cnn_deadline: f64,
+    /// Cases classified at the same time; further uploads get 503 until one finishes.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent_cases: usize,
+    /// Memory for recent cases' images and Grad-CAM overlays, in megabytes (oldest go first).
+    #[arg(long, default_value_t = 256)]
+    pub image_cache_mb: usize,
+    /// Longest time one request may take, reading the upload included, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub request_timeout: f64,
     /// CPU TDP in watts for the CPU-time energy estimate, instead of the table value.
     #[arg(long, value_name = "W")]
     pub tdp: Option<f64>,
@@ -95,11 +123,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..LlmOptions::default()
     };
     let meter = super::energy::EnergyOpts { tdp: args.tdp, ..Default::default() }.meter_config()?;
-    let panel = Panel::load(&args.classifiers, modality, &llm, &meter).map_err(config_err)?;
-    for m in &panel.members {
-        eprintln!("classifier {} ({}): {}", m.name, m.family, m.model_version);
+    for (flag, v) in [("--llm-deadline", args.llm_deadline), ("--cnn-deadline", args.cnn_deadline), ("--request-timeout", args.request_timeout)] {
+        if !(v > 0.0 && v.is_finite() && v <= 86_400.0) {
+            return Err(usage(format!("{flag} must be a positive number of seconds (at most a day)")));
+        }
     }
-    for l in panel.meter_lines() {
+    if args.max_concurrent_cases == 0 || args.image_cache_mb == 0 {
+        return Err(usage("--max-concurrent-cases and --image-cache-mb must be above 0"));
+    }
+    let tasks: Vec<TaskSpec> = if let Some(f) = &args.tasks_file {
+        mica_server::read_tasks_file(f).map_err(config_err)?
+    } else if !args.tasks.is_empty() {
+        args.tasks.iter().map(|t| TaskSpec::parse(t)).collect::<Result<_, _>>().map_err(config_err)?
+    } else {
+        Vec::new()
+    };
+    if !tasks.is_empty() && modality.is_some() {
+        return Err(usage("--modality applies to --classifier; give each task's modality in its name or in the tasks file"));
+    }
+    let tasks = if tasks.is_empty() {
+        let panel = Panel::load(&args.classifiers, modality, &llm, &meter).map_err(config_err)?;
+        vec![mica_server::Task { name: panel.modality.as_str().to_string(), panel: std::sync::Arc::new(panel) }]
+    } else {
+        mica_server::load_tasks(&tasks, &llm, &meter).map_err(config_err)?
+    };
+    for t in &tasks {
+        for m in &t.panel.members {
+            eprintln!(
+                "task {}: classifier {} ({}): {}{}",
+                t.name,
+                m.name,
+                m.family,
+                m.model_version,
+                if m.remote { " [sends images off this machine]" } else { "" }
+            );
+        }
+    }
+    for l in tasks[0].panel.meter_lines() {
         eprintln!("energy: {l}");
     }
     let settings = Settings {
@@ -107,7 +167,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         review_threshold: args.review_threshold,
         token: token.clone(),
     };
-    let app = App::new(panel, store, settings).map_err(config_err)?;
+    let options = ServeOptions {
+        cnn_deadline: Duration::from_secs_f64(args.cnn_deadline),
+        llm_deadline: Duration::from_secs_f64(args.llm_deadline),
+        max_concurrent_cases: args.max_concurrent_cases,
+        image_cache_bytes: args.image_cache_mb.saturating_mul(1 << 20),
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+    };
+    let app = App::with_tasks(tasks, store, settings, options).map_err(config_err)?;
     mica_server::run(app, addr, |local| {
         let url = format!("http://{local}");
         eprintln!(
