@@ -17,7 +17,7 @@ pub use labels::{LabelSet, Modality};
 pub use prediction::{FilterStage, Outcome, Prediction, TokenUsage};
 pub use run::{read_predictions, write_atomic, FailedOnResume, PredictionLog, RunManifest};
 pub use rundir::{ClassifierDir, RunLock, RunRoot};
-pub use sample::{Dataset, ImageSource, Layout, Sample, SkippedFile, Split};
+pub use sample::{Dataset, ImageSource, Layout, Sample, SharedPixels, SkippedFile, Split};
 
 /// Errors shared by the core file formats.
 #[derive(Debug, thiserror::Error)]

@@ -57,6 +57,28 @@ pub enum ImageSource {
         array: String,
         index: usize,
     },
+    /// Decoded 8-bit grayscale pixels held in memory (row-major, `width * height` bytes), e.g.
+    /// a de-identified upload: the web app hands it to classifiers without writing a file, so
+    /// nothing is left on disk if the process is killed. The pixels are not serialised; `name`
+    /// only labels the source in errors and logs.
+    Memory {
+        name: String,
+        width: u32,
+        height: u32,
+        #[serde(skip)]
+        pixels: SharedPixels,
+    },
+}
+
+/// Pixels shared between the case and every classifier that looks at it; cloning is cheap.
+/// `Debug` prints the size only, so logging a sample never dumps an image.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SharedPixels(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for SharedPixels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedPixels({} bytes)", self.0.len())
+    }
 }
 
 impl ImageSource {
@@ -64,10 +86,23 @@ impl ImageSource {
         ImageSource::File { path: path.into() }
     }
 
-    /// The file the pixels come from (the `.npz` itself for array sources).
+    /// An in-memory source of 8-bit grayscale pixels; `pixels.len()` must be
+    /// `width * height` (checked when loaded).
+    pub fn memory(name: impl Into<String>, width: u32, height: u32, pixels: std::sync::Arc<[u8]>) -> Self {
+        ImageSource::Memory {
+            name: name.into(),
+            width,
+            height,
+            pixels: SharedPixels(pixels),
+        }
+    }
+
+    /// The file the pixels come from (the `.npz` itself for array sources; the name of an
+    /// in-memory source, which is no file).
     pub fn path(&self) -> &std::path::Path {
         match self {
             ImageSource::File { path } | ImageSource::Npz { path, .. } => path,
+            ImageSource::Memory { name, .. } => std::path::Path::new(name.as_str()),
         }
     }
 }

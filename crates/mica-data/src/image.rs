@@ -78,7 +78,40 @@ pub fn probe(source: &ImageSource) -> Result<Probe, DataError> {
                 frames: 1,
             })
         }
+        ImageSource::Memory { .. } => {
+            let g = memory_gray(source)?;
+            Ok(Probe {
+                width: g.width(),
+                height: g.height(),
+                frames: 1,
+            })
+        }
     }
+}
+
+/// The pixels of an [`ImageSource::Memory`]; the buffer must hold exactly `width * height`
+/// bytes (a source deserialised from JSON has none: its pixels were never written out).
+fn memory_gray(source: &ImageSource) -> Result<GrayImage, DataError> {
+    let ImageSource::Memory {
+        name,
+        width,
+        height,
+        pixels,
+    } = source
+    else {
+        unreachable!("memory_gray is only called for memory sources");
+    };
+    let want = u64::from(*width) * u64::from(*height);
+    if pixels.0.len() as u64 != want || want == 0 {
+        return Err(DataError::invalid(
+            name.as_str(),
+            format!(
+                "in-memory image holds {} bytes, expected {width}x{height} = {want} (8-bit gray; pixels are never serialised)",
+                pixels.0.len()
+            ),
+        ));
+    }
+    Ok(GrayImage::from_raw(*width, *height, pixels.0.to_vec()).expect("length checked above"))
 }
 
 /// Decodes a sample to 8-bit grayscale. RGB is converted to luma (Rec. 709 weights); DICOM gets its modality LUT
@@ -102,6 +135,7 @@ pub fn load_gray_with_frames(source: &ImageSource) -> Result<(GrayImage, u32), D
             let a = npz_array(path, array)?;
             Ok((npz_image(&a, path, array, *index)?, 1))
         }
+        ImageSource::Memory { .. } => Ok((memory_gray(source)?, 1)),
     }
 }
 
@@ -445,6 +479,22 @@ mod tests {
         std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
         let e = load_gray(&ImageSource::file(&cut)).unwrap_err().to_string();
         assert!(e.contains("cut.png") && e.contains("cannot decode"), "{e}");
+    }
+
+    #[test]
+    fn memory_source_loads_without_a_file_and_checks_its_size() {
+        let g = gradient(5, 3);
+        let src = ImageSource::memory("case-1", 5, 3, std::sync::Arc::from(g.as_raw().as_slice()));
+        assert_eq!(load_gray(&src).unwrap(), g);
+        assert_eq!(probe(&src).unwrap(), Probe { width: 5, height: 3, frames: 1 });
+        assert_eq!(load_tensor(&src, 4, 1).unwrap().len(), 16);
+        assert!(format!("{src:?}").contains("15 bytes"), "{src:?}");
+        // Serialised, the pixels stay behind; loading the copy says why it has none.
+        let json = serde_json::to_string(&src).unwrap();
+        assert!(json.contains("\"kind\":\"memory\"") && !json.contains("pixels"), "{json}");
+        let back: ImageSource = serde_json::from_str(&json).unwrap();
+        let e = load_gray(&back).unwrap_err().to_string();
+        assert!(e.contains("case-1") && e.contains("0 bytes"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! [`image`], so DICOM windowing, `.npz` arrays and colour handling are decided in one place.
 
 pub mod context;
+pub mod deid;
+mod dicom_read;
 pub mod error;
 pub mod image;
 pub mod inspect;
