@@ -58,6 +58,9 @@ enum Command {
     /// The web app and JSON API: upload an image, see every classifier's suggestion side by
     /// side, record the physician's decision; runs dashboard and monitoring.
     Serve(cmd::serve::ServeArgs),
+    /// The web app's audit trail: verify its hash chain, export every decision.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Report(a) => cmd::report::run(a),
         Command::Runs(c) => cmd::runs::run(c),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Audit(c) => cmd::audit::run(c),
     };
     exit::report(result)
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand. Each owns its flags (a clap `Args` struct) and a `run` function.
 
+pub mod audit;
 pub mod classify;
 pub mod compare;
 pub mod dataset;
