@@ -379,6 +379,7 @@ mod tests {
             system_fingerprint: Some("fp_1".into()),
             model_digest: None,
             latency_ms: 3.0,
+            reasoning_tokens: None,
         };
         c.put(&k, "m", &resp).unwrap();
         assert_eq!(c.get(&k), Some(resp));

@@ -52,6 +52,35 @@ pub struct GenParams {
     pub logprobs: bool,
     /// Send the JSON schema (`response_format` / `format`). Off for servers that reject it.
     pub structured: bool,
+    /// OpenAI reasoning-model parameters (`max_completion_tokens`, no `temperature`, `top_p`
+    /// or `logprobs`): `None` decides by [`is_reasoning_model`], `Some` overrides the rule.
+    /// Left out of the serialised form when `None`, so cache keys of earlier runs still match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<bool>,
+}
+
+impl GenParams {
+    /// Whether requests for `model` use the reasoning-model parameters: the override when
+    /// set, else the naming rule of [`is_reasoning_model`].
+    pub fn reasoning_for(&self, model: &str) -> bool {
+        self.reasoning
+            .unwrap_or_else(|| is_reasoning_model(model))
+    }
+}
+
+/// The documented rule for OpenAI reasoning models, which reject `max_tokens`, a
+/// `temperature` other than the default, `top_p` and `logprobs`: the model name (after any
+/// `org/` prefix, case-insensitive) is `o1`, `o3` or `o4` alone or followed by `-`
+/// (`o1-2024-12-17`, `o3-mini`, `o4-mini`), or starts with `gpt-5` (`gpt-5`, `gpt-5-mini`,
+/// `gpt-5.1`). Everything else (`gpt-4o`, `gpt-4.1`, local models) keeps the classic
+/// parameters; `reasoning = true|false` overrides the rule for a model it gets wrong.
+pub fn is_reasoning_model(model: &str) -> bool {
+    let name = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    let o_series = ["o1", "o3", "o4"].iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    });
+    o_series || name.starts_with("gpt-5")
 }
 
 impl Default for GenParams {
@@ -63,6 +92,7 @@ impl Default for GenParams {
             detail: Detail::Low,
             logprobs: false,
             structured: true,
+            reasoning: None,
         }
     }
 }
@@ -91,7 +121,9 @@ pub struct ServerTimings {
 }
 
 /// A successful HTTP exchange. Whether the text means anything is decided by parsing later.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Default` (an empty answer) lets clients fill in only what their API reports:
+/// `ChatResponse { content, usage, ..Default::default() }`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatResponse {
     /// The assistant's text (empty when the model refused).
     pub content: String,
@@ -129,6 +161,11 @@ pub struct ChatResponse {
     /// cached answer still reports the latency it had).
     #[serde(default)]
     pub latency_ms: f64,
+    /// Hidden reasoning tokens (OpenAI's `usage.completion_tokens_details.reasoning_tokens`).
+    /// Already counted in `usage.completion` (OpenAI bills them as output and includes them
+    /// in `completion_tokens`), so this is a breakdown, never added to the cost again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
 }
 
 /// Why a request failed, and whether trying again can help.
@@ -142,15 +179,61 @@ pub struct ProviderError {
 }
 
 impl ProviderError {
+    /// True when the server rejected the structured-output request itself (OpenAI's
+    /// `response_format`/`json_schema`, Ollama's `format`, a schema or grammar it cannot
+    /// compile), so the same request without the schema, asking for JSON in the prompt, can
+    /// still work. Only 400, 422 and 501, and a 500 that names the schema (llama.cpp's
+    /// "JSON schema conversion failed"), with the offending parameter named in the body.
+    pub fn rejects_structured_output(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        let names_schema = [
+            "response_format",
+            "json_schema",
+            "json schema",
+            "responseschema",
+            "response_schema",
+            "structured output",
+            "grammar",
+            "guided",
+            ".format",
+            "\"format\"",
+            "'format'",
+            "invalid format",
+            "format:",
+        ]
+        .iter()
+        .any(|k| m.contains(k));
+        match self.status {
+            Some(400 | 422 | 501) => names_schema,
+            Some(500) => m.contains("schema") || m.contains("grammar"),
+            _ => false,
+        }
+    }
+
+    /// True when a 400 says the model wants OpenAI's reasoning-model parameters: `max_tokens`
+    /// refused in favour of `max_completion_tokens`, or `temperature`/`top_p`/`logprobs`
+    /// "not supported with this model". The request can be sent again with them.
+    pub fn wants_reasoning_params(&self) -> bool {
+        let m = self.message.to_ascii_lowercase();
+        self.status == Some(400)
+            && (m.contains("max_completion_tokens")
+                || ((m.contains("unsupported_parameter") || m.contains("unsupported_value")
+                    || m.contains("not supported with this model"))
+                    && ["temperature", "top_p", "logprobs"].iter().any(|k| m.contains(k))))
+    }
+
     /// True when every further request would fail the same way: a bad or missing key (401,
     /// 403), an unknown model or path (404), a request the server rejects as malformed (400,
     /// 422), or a quota that is used up rather than a rate limit (429 `insufficient_quota`).
     /// A run stops on these instead of recording the whole split as failed.
+    ///
+    /// A content-policy block (400 `content_policy_violation`, or a 200 carrying an error
+    /// object of that code) is permanent for that image: asking again gives the same answer.
     pub fn is_permanent(&self) -> bool {
         match self.status {
             Some(400 | 401 | 403 | 404 | 422) => true,
             Some(429) => self.message.contains("insufficient_quota"),
-            _ => false,
+            _ => is_policy_block(&self.message),
         }
     }
 }
@@ -276,10 +359,16 @@ impl LlmProvider for OpenAiClient {
                 {"role": "system", "content": req.system},
                 {"role": "user", "content": user_parts}
             ],
-            "temperature": req.params.temperature,
-            "max_tokens": req.params.max_tokens,
         });
         let m = body.as_object_mut().expect("object");
+        let reasoning = req.params.reasoning_for(&req.model);
+        if reasoning {
+            // The budget covers the hidden reasoning as well as the answer.
+            m.insert("max_completion_tokens".into(), json!(req.params.max_tokens));
+        } else {
+            m.insert("temperature".into(), json!(req.params.temperature));
+            m.insert("max_tokens".into(), json!(req.params.max_tokens));
+        }
         if let Some(seed) = req.params.seed {
             m.insert("seed".into(), json!(seed));
         }
@@ -292,7 +381,7 @@ impl LlmProvider for OpenAiClient {
                 }),
             );
         }
-        if req.params.logprobs {
+        if req.params.logprobs && !reasoning {
             m.insert("logprobs".into(), json!(true));
             m.insert("top_logprobs".into(), json!(5));
         }
@@ -316,7 +405,17 @@ impl LlmProvider for OpenAiClient {
     }
 }
 
-pub(crate) fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderError> {
+/// Whether an error text is a provider's content-policy block (OpenAI's
+/// `content_policy_violation`/`content_filter`, Azure's `ResponsibleAIPolicyViolation`).
+fn is_policy_block(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["content_policy_violation", "content_filter", "responsibleaipolicyviolation"]
+        .iter()
+        .any(|k| m.contains(k))
+}
+
+/// Parses an OpenAI chat-completion body (also the shape Azure OpenAI returns).
+pub fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, ProviderError> {
     let bad = |m: &str| ProviderError {
         retryable: true,
         status: None,
@@ -358,6 +457,9 @@ pub(crate) fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, 
             .and_then(|x| x.as_u64())
             .unwrap_or(0),
     });
+    let reasoning_tokens = v
+        .pointer("/usage/completion_tokens_details/reasoning_tokens")
+        .and_then(|x| x.as_u64());
     let tokens: Vec<(String, f64)> = choice
         .get("logprobs")
         .and_then(|l| l.get("content"))
@@ -387,6 +489,7 @@ pub(crate) fn parse_openai(v: &Value, sim_header: bool) -> Result<ChatResponse, 
         system_fingerprint: str_field(v, "system_fingerprint"),
         model_digest: None,
         latency_ms: 0.0,
+        reasoning_tokens,
     })
 }
 
@@ -421,10 +524,19 @@ pub fn label_logprob_confidence(tokens: &[(String, f64)]) -> Option<f64> {
 }
 
 /// Ollama native `POST {base}/api/chat` with `"stream": false`.
-#[derive(Debug)]
 pub struct OllamaClient {
     http: reqwest::Client,
     base_url: String,
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for OllamaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OllamaClient")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl OllamaClient {
@@ -432,7 +544,29 @@ impl OllamaClient {
         OllamaClient {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),
+            api_key: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every request, for an Ollama behind an
+    /// authenticating proxy (or ollama.com). Held in memory only; an empty key sends nothing.
+    pub fn with_api_key(mut self, api_key: Option<String>) -> Self {
+        self.api_key = api_key.filter(|k| !k.trim().is_empty());
+        self
+    }
+
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    fn redact(&self, mut e: ProviderError) -> ProviderError {
+        if let Some(k) = &self.api_key {
+            e.message = e.message.replace(k.as_str(), "<redacted>");
+        }
+        e
     }
 }
 
@@ -473,8 +607,8 @@ impl LlmProvider for OllamaClient {
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
         Box::pin(async move {
             let url = format!("{}/api/chat", self.base_url);
-            let rb = self.http.post(&url).json(&self.request_body(req));
-            let (simulated, v) = send(rb, timeout, &url).await?;
+            let rb = self.authed(self.http.post(&url).json(&self.request_body(req)));
+            let (simulated, v) = send(rb, timeout, &url).await.map_err(|e| self.redact(e))?;
             if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
                 return Err(ProviderError {
                     retryable: false,
@@ -520,6 +654,7 @@ impl LlmProvider for OllamaClient {
                 system_fingerprint: None,
                 model_digest: None,
                 latency_ms: 0.0,
+                reasoning_tokens: None,
             })
         })
     }
@@ -533,7 +668,9 @@ impl LlmProvider for OllamaClient {
     ) -> BoxFuture<'a, Result<Option<String>, ProviderError>> {
         Box::pin(async move {
             let url = format!("{}/api/tags", self.base_url);
-            let (_, v) = send(self.http.get(&url), timeout, &url).await?;
+            let (_, v) = send(self.authed(self.http.get(&url)), timeout, &url)
+                .await
+                .map_err(|e| self.redact(e))?;
             let fail = |message: String| ProviderError {
                 retryable: false,
                 status: None,
@@ -727,9 +864,17 @@ fn retry_after_at(h: &reqwest::header::HeaderMap, now: std::time::SystemTime) ->
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// The variable the API key is read from when a run names none.
+pub const OPENAI_API_KEY_ENV: &str = "OPENAI_API_KEY";
+/// The native Ollama client's optional bearer token (an Ollama behind an authenticating
+/// proxy, or ollama.com), read when the run names no other variable.
+pub const OLLAMA_API_KEY_ENV: &str = "OLLAMA_API_KEY";
+
 /// Builds the client for a spec. The API key is read from the environment variable named
-/// `api_key_env` (required for `openai`, optional for `openai-compatible`, unused by Ollama);
-/// it stays in memory and is never printed or written.
+/// `api_key_env` (required for `openai`, optional for `openai-compatible`); it stays in
+/// memory and is never printed or written. For `ollama`, a key is optional and sent as
+/// `Authorization: Bearer`: from `api_key_env` when it names a variable other than the
+/// OpenAI default, else from `OLLAMA_API_KEY`.
 pub fn build_provider(
     spec: &crate::ProviderSpec,
     api_key_env: &str,
@@ -739,7 +884,18 @@ pub fn build_provider(
         .ok()
         .filter(|k| !k.trim().is_empty());
     Ok(match spec.kind {
-        ProviderKind::Ollama => Arc::new(OllamaClient::new(http, &spec.base_url)),
+        ProviderKind::Ollama => {
+            let env = if api_key_env == OPENAI_API_KEY_ENV {
+                OLLAMA_API_KEY_ENV
+            } else {
+                api_key_env
+            };
+            let key = std::env::var(env).ok();
+            Arc::new(OllamaClient::new(http, &spec.base_url).with_api_key(key))
+        }
+        ProviderKind::Azure | ProviderKind::Anthropic | ProviderKind::Gemini => {
+            return crate::native::build(spec, api_key_env, http)
+        }
         ProviderKind::OpenAi if key.is_none() && spec.base_url == crate::spec::OPENAI_BASE_URL => {
             return Err(crate::LlmError::Config(format!(
                 "environment variable {api_key_env} is not set: the OpenAI API needs a key \

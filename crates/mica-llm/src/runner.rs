@@ -4,7 +4,7 @@
 //! empty "wrong" answer), the response cache, and the append-only prediction log.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -235,6 +235,9 @@ pub struct LlmRunner {
     prompts: PromptSet,
     synonyms: SynonymTable,
     price: Option<(String, PriceEntry)>,
+    /// The whole table, so an answer from a snapshot other than the spec's alias target is
+    /// charged that snapshot's own price.
+    prices: PriceTable,
     limits: Limits,
     cache: Option<ResponseCache>,
     crosscheck: Option<HashMap<String, String>>,
@@ -250,12 +253,21 @@ pub struct LlmRunner {
     digest: tokio::sync::OnceCell<Option<String>>,
     /// Which snapshot answers, and which cached answers may still be replayed.
     snapshots: SnapshotWatch,
+    /// Set when the server rejected the structured-output request (400 on
+    /// `response_format`/`format`): every later request of the run goes without the schema,
+    /// with the JSON asked for in the prompt, instead of paying a rejected request each time.
+    structured_off: AtomicBool,
+    /// Set when the server asked for OpenAI's reasoning-model parameters (400 naming
+    /// `max_completion_tokens`, or `temperature` unsupported) that the naming rule did not
+    /// choose: every later request uses them.
+    reasoning_on: AtomicBool,
 }
 
 impl LlmRunner {
     pub fn new(config: LlmConfig, provider: Arc<dyn LlmProvider>) -> Self {
         let name = config.spec.canonical();
-        let price = PriceTable::builtin().lookup(&config.spec);
+        let prices = PriceTable::builtin();
+        let price = prices.lookup(&config.spec);
         let snapshots =
             SnapshotWatch::new(config.spec.kind, &config.spec.base_url, &config.spec.model);
         let mut r = LlmRunner {
@@ -265,6 +277,7 @@ impl LlmRunner {
             prompts: PromptSet::builtin(),
             synonyms: SynonymTable::builtin(),
             price,
+            prices,
             limits: Limits::default(),
             cache: None,
             crosscheck: None,
@@ -277,6 +290,8 @@ impl LlmRunner {
             retries: AtomicU64::new(0),
             digest: tokio::sync::OnceCell::new(),
             snapshots,
+            structured_off: AtomicBool::new(false),
+            reasoning_on: AtomicBool::new(false),
         };
         r = r.with_limits(Limits::default());
         r
@@ -311,6 +326,7 @@ impl LlmRunner {
     }
     pub fn with_prices(mut self, table: &PriceTable) -> Self {
         self.price = table.lookup(&self.config.spec);
+        self.prices = table.clone();
         self
     }
     pub fn with_cache(mut self, cache: Option<ResponseCache>) -> Self {
@@ -337,6 +353,18 @@ impl LlmRunner {
     }
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// True once the server has rejected structured output and the run asks for JSON in the
+    /// prompt instead (each such prediction has `extra.structured_fallback = true`).
+    pub fn structured_fallback(&self) -> bool {
+        self.structured_off.load(Ordering::SeqCst)
+    }
+
+    /// True once the server asked for the reasoning-model parameters the naming rule did not
+    /// choose (each such prediction has `extra.reasoning_params_fallback = true`).
+    pub fn reasoning_fallback(&self) -> bool {
+        self.reasoning_on.load(Ordering::SeqCst)
     }
 
     /// The content digest of the model's weights, where the server reports one (Ollama's
@@ -502,8 +530,18 @@ impl LlmRunner {
         let (mut latency, mut attempts, mut cached, mut simulated) = (0.0, 0u32, 0usize, false);
         let mut timings = ServerTimings::default();
         let mut have_timings = false;
+        let mut reasoning_tokens: Option<u64> = None;
+        let (mut structured_fallback, mut reasoning_fallback) = (false, false);
         for i in 0..k {
             let mut params = cfg.params.clone();
+            if params.structured && self.structured_off.load(Ordering::SeqCst) {
+                params.structured = false;
+                structured_fallback = true;
+            }
+            if params.reasoning.is_none() && self.reasoning_on.load(Ordering::SeqCst) {
+                params.reasoning = Some(true);
+                reasoning_fallback = true;
+            }
             let mut variant = 0;
             if let Some(c) = &cfg.filter.consistency {
                 if c.variants {
@@ -521,7 +559,7 @@ impl LlmRunner {
                 findings.as_deref(),
                 variant,
             );
-            let req = ChatRequest {
+            let mut req = ChatRequest {
                 model: cfg.spec.model.clone(),
                 system,
                 user,
@@ -529,19 +567,21 @@ impl LlmRunner {
                 labels: cfg.labels.names().to_vec(),
                 params,
             };
-            let key = self
-                .cache
-                .as_ref()
-                .filter(|_| ResponseCache::cacheable(&req))
-                .map(|_| {
-                    ResponseCache::key_with_digest(
-                        cfg.spec.kind,
-                        &cfg.spec.base_url,
-                        &req,
-                        image_sha.as_deref(),
-                        digest.as_deref(),
-                    )
-                });
+            let key_of = |req: &ChatRequest| {
+                self.cache
+                    .as_ref()
+                    .filter(|_| ResponseCache::cacheable(req))
+                    .map(|_| {
+                        ResponseCache::key_with_digest(
+                            cfg.spec.kind,
+                            &cfg.spec.base_url,
+                            req,
+                            image_sha.as_deref(),
+                            digest.as_deref(),
+                        )
+                    })
+            };
+            let mut key = key_of(&req);
             // An entry of a snapshot other than the alias's latest is a miss (cache.rs).
             let hit = match (&self.cache, &key) {
                 (Some(c), Some(k)) => c
@@ -555,8 +595,14 @@ impl LlmRunner {
                     cached += 1;
                     r
                 }
-                None => match self.call(&req).await {
-                    Ok((mut r, n)) => {
+                None => match self.call_negotiated(&mut req).await {
+                    Ok((mut r, n, changed)) => {
+                        structured_fallback |= changed.structured;
+                        reasoning_fallback |= changed.reasoning;
+                        if changed.structured || changed.reasoning {
+                            // Cached under the request that was answered.
+                            key = key_of(&req);
+                        }
                         attempts += n;
                         r.model_digest = digest.clone();
                         self.snapshots.observe_live(
@@ -571,8 +617,11 @@ impl LlmRunner {
                         }
                         r
                     }
-                    Err((e, n)) => {
+                    Err((e, n, changed)) => {
                         attempts += n;
+                        if changed.structured {
+                            p.extra.insert("structured_fallback".into(), json!(true));
+                        }
                         p.error = Some(e.message.clone());
                         p.extra.insert("attempts".into(), json!(attempts));
                         p.http_status = e.status;
@@ -595,6 +644,9 @@ impl LlmRunner {
                 usage.prompt += u.prompt;
                 usage.completion += u.completion;
                 have_usage = true;
+            }
+            if let Some(r) = resp.reasoning_tokens {
+                *reasoning_tokens.get_or_insert(0) += r;
             }
             if let Some(t) = resp.timings {
                 timings.total_ms += t.total_ms;
@@ -664,7 +716,23 @@ impl LlmRunner {
         p.latency_ms = latency;
         if have_usage {
             p.tokens = Some(usage);
-            p.cost_usd = self.price.as_ref().map(|(_, e)| e.cost(&usage));
+            // The snapshot that answered has its own price when the table knows it exactly
+            // (`gpt-4o` answered by `gpt-4o-2024-05-13` costs that snapshot's price).
+            let by_snapshot = p
+                .resolved_model
+                .as_deref()
+                .filter(|m| *m != cfg.spec.model)
+                .and_then(|m| self.prices.lookup_model(cfg.spec.kind, m))
+                .filter(|(k, _)| !k.ends_with("/*"));
+            if let Some((k, _)) = &by_snapshot {
+                if self.price.as_ref().map(|(pk, _)| pk) != Some(k) {
+                    p.extra.insert("price_key".into(), json!(k));
+                }
+            }
+            p.cost_usd = by_snapshot
+                .as_ref()
+                .or(self.price.as_ref())
+                .map(|(_, e)| e.cost(&usage));
         }
         if let Some(a) = d.agreement {
             p.extra.insert("agreement".into(), json!(a));
@@ -676,6 +744,16 @@ impl LlmRunner {
             );
         }
         p.extra.insert("attempts".into(), json!(attempts));
+        // Part of `tokens.completion` already (and so of `cost_usd`): a breakdown only.
+        if let Some(r) = reasoning_tokens {
+            p.extra.insert("reasoning_tokens".into(), json!(r));
+        }
+        if structured_fallback {
+            p.extra.insert("structured_fallback".into(), json!(true));
+        }
+        if reasoning_fallback {
+            p.extra.insert("reasoning_params_fallback".into(), json!(true));
+        }
         p.cached = cached == k;
         p.extra
             .insert("wall_ms".into(), json!(t_all.elapsed().as_secs_f64() * 1e3));
@@ -684,6 +762,62 @@ impl LlmRunner {
         }
         p.simulated = simulated;
         p
+    }
+
+    /// [`Self::call`], and once more when the server rejects a part of the request that can be
+    /// negotiated: the structured-output schema (sent again without it, the JSON asked for in
+    /// the prompt) or the classic sampling parameters of a reasoning model (sent again with
+    /// `max_completion_tokens` and no `temperature`). A successful renegotiation holds for the
+    /// rest of the run. `req` is left as it was last sent; the flags say what changed.
+    pub(crate) async fn call_negotiated(
+        &self,
+        req: &mut ChatRequest,
+    ) -> Result<(ChatResponse, u32, Negotiated), (ProviderError, u32, Negotiated)> {
+        let mut changed = Negotiated::default();
+        let mut attempts = 0;
+        // At most one change of each kind: two rounds plus the first request.
+        for _ in 0..3 {
+            match self.call(req).await {
+                Ok((r, n)) => {
+                    attempts += n;
+                    if changed.structured && !self.structured_off.swap(true, Ordering::SeqCst) {
+                        tracing::warn!(
+                            "{}: the server rejected structured output; the rest of the run asks for JSON in the prompt",
+                            self.name
+                        );
+                    }
+                    if changed.reasoning && !self.reasoning_on.swap(true, Ordering::SeqCst) {
+                        tracing::warn!(
+                            "{}: the server asked for reasoning-model parameters (max_completion_tokens, no temperature); the rest of the run uses them (set `reasoning = true` to say so up front)",
+                            self.name
+                        );
+                    }
+                    return Ok((r, attempts, changed));
+                }
+                Err((e, n)) => {
+                    attempts += n;
+                    if req.params.structured && !changed.structured && e.rejects_structured_output() {
+                        tracing::debug!("structured output rejected, retrying without it: {}", e.message);
+                        req.params.structured = false;
+                        changed.structured = true;
+                        continue;
+                    }
+                    if self.provider.kind().speaks_openai()
+                        && req.params.reasoning.is_none()
+                        && !req.params.reasoning_for(&req.model)
+                        && !changed.reasoning
+                        && e.wants_reasoning_params()
+                    {
+                        tracing::debug!("classic parameters rejected, retrying as a reasoning model: {}", e.message);
+                        req.params.reasoning = Some(true);
+                        changed.reasoning = true;
+                        continue;
+                    }
+                    return Err((e, attempts, changed));
+                }
+            }
+        }
+        unreachable!("each of the two renegotiations happens at most once")
     }
 
     /// One request with retries. Returns the response and the attempts it took, or the last
@@ -745,6 +879,15 @@ impl LlmRunner {
             }
         }
     }
+}
+
+/// What [`LlmRunner::call_negotiated`] changed in a request to get it answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Negotiated {
+    /// Sent again without the structured-output schema.
+    pub structured: bool,
+    /// Sent again with the reasoning-model parameters.
+    pub reasoning: bool,
 }
 
 /// Tokens a request may use, for the TPM limiter: text/4 + image + max completion.

@@ -53,6 +53,19 @@ pub struct LlmSummary {
     pub cost_usd: Option<f64>,
     pub cost_usd_per_image: Option<f64>,
     pub price: Option<PriceUsed>,
+    /// The date of the price used (`price.as_of`), at the top level so every place that
+    /// shows a cost can show when the price was read. `None` with no price entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_as_of: Option<String>,
+    /// Hidden reasoning tokens over the run (OpenAI reasoning models): part of
+    /// `completion_tokens` and of the cost already, shown apart because the answer's visible
+    /// text does not account for them.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// Predictions asked without the structured-output schema because the server rejected
+    /// it (JSON asked for in the prompt instead).
+    #[serde(default)]
+    pub structured_fallback_images: usize,
     /// Ollama's timings summed over the run: model load apart from inference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_timings_ms: Option<BTreeMap<String, f64>>,
@@ -165,6 +178,17 @@ impl LlmSummary {
             completion_tokens_per_image: per(ct),
             cost_usd: any_cost.then_some(cost),
             cost_usd_per_image: (any_cost && n > 0).then(|| cost / n as f64),
+            price_as_of: price.map(|(_, e)| e.as_of.clone()),
+            reasoning_tokens: preds
+                .iter()
+                .filter_map(|p| p.extra.get("reasoning_tokens").and_then(|v| v.as_u64()))
+                .sum(),
+            structured_fallback_images: preds
+                .iter()
+                .filter(|p| {
+                    p.extra.get("structured_fallback").and_then(|v| v.as_bool()) == Some(true)
+                })
+                .count(),
             price: price.map(|(k, e)| PriceUsed {
                 key: k.clone(),
                 entry: e.clone(),
