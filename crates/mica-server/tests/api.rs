@@ -144,7 +144,7 @@ fn multipart(field: &str, filename: &str, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn upload_request(body: Vec<u8>) -> Request<Body> {
-    Request::post("/api/v1/classify")
+    Request::post("/api/v1/classify?wait=true")
         .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
         .header(header::CONTENT_LENGTH, body.len())
         .body(Body::from(body))
@@ -539,7 +539,7 @@ async fn authentication_is_off_without_a_token_and_required_with_one() {
     assert_eq!(get(&open.router, "/api/v1/health").await.json()["auth_required"], false);
     assert_eq!(get(&open.router, "/").await.status, StatusCode::OK);
 
-    let token = "t0k3n-for-tests";
+    let token = "t0k3n-for-api-tests";
     let f = fixture(Opts { token: Some(token), llm: false, ..Opts::default() }).await;
     let r = &f.router;
     for uri in ["/api/v1/health", "/api/v1/runs", "/api/v1/monitoring", "/api/v1/openapi.yaml", "/api/v1/cases/0123456789abcdef0123456789abcdef"] {
@@ -559,20 +559,27 @@ async fn authentication_is_off_without_a_token_and_required_with_one() {
     req.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
     assert_eq!(send(r, req).await.status, StatusCode::CREATED);
 
-    // Pages: a sign-in form, then `?token=` once sets the cookie and drops the token from the
-    // address; the cookie then opens pages and the API.
+    // Pages: a sign-in form that POSTs the token; a token in the address does nothing. The
+    // POST sets a session cookie and goes back to the page asked for.
     for uri in ["/", "/monitoring", "/runs"] {
         let resp = get(r, uri).await;
         assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{uri}");
-        assert!(resp.text().contains("name=\"token\""), "{uri}");
+        let t = resp.text();
+        assert!(t.contains("name=\"token\"") && t.contains("method=\"post\""), "{uri}");
     }
-    assert_eq!(get(r, "/monitoring?token=wrong").await.status, StatusCode::UNAUTHORIZED);
     let resp = get(r, &format!("/monitoring?token={token}")).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "a GET never signs in");
+    assert!(resp.headers.get(header::SET_COOKIE).is_none());
+    let sign_in = |body: String| {
+        Request::post("/sign-in").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(body)).unwrap()
+    };
+    assert_eq!(send(r, sign_in("token=wrong-token-of-20c&next=%2Fmonitoring".into())).await.status, StatusCode::UNAUTHORIZED);
+    let resp = send(r, sign_in(format!("token={token}&next=%2Fmonitoring"))).await;
     assert_eq!(resp.status, StatusCode::SEE_OTHER);
     assert_eq!(resp.headers.get(header::LOCATION).unwrap(), "/monitoring");
     let cookie = resp.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-    assert!(!cookie.contains(token), "the cookie holds a hash, not the token");
+    assert!(!cookie.contains(token), "the cookie holds a random session id, not the token");
     let pair = cookie.split(';').next().unwrap().to_string();
     for uri in ["/monitoring", "/api/v1/monitoring"] {
         let resp = send(r, Request::get(uri).header(header::COOKIE, &pair).body(Body::empty()).unwrap()).await;
@@ -740,6 +747,87 @@ fn every_api_route_is_in_the_openapi_file_and_nothing_else_is() {
         assert!(routed.contains(d), "openapi.yaml documents {d:?}, which the router does not serve");
     }
     assert!(mica_server::OPENAPI.starts_with("openapi: 3."));
+}
+
+/// The response codes the OpenAPI file documents for each operation.
+fn openapi_statuses() -> Vec<((String, String), Vec<u16>)> {
+    let mut out: Vec<((String, String), Vec<u16>)> = Vec::new();
+    let mut in_paths = false;
+    let (mut path, mut in_responses) = (String::new(), false);
+    for line in mica_server::OPENAPI.lines() {
+        if !line.starts_with(' ') {
+            in_paths = line.trim_end() == "paths:";
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix("  ").filter(|l| !l.starts_with(' ')) {
+            path = p.trim_end().trim_end_matches(':').to_string();
+        } else if let Some(m) = line.strip_prefix("    ").filter(|l| !l.starts_with(' ')) {
+            out.push(((m.trim_end().trim_end_matches(':').to_string(), path.clone()), Vec::new()));
+            in_responses = false;
+        } else if let Some(l) = line.strip_prefix("      ").filter(|l| !l.starts_with(' ')) {
+            in_responses = l.trim_end() == "responses:";
+        } else if let Some(code) = line.strip_prefix("        \"").filter(|_| in_responses) {
+            if let Some(n) = code.split('"').next().and_then(|c| c.parse().ok()) {
+                out.last_mut().unwrap().1.push(n);
+            }
+        }
+    }
+    out
+}
+
+/// Every operation lists the answers every route can give (a refused Host, no or a wrong
+/// identity, a refused origin or role, a wrong method, a request timeout, a server failure),
+/// POSTs the body limit, and each route the statuses its handler returns.
+#[test]
+fn every_route_documents_every_status_it_returns() {
+    let documented = openapi_statuses();
+    assert_eq!(documented.len(), openapi_routes().len());
+    let handler_statuses: &[(&str, &str, &[u16])] = &[
+        ("get", "/api/v1/health", &[200]),
+        ("get", "/api/v1/openapi.yaml", &[200]),
+        ("post", "/api/v1/classify", &[201, 400, 413, 415, 422, 503]),
+        ("get", "/api/v1/cases/{id}", &[200, 404]),
+        ("post", "/api/v1/cases/{id}/decision", &[201, 404, 409, 413, 422]),
+        ("get", "/api/v1/cases/{id}/image.png", &[200, 404]),
+        ("get", "/api/v1/cases/{id}/gradcam/{index}", &[200, 404]),
+        ("get", "/api/v1/runs", &[200]),
+        ("get", "/api/v1/runs/{id}", &[200, 404]),
+        ("get", "/api/v1/monitoring", &[200]),
+    ];
+    for r in mica_server::route_table().into_iter().filter(|r| r.path.starts_with("/api/")) {
+        let codes = &documented
+            .iter()
+            .find(|((m, p), _)| m == r.method && p == r.path)
+            .unwrap_or_else(|| panic!("{r:?} is not in openapi.yaml"))
+            .1;
+        let mut needed = vec![400, 401, 403, 405, 408, 500];
+        if r.method == "post" {
+            needed.push(413);
+        }
+        let own = handler_statuses
+            .iter()
+            .find(|(m, p, _)| *m == r.method && *p == r.path)
+            .unwrap_or_else(|| panic!("{r:?}: add its handler's statuses to this test"));
+        needed.extend_from_slice(own.2);
+        for n in needed {
+            assert!(codes.contains(&n), "{} {} does not document {n} (documents {codes:?})", r.method, r.path);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_is_a_json_405() {
+    let f = fixture(Opts { llm: false, ..Opts::default() }).await;
+    for (method, uri) in [("GET", "/api/v1/classify"), ("DELETE", "/api/v1/health"), ("PUT", "/api/v1/cases/0123456789abcdef0123456789abcdef/decision"), ("GET", "/sign-out")] {
+        let r = send(&f.router, Request::builder().method(method).uri(uri).body(Body::empty()).unwrap()).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_eq!(r.json()["error"]["code"], "method_not_allowed", "{method} {uri}");
+        assert!(r.message().contains(method), "{}", r.message());
+        assert!(r.headers.get(header::ALLOW).is_some(), "{method} {uri}: the Allow header stays");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
