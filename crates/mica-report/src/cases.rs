@@ -388,6 +388,11 @@ fn now_unix() -> i64 {
 /// (once, recorded in `audit_meta`), and (re)creates the indexes and append-only triggers.
 /// One write transaction, so two processes opening an old store at once migrate it once.
 pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    // Most opens find nothing to do: they must not take the write lock (a reader next to a
+    // busy server, a store on a read-only mount).
+    if up_to_date(conn)? {
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for (table, cols) in ADDED_COLUMNS {
         let have: Vec<String> = tx
@@ -431,6 +436,32 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute_batch(&format!("CREATE TRIGGER IF NOT EXISTS {name} {body};"))?;
     }
     tx.commit()
+}
+
+/// Whether every added column, the chain's start, its indexes and every trigger are there.
+fn up_to_date(conn: &Connection) -> rusqlite::Result<bool> {
+    for (table, cols) in ADDED_COLUMNS {
+        for (c, _) in *cols {
+            let n: i64 = conn.query_row(
+                &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![c],
+                |r| r.get(0),
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+        }
+    }
+    let names = ["cases_chain", "case_predictions_chain", "case_decisions_chain"]
+        .into_iter()
+        .chain(TRIGGERS.iter().map(|(n, _)| *n));
+    for name in names {
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = ?1", params![name], |r| r.get(0))?;
+        if n == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(meta(conn, "chain_started_unix")?.is_some())
 }
 
 /// Chains every unchained row in migration order; returns how many.
