@@ -577,6 +577,7 @@ struct PredictionView {
 }
 
 #[derive(Serialize)]
+#[derive(Clone)]
 struct DecisionView {
     id: i64,
     decided: String,
@@ -584,6 +585,11 @@ struct DecisionView {
     reviewer: String,
     final_label: String,
     note: Option<String>,
+    /// The authenticated user who decided (`None` without named identities).
+    user_id: Option<String>,
+    /// `users-file`, `proxy-header`, `token` or `none`; `None` for decisions recorded before
+    /// mica kept it.
+    auth_method: Option<String>,
 }
 
 impl From<Decision> for DecisionView {
@@ -595,6 +601,8 @@ impl From<Decision> for DecisionView {
             reviewer: d.reviewer,
             final_label: d.final_label,
             note: d.note,
+            user_id: d.user_id,
+            auth_method: d.auth_method,
         }
     }
 }
@@ -658,14 +666,7 @@ pub(crate) fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> C
 
 impl CaseView {
     fn with_latest(mut self) -> Self {
-        self.decision = self.decisions.last().map(|d| DecisionView {
-            id: d.id,
-            decided: d.decided.clone(),
-            decided_unix: d.decided_unix,
-            reviewer: d.reviewer.clone(),
-            final_label: d.final_label.clone(),
-            note: d.note.clone(),
-        });
+        self.decision = self.decisions.last().cloned();
         self
     }
 }
@@ -773,7 +774,15 @@ async fn post_decision(
     let key = id.clone();
     let (decision, decisions) = app
         .with_store(move |st| {
-            let d = st.add_decision(&key, now_unix(), &reviewer, &label, note.as_deref())?;
+            let d = st.record_decision(&mica_report::cases::NewDecision {
+                case_id: &key,
+                decided_unix: now_unix(),
+                reviewer: &reviewer,
+                final_label: &label,
+                note: note.as_deref(),
+                user_id: principal.name.as_deref(),
+                auth_method: principal.method.stored(),
+            })?;
             let all = st.decisions(&key)?;
             Ok((d, all))
         })

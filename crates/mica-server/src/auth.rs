@@ -65,9 +65,9 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// How the requester was identified (recorded with each decision).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// How the requester was identified (recorded with each decision, in the results store's
+/// terms: [`AuthMethod::stored`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
     /// No authentication configured (loopback or `--allow-open`).
     None,
@@ -84,8 +84,18 @@ impl AuthMethod {
         match self {
             AuthMethod::None => "none",
             AuthMethod::Token => "token",
-            AuthMethod::Password => "password",
-            AuthMethod::Proxy => "proxy",
+            AuthMethod::Password => "users-file",
+            AuthMethod::Proxy => "proxy-header",
+        }
+    }
+
+    pub fn stored(self) -> mica_report::cases::AuthMethod {
+        use mica_report::cases::AuthMethod as A;
+        match self {
+            AuthMethod::None => A::None,
+            AuthMethod::Token => A::Token,
+            AuthMethod::Password => A::UsersFile,
+            AuthMethod::Proxy => A::ProxyHeader,
         }
     }
 }
