@@ -983,3 +983,7 @@ mod bucket_tests {
         assert!(b.level().await <= 1000.0);
     }
 }
+
+#[cfg(test)]
+#[path = "negotiation_tests.rs"]
+mod negotiation_tests;
