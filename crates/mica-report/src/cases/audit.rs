@@ -121,9 +121,34 @@ struct CsvRow {
     chained_at_migration: bool,
 }
 
+const CSV_HEADER: [&str; 17] = [
+    "decision_id",
+    "case_id",
+    "decided_unix",
+    "decided_utc",
+    "reviewer",
+    "user_id",
+    "auth_method",
+    "final_label",
+    "note",
+    "case_created_unix",
+    "image_sha256",
+    "labels_json",
+    "predictions_shown_json",
+    "chain_seq",
+    "prev_sha256",
+    "row_sha256",
+    "chained_at_migration",
+];
+
 /// Writes the entries as CSV (one line per decision, header first).
 pub fn write_csv<W: std::io::Write>(entries: &[AuditEntry], out: W) -> Result<(), ReportError> {
     let mut w = csv::Writer::from_writer(out);
+    if entries.is_empty() {
+        // serde writes the header with the first row; an empty trail still says what it is.
+        w.write_record(CSV_HEADER)
+            .map_err(|e| ReportError::Invalid(format!("audit CSV: {e}")))?;
+    }
     for e in entries {
         w.serialize(CsvRow {
             decision_id: e.decision_id,
