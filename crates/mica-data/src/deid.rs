@@ -47,7 +47,9 @@ pub(crate) enum ProfileCode {
 }
 
 /// What was done to an attribute (serialised as the profile's letter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum DeidCode {
     /// Removed.
     #[serde(rename = "X")]
@@ -187,15 +189,19 @@ fn rule(tag: Tag) -> Option<DeidCode> {
     if g % 2 == 1 {
         return Some(DeidCode::Removed);
     }
-    if (0x5000..=0x50FF).contains(&g) || ((0x6000..=0x60FF).contains(&g) && (e == 0x3000 || e == 0x4000)) {
+    if (0x5000..=0x50FF).contains(&g)
+        || ((0x6000..=0x60FF).contains(&g) && (e == 0x3000 || e == 0x4000))
+    {
         return Some(DeidCode::Removed);
     }
     let key = (u32::from(g) << 16) | u32::from(e);
     if let Ok(i) = table::BASIC_PROFILE.binary_search_by_key(&key, |(k, _)| *k) {
         return Some(match table::BASIC_PROFILE[i].1 {
-            ProfileCode::X | ProfileCode::XZ | ProfileCode::XD | ProfileCode::XZD | ProfileCode::XZU => {
-                DeidCode::Removed
-            }
+            ProfileCode::X
+            | ProfileCode::XZ
+            | ProfileCode::XD
+            | ProfileCode::XZD
+            | ProfileCode::XZU => DeidCode::Removed,
             ProfileCode::Z | ProfileCode::ZD => DeidCode::Emptied,
             ProfileCode::D => DeidCode::Dummy,
             ProfileCode::U => DeidCode::UidReplaced,
@@ -210,7 +216,9 @@ fn rule(tag: Tag) -> Option<DeidCode> {
 /// A dummy value for a VR, or `None` where only an empty value fits (binary data).
 fn dummy(vr: VR) -> Option<PrimitiveValue> {
     let s = match vr {
-        VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UT | VR::UC | VR::CS | VR::AE => "ANONYMOUS",
+        VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UT | VR::UC | VR::CS | VR::AE => {
+            "ANONYMOUS"
+        }
         VR::DA => "19000101",
         VR::TM => "000000",
         VR::DT => "19000101000000",
@@ -250,13 +258,25 @@ fn apply(obj: &mut InMemDicomObject, uids: &UidRemapper, log: &mut Log, nested: 
         match rule(tag) {
             Some(DeidCode::Removed) => {
                 obj.remove_element(tag);
-                log.note(if tag.group() % 2 == 1 { PRIVATE_KEY } else { key }, DeidCode::Removed, nested);
+                log.note(
+                    if tag.group() % 2 == 1 {
+                        PRIVATE_KEY
+                    } else {
+                        key
+                    },
+                    DeidCode::Removed,
+                    nested,
+                );
                 continue;
             }
             Some(DeidCode::Emptied) => {
                 let vr = obj.get(tag).map(|e| e.vr()).unwrap_or(VR::UN);
                 let elt = if vr == VR::SQ {
-                    DataElement::new(tag, VR::SQ, Value::from(DataSetSequence::<InMemDicomObject>::empty()))
+                    DataElement::new(
+                        tag,
+                        VR::SQ,
+                        Value::from(DataSetSequence::<InMemDicomObject>::empty()),
+                    )
                 } else {
                     DataElement::new(tag, vr, PrimitiveValue::Empty)
                 };
@@ -288,7 +308,10 @@ fn apply(obj: &mut InMemDicomObject, uids: &UidRemapper, log: &mut Log, nested: 
             }
             None => {}
         }
-        let is_seq = obj.get(tag).map(|e| matches!(e.value(), Value::Sequence(_))).unwrap_or(false);
+        let is_seq = obj
+            .get(tag)
+            .map(|e| matches!(e.value(), Value::Sequence(_)))
+            .unwrap_or(false);
         if is_seq {
             obj.update_value(tag, |v| {
                 if let Some(items) = v.items_mut() {
@@ -306,7 +329,9 @@ fn replace_uids(obj: &mut InMemDicomObject, tag: Tag, uids: &UidRemapper) {
     let Some(e) = obj.get(tag) else { return };
     let vr = e.vr();
     let values: Vec<String> = match e.value() {
-        Value::Primitive(p) if vr == VR::UI => p.to_multi_str().iter().map(|s| uids.map(s)).collect(),
+        Value::Primitive(p) if vr == VR::UI => {
+            p.to_multi_str().iter().map(|s| uids.map(s)).collect()
+        }
         _ => Vec::new(),
     };
     let value = if values.is_empty() {
@@ -314,7 +339,11 @@ fn replace_uids(obj: &mut InMemDicomObject, tag: Tag, uids: &UidRemapper) {
     } else {
         PrimitiveValue::Strs(values.into())
     };
-    obj.put(DataElement::new(tag, if vr == VR::UI { VR::UI } else { vr }, value));
+    obj.put(DataElement::new(
+        tag,
+        if vr == VR::UI { VR::UI } else { vr },
+        value,
+    ));
 }
 
 #[cfg(test)]
@@ -336,7 +365,10 @@ mod tests {
             (tags::PROTOCOL_NAME, DeidCode::Removed),
             (tags::REQUEST_ATTRIBUTES_SEQUENCE, DeidCode::Removed),
             (tags::REFERENCED_PATIENT_SEQUENCE, DeidCode::Removed),
-            (tags::REFERRING_PHYSICIAN_IDENTIFICATION_SEQUENCE, DeidCode::Removed),
+            (
+                tags::REFERRING_PHYSICIAN_IDENTIFICATION_SEQUENCE,
+                DeidCode::Removed,
+            ),
             (tags::STUDY_INSTANCE_UID, DeidCode::UidReplaced),
             (tags::REFERENCED_SOP_INSTANCE_UID, DeidCode::UidReplaced),
             (tags::DEVICE_SERIAL_NUMBER, DeidCode::Removed),
@@ -348,7 +380,13 @@ mod tests {
             assert_eq!(rule(t), Some(want), "{}", keyword(t));
         }
         // Needed for routing and pixels; not identifying.
-        for t in [tags::MODALITY, tags::BODY_PART_EXAMINED, tags::ROWS, tags::PIXEL_DATA, tags::SOP_CLASS_UID] {
+        for t in [
+            tags::MODALITY,
+            tags::BODY_PART_EXAMINED,
+            tags::ROWS,
+            tags::PIXEL_DATA,
+            tags::SOP_CLASS_UID,
+        ] {
             assert_eq!(rule(t), None, "{}", keyword(t));
         }
     }
@@ -356,24 +394,51 @@ mod tests {
     #[test]
     fn nested_items_are_cleaned_and_uids_stay_consistent() {
         let item = InMemDicomObject::from_element_iter([
-            DataElement::new(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.4")),
+            DataElement::new(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.4"),
+            ),
             DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Doe^Jane")),
         ]);
         let mut obj = InMemDicomObject::from_element_iter([
             DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Doe^Jane")),
-            DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.4")),
-            DataElement::new(tags::REFERENCED_SERIES_SEQUENCE, VR::SQ, Value::from(DataSetSequence::from(vec![item]))),
+            DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.4"),
+            ),
+            DataElement::new(
+                tags::REFERENCED_SERIES_SEQUENCE,
+                VR::SQ,
+                Value::from(DataSetSequence::from(vec![item])),
+            ),
             DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("CR")),
         ]);
         let uids = UidRemapper::with_salt([7; 32]);
         let actions = deidentify_dataset(&mut obj, &uids);
         let name = actions.iter().find(|a| a.keyword == "PatientName").unwrap();
-        assert_eq!((name.action, name.count, name.nested), (DeidCode::Emptied, 2, true));
-        let new = obj.get(tags::STUDY_INSTANCE_UID).unwrap().to_str().unwrap().to_string();
+        assert_eq!(
+            (name.action, name.count, name.nested),
+            (DeidCode::Emptied, 2, true)
+        );
+        let new = obj
+            .get(tags::STUDY_INSTANCE_UID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         assert!(new.starts_with("2.25.") && new.len() <= 64, "{new}");
         let seq = obj.get(tags::REFERENCED_SERIES_SEQUENCE).unwrap();
         let inner = &seq.items().unwrap()[0];
-        assert_eq!(inner.get(tags::REFERENCED_SOP_INSTANCE_UID).unwrap().to_str().unwrap(), new);
+        assert_eq!(
+            inner
+                .get(tags::REFERENCED_SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            new
+        );
         assert_eq!(inner.get(tags::PATIENT_NAME).unwrap().to_str().unwrap(), "");
         assert_eq!(obj.get(tags::MODALITY).unwrap().to_str().unwrap(), "CR");
         assert_ne!(UidRemapper::with_salt([8; 32]).map("1.2.3.4"), new);

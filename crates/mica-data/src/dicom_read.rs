@@ -49,19 +49,35 @@ fn u16le(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn u32le(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// VRs with a 4-byte length (after 2 reserved bytes) in explicit VR encodings.
 fn long_header(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UR" | b"UT" | b"UN" | b"SV" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"UC"
+            | b"UR"
+            | b"UT"
+            | b"UN"
+            | b"SV"
+            | b"UV"
     )
 }
 
 fn uid_text(v: &[u8]) -> String {
-    String::from_utf8_lossy(v).trim_end_matches(['\0', ' ']).trim().to_string()
+    String::from_utf8_lossy(v)
+        .trim_end_matches(['\0', ' '])
+        .trim()
+        .to_string()
 }
 
 /// Reads the file meta group of a Part 10 file (128-byte preamble, `DICM`, then group 0002 in
@@ -79,7 +95,9 @@ pub(crate) fn read_meta(bytes: &[u8]) -> Result<FileMeta, UploadError> {
     };
     let truncated = || undecodable("the file meta group is truncated");
     loop {
-        let Some(group) = u16le(bytes, pos) else { break };
+        let Some(group) = u16le(bytes, pos) else {
+            break;
+        };
         if group != 0x0002 {
             break;
         }
@@ -92,12 +110,15 @@ pub(crate) fn read_meta(bytes: &[u8]) -> Result<FileMeta, UploadError> {
             (u16le(bytes, pos + 6).ok_or_else(truncated)? as usize, 8)
         };
         let start = pos + header;
-        let end = start.checked_add(len).filter(|&e| e <= bytes.len()).ok_or_else(|| {
-            undecodable(format!(
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| {
+                undecodable(format!(
                 "file meta element (0002,{element:04X}) declares {len} bytes but only {} remain",
                 bytes.len().saturating_sub(start)
             ))
-        })?;
+            })?;
         let value = &bytes[start..end];
         match element {
             0x0002 => meta.sop_class_uid = uid_text(value),
@@ -108,7 +129,9 @@ pub(crate) fn read_meta(bytes: &[u8]) -> Result<FileMeta, UploadError> {
         pos = end;
     }
     if meta.transfer_syntax.is_empty() {
-        return Err(undecodable("the file meta group has no Transfer Syntax UID (0002,0010)"));
+        return Err(undecodable(
+            "the file meta group has no Transfer Syntax UID (0002,0010)",
+        ));
     }
     meta.dataset_start = pos;
     Ok(meta)
@@ -117,16 +140,20 @@ pub(crate) fn read_meta(bytes: &[u8]) -> Result<FileMeta, UploadError> {
 /// Parses a Part 10 file from memory within `limits`. Returns the object (for a deflated file,
 /// re-labelled Explicit VR Little Endian, which its inflated dataset is) and the original
 /// transfer syntax UID.
-pub(crate) fn parse_bounded(bytes: &[u8], limits: &UploadLimits) -> Result<(DefaultDicomObject, String), UploadError> {
+pub(crate) fn parse_bounded(
+    bytes: &[u8],
+    limits: &UploadLimits,
+) -> Result<(DefaultDicomObject, String), UploadError> {
     let meta = read_meta(bytes)?;
     let uid = meta.transfer_syntax.clone();
     let deflated = uid == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN;
-    let ts = TransferSyntaxRegistry
-        .get(&uid)
-        .ok_or_else(|| UploadError::UnsupportedTransferSyntax {
-            uid: uid.clone(),
-            name: None,
-        })?;
+    let ts =
+        TransferSyntaxRegistry
+            .get(&uid)
+            .ok_or_else(|| UploadError::UnsupportedTransferSyntax {
+                uid: uid.clone(),
+                name: None,
+            })?;
     if !deflated && (!ts.can_decode_all() || ts.is_unsupported_pixel_encapsulation()) {
         return Err(UploadError::UnsupportedTransferSyntax {
             uid: uid.clone(),
@@ -196,7 +223,8 @@ pub(crate) fn inflate_capped(deflated: &[u8], cap: u64) -> Result<Vec<u8>, Uploa
             });
         }
         // Grow exactly, so the buffer's capacity stays at what was inflated.
-        out.try_reserve_exact(n).map_err(|_| undecodable("out of memory while inflating"))?;
+        out.try_reserve_exact(n)
+            .map_err(|_| undecodable("out of memory while inflating"))?;
         out.extend_from_slice(&chunk[..n]);
     }
 }
@@ -216,14 +244,28 @@ const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
 
 impl Walker<'_> {
     fn u16(&self, at: usize) -> Result<u16, UploadError> {
-        let s = self.buf.get(at..at + 2).ok_or_else(|| undecodable("the dataset is truncated"))?;
-        Ok(if self.big_endian { u16::from_be_bytes([s[0], s[1]]) } else { u16::from_le_bytes([s[0], s[1]]) })
+        let s = self
+            .buf
+            .get(at..at + 2)
+            .ok_or_else(|| undecodable("the dataset is truncated"))?;
+        Ok(if self.big_endian {
+            u16::from_be_bytes([s[0], s[1]])
+        } else {
+            u16::from_le_bytes([s[0], s[1]])
+        })
     }
 
     fn u32(&self, at: usize) -> Result<u32, UploadError> {
-        let s = self.buf.get(at..at + 4).ok_or_else(|| undecodable("the dataset is truncated"))?;
+        let s = self
+            .buf
+            .get(at..at + 4)
+            .ok_or_else(|| undecodable("the dataset is truncated"))?;
         let a = [s[0], s[1], s[2], s[3]];
-        Ok(if self.big_endian { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) })
+        Ok(if self.big_endian {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        })
     }
 
     fn count(&mut self, n: u64) -> Result<(), UploadError> {
@@ -244,7 +286,10 @@ impl Walker<'_> {
         if depth > self.limits.max_depth {
             return Err(UploadError::LimitExceeded {
                 limit: LimitKind::Depth,
-                message: format!("sequences are nested more than {} deep", self.limits.max_depth),
+                message: format!(
+                    "sequences are nested more than {} deep",
+                    self.limits.max_depth
+                ),
             });
         }
         Ok(())
@@ -279,13 +324,20 @@ impl Walker<'_> {
                 if until_item_end {
                     return Ok(pos + 8);
                 }
-                return Err(undecodable(format!("unexpected item delimiter at byte {pos}")));
+                return Err(undecodable(format!(
+                    "unexpected item delimiter at byte {pos}"
+                )));
             }
             if tag.0 == 0xFFFE {
-                return Err(undecodable(format!("unexpected item tag outside a sequence at byte {pos}")));
+                return Err(undecodable(format!(
+                    "unexpected item tag outside a sequence at byte {pos}"
+                )));
             }
             let (vr, len, header) = if explicit {
-                let raw = self.buf.get(pos + 4..pos + 6).ok_or_else(|| undecodable("the dataset is truncated"))?;
+                let raw = self
+                    .buf
+                    .get(pos + 4..pos + 6)
+                    .ok_or_else(|| undecodable("the dataset is truncated"))?;
                 let raw = [raw[0], raw[1]];
                 let vr = VR::from_binary(raw);
                 if long_header(raw) {
@@ -307,7 +359,9 @@ impl Walker<'_> {
                     // An undefined-length UN is an implicit VR sequence (PS3.5 6.2.2).
                     let inner_explicit = explicit && is_seq;
                     pos = self.items(pos, end, depth + 1, inner_explicit, true, false)?;
-                } else if matches!(vr, Some(VR::OB) | Some(VR::OW)) || tag == dicom_dictionary_std::tags::PIXEL_DATA {
+                } else if matches!(vr, Some(VR::OB) | Some(VR::OW))
+                    || tag == dicom_dictionary_std::tags::PIXEL_DATA
+                {
                     pos = self.items(pos, end, depth + 1, explicit, true, true)?;
                 } else {
                     return Err(undecodable(format!(
@@ -324,7 +378,10 @@ impl Walker<'_> {
             if is_seq {
                 self.items(pos, pos + len_us, depth + 1, explicit, false, false)?;
             } else if vr.map(multi_valued_text).unwrap_or(true) {
-                let extra = self.buf[pos..pos + len_us].iter().filter(|&&b| b == b'\\').count();
+                let extra = self.buf[pos..pos + len_us]
+                    .iter()
+                    .filter(|&&b| b == b'\\')
+                    .count();
                 self.count(extra as u64)?;
             }
             pos += len_us;
@@ -394,7 +451,10 @@ fn implicit_vr(tag: Tag) -> Option<VR> {
     if tag.0 % 2 == 1 && (0x0010..=0x00FF).contains(&tag.1) {
         return Some(VR::LO);
     }
-    match dicom_dictionary_std::StandardDataDictionary.by_tag(tag).map(|e| e.vr()) {
+    match dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|e| e.vr())
+    {
         Some(VirtualVr::Exact(vr)) => Some(vr),
         Some(VirtualVr::Xs) => Some(VR::US),
         Some(VirtualVr::Ox) | Some(VirtualVr::Px) => Some(VR::OW),
@@ -407,6 +467,19 @@ fn implicit_vr(tag: Tag) -> Option<VR> {
 fn multi_valued_text(vr: VR) -> bool {
     matches!(
         vr,
-        VR::AE | VR::AS | VR::CS | VR::DA | VR::DS | VR::DT | VR::IS | VR::LO | VR::PN | VR::SH | VR::TM | VR::UC | VR::UI | VR::UN
+        VR::AE
+            | VR::AS
+            | VR::CS
+            | VR::DA
+            | VR::DS
+            | VR::DT
+            | VR::IS
+            | VR::LO
+            | VR::PN
+            | VR::SH
+            | VR::TM
+            | VR::UC
+            | VR::UI
+            | VR::UN
     )
 }

@@ -315,18 +315,61 @@ fn decode_raster(bytes: &[u8], kind: UploadKind, limits: &UploadLimits) -> Resul
     })
 }
 
-fn decode_dicom(bytes: &[u8], limits: &UploadLimits) -> Result<DecodedUpload, UploadError> {
+/// A DICOM upload parsed within `limits` and de-identified (PS3.15 Basic Profile, nested
+/// sequences and file meta included), pixels not yet decoded.
+#[derive(Debug, Clone)]
+pub struct DeidentifiedDicom {
+    /// The de-identified object; its file meta names the transfer syntax of the dataset as
+    /// held (Explicit VR Little Endian for an upload that was deflated).
+    pub object: dicom_object::DefaultDicomObject,
+    pub deidentified: Vec<DeidAction>,
+    /// Read before de-identification (none of them identifies anyone).
+    pub modality: Option<String>,
+    pub body_part: Option<String>,
+    pub burned_in_annotation: Option<bool>,
+    /// The Transfer Syntax UID as uploaded.
+    pub transfer_syntax: String,
+}
+
+/// Parses (within `limits`) and de-identifies a DICOM upload without decoding its pixels, e.g.
+/// to inspect or re-serialise what is left.
+pub fn read_deidentified_dicom(bytes: &[u8], limits: &UploadLimits) -> Result<DeidentifiedDicom, UploadError> {
+    if sniff(bytes)? != UploadKind::Dicom {
+        return Err(UploadError::Undecodable {
+            kind: "DICOM file",
+            message: "not a DICOM Part 10 file (no DICM code after the preamble)".into(),
+        });
+    }
     let (mut obj, transfer_syntax) = crate::dicom_read::parse_bounded(bytes, limits)?;
     // Routing facts and the burned-in flag are read first; none of them identifies anyone.
-    let dicom_modality = text(&obj, tags::MODALITY);
+    let modality = text(&obj, tags::MODALITY);
     let body_part = text(&obj, tags::BODY_PART_EXAMINED);
     let burned_in_annotation = text(&obj, tags::BURNED_IN_ANNOTATION).and_then(|s| match s.to_ascii_uppercase().as_str() {
         "YES" => Some(true),
         "NO" => Some(false),
         _ => None,
     });
-    // Identifiers go next: nothing below (not even an error message) reads them.
     let deidentified = crate::deid::deidentify_file(&mut obj, UidRemapper::process());
+    Ok(DeidentifiedDicom {
+        object: obj,
+        deidentified,
+        modality,
+        body_part,
+        burned_in_annotation,
+        transfer_syntax,
+    })
+}
+
+fn decode_dicom(bytes: &[u8], limits: &UploadLimits) -> Result<DecodedUpload, UploadError> {
+    // Identifiers go first: nothing below (not even an error message) reads them.
+    let DeidentifiedDicom {
+        object: obj,
+        deidentified,
+        modality: dicom_modality,
+        body_part,
+        burned_in_annotation,
+        transfer_syntax,
+    } = read_deidentified_dicom(bytes, limits)?;
     let removed = removed_keywords(&deidentified);
     if !matches!(obj.element_opt(tags::PIXEL_DATA), Ok(Some(_))) {
         return Err(UploadError::NoPixelData);
