@@ -138,7 +138,11 @@ impl LlmProvider for AnthropicClient {
         req: &'a ChatRequest,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(async move { self.exchange(req, timeout).await.map_err(|e| self.redact(e)) })
+        Box::pin(async move {
+            self.exchange(req, timeout)
+                .await
+                .map_err(|e| self.redact(e))
+        })
     }
 }
 
@@ -200,7 +204,11 @@ pub(crate) fn parse_message(v: &Value) -> Result<ChatResponse, ProviderError> {
         }
     });
     Ok(ChatResponse {
-        content: if refusal.is_some() { String::new() } else { content },
+        content: if refusal.is_some() {
+            String::new()
+        } else {
+            content
+        },
         refusal,
         usage,
         simulated: false,

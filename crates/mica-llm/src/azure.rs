@@ -206,6 +206,10 @@ impl LlmProvider for AzureClient {
         req: &'a ChatRequest,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(async move { self.exchange(req, timeout).await.map_err(|e| self.redact(e)) })
+        Box::pin(async move {
+            self.exchange(req, timeout)
+                .await
+                .map_err(|e| self.redact(e))
+        })
     }
 }

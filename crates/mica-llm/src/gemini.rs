@@ -200,7 +200,11 @@ impl LlmProvider for GeminiClient {
         req: &'a ChatRequest,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(async move { self.exchange(req, timeout).await.map_err(|e| self.redact(e)) })
+        Box::pin(async move {
+            self.exchange(req, timeout)
+                .await
+                .map_err(|e| self.redact(e))
+        })
     }
 }
 

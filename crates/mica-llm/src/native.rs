@@ -73,7 +73,9 @@ pub fn build(
                 (Some(k), _) => AzureAuth::ApiKey(k),
                 (None, Some(t)) => AzureAuth::Bearer(t),
                 (None, None) if vendor => {
-                    return Err(missing(&format!(" (nor {AZURE_AD_TOKEN_ENV} for Entra ID)")))
+                    return Err(missing(&format!(
+                        " (nor {AZURE_AD_TOKEN_ENV} for Entra ID)"
+                    )))
                 }
                 (None, None) => AzureAuth::None,
             };

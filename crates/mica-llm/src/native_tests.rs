@@ -20,7 +20,8 @@ use crate::*;
 
 const ANSWER: &str = r#"{"label":"glioma","confidence":0.9,"rationale":"an infiltrative mass"}"#;
 const KEY: &str = "sk-test-7f3a9c1e5b";
-const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+const PNG_B64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 
 fn labels() -> Vec<String> {
     ["glioma", "meningioma", "pituitary", "notumor"]
@@ -65,7 +66,8 @@ fn assert_error(e: &ProviderError, status: u16, retryable: bool, permanent: bool
 // ---------------------------------------------------------------- Azure OpenAI
 
 const DEPLOYMENT: &str = "gpt4o-radiology";
-const AZURE_PATH: &str = "/openai/deployments/gpt4o-radiology/chat/completions?api-version=2024-10-21";
+const AZURE_PATH: &str =
+    "/openai/deployments/gpt4o-radiology/chat/completions?api-version=2024-10-21";
 
 /// Azure's documented chat completion (it adds the content-filter annotations to OpenAI's).
 fn azure_completion(content: Option<&str>, finish: &str) -> String {
@@ -89,33 +91,76 @@ fn azure_completion(content: Option<&str>, finish: &str) -> String {
 const AZURE_PROMPT_FILTERED: &str = r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":false,"severity":"safe"},"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":true,"severity":"medium"},"violence":{"filtered":false,"severity":"safe"}}}}}"#;
 
 fn azure(url: &str, auth: AzureAuth) -> AzureClient {
-    AzureClient::new(http_client(), url, DEPLOYMENT, spec::AZURE_API_VERSION, auth)
+    AzureClient::new(
+        http_client(),
+        url,
+        DEPLOYMENT,
+        spec::AZURE_API_VERSION,
+        auth,
+    )
 }
 
 #[test]
 fn azure_sends_the_deployment_path_api_version_and_api_key_and_reads_usage() {
     let server = Server::start(|_| (200, azure_completion(Some(ANSWER), "stop")));
-    let r = chat(&azure(&server.url, AzureAuth::ApiKey(KEY.into())), &request(DEPLOYMENT, true)).unwrap();
+    let r = chat(
+        &azure(&server.url, AzureAuth::ApiKey(KEY.into())),
+        &request(DEPLOYMENT, true),
+    )
+    .unwrap();
     let seen = &server.received()[0];
-    assert_eq!((seen.method.as_str(), seen.path.as_str()), ("POST", AZURE_PATH));
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", AZURE_PATH)
+    );
     assert_eq!(seen.header("api-key"), Some(KEY));
-    assert_eq!(seen.header("authorization"), None, "an api-key is not also sent as a bearer");
+    assert_eq!(
+        seen.header("authorization"),
+        None,
+        "an api-key is not also sent as a bearer"
+    );
     let b = body(seen);
-    assert_eq!(b["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"], json!(labels()));
-    assert!(b["messages"][1]["content"].to_string().contains("data:image/png;base64,"), "{b}");
+    assert_eq!(
+        b["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"],
+        json!(labels())
+    );
+    assert!(
+        b["messages"][1]["content"]
+            .to_string()
+            .contains("data:image/png;base64,"),
+        "{b}"
+    );
     assert_eq!(r.content, ANSWER);
-    assert_eq!(r.usage, Some(TokenUsage { prompt: 394, completion: 22 }));
+    assert_eq!(
+        r.usage,
+        Some(TokenUsage {
+            prompt: 394,
+            completion: 22
+        })
+    );
     assert_eq!(r.resolved_model.as_deref(), Some("gpt-4o-2024-08-06"));
-    assert_eq!((r.finish_reason.as_deref(), r.refusal.as_deref()), (Some("stop"), None));
+    assert_eq!(
+        (r.finish_reason.as_deref(), r.refusal.as_deref()),
+        (Some("stop"), None)
+    );
 }
 
 #[test]
 fn azure_entra_id_token_goes_as_a_bearer_and_the_api_version_can_change() {
     let server = Server::start(|_| (200, azure_completion(Some(ANSWER), "stop")));
-    let c = AzureClient::new(http_client(), &server.url, DEPLOYMENT, "2025-04-01-preview", AzureAuth::Bearer("eyJ0eXAi.tok".into()));
+    let c = AzureClient::new(
+        http_client(),
+        &server.url,
+        DEPLOYMENT,
+        "2025-04-01-preview",
+        AzureAuth::Bearer("eyJ0eXAi.tok".into()),
+    );
     chat(&c, &request(DEPLOYMENT, true)).unwrap();
     let seen = &server.received()[0];
-    assert_eq!(seen.path, "/openai/deployments/gpt4o-radiology/chat/completions?api-version=2025-04-01-preview");
+    assert_eq!(
+        seen.path,
+        "/openai/deployments/gpt4o-radiology/chat/completions?api-version=2025-04-01-preview"
+    );
     assert_eq!(seen.header("authorization"), Some("Bearer eyJ0eXAi.tok"));
     assert_eq!(seen.header("api-key"), None);
 }
@@ -123,34 +168,90 @@ fn azure_entra_id_token_goes_as_a_bearer_and_the_api_version_can_change() {
 #[test]
 fn azure_content_filter_on_the_prompt_or_the_answer_is_a_refusal_not_an_error() {
     let server = Server::start(|_| (400, AZURE_PROMPT_FILTERED.to_string()));
-    let r = chat(&azure(&server.url, AzureAuth::ApiKey(KEY.into())), &request(DEPLOYMENT, true)).unwrap();
+    let r = chat(
+        &azure(&server.url, AzureAuth::ApiKey(KEY.into())),
+        &request(DEPLOYMENT, true),
+    )
+    .unwrap();
     assert_eq!(server.requests(), 1);
     let why = r.refusal.expect("a refusal");
-    assert!(why.contains("content filter") && why.contains("sexual"), "{why}");
-    assert_eq!((r.content.as_str(), r.finish_reason.as_deref()), ("", Some("content_filter")));
+    assert!(
+        why.contains("content filter") && why.contains("sexual"),
+        "{why}"
+    );
+    assert_eq!(
+        (r.content.as_str(), r.finish_reason.as_deref()),
+        ("", Some("content_filter"))
+    );
 
     let server = Server::start(|_| (200, azure_completion(None, "content_filter")));
-    let r = chat(&azure(&server.url, AzureAuth::ApiKey(KEY.into())), &request(DEPLOYMENT, true)).unwrap();
+    let r = chat(
+        &azure(&server.url, AzureAuth::ApiKey(KEY.into())),
+        &request(DEPLOYMENT, true),
+    )
+    .unwrap();
     let why = r.refusal.expect("a refusal");
     assert!(why.contains("violence"), "{why}");
-    assert_eq!(r.usage, Some(TokenUsage { prompt: 394, completion: 22 }), "a filtered answer is still billed");
+    assert_eq!(
+        r.usage,
+        Some(TokenUsage {
+            prompt: 394,
+            completion: 22
+        }),
+        "a filtered answer is still billed"
+    );
 }
 
 #[test]
 fn azure_errors_are_classified_like_openai_ones() {
     let cases = [
         // Documented 401 for a wrong key or endpoint.
-        (401, r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#, false, true),
-        (404, r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}"#, false, true),
-        (400, r#"{"error":{"message":"Unrecognized request argument supplied: top_k","type":"invalid_request_error","param":null,"code":null}}"#, false, true),
-        (429, r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds."}}"#, true, false),
-        (500, r#"{"error":{"code":"InternalServerError","message":"The service is temporarily unable to process your request."}}"#, true, false),
+        (
+            401,
+            r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#,
+            false,
+            true,
+        ),
+        (
+            404,
+            r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}"#,
+            false,
+            true,
+        ),
+        (
+            400,
+            r#"{"error":{"message":"Unrecognized request argument supplied: top_k","type":"invalid_request_error","param":null,"code":null}}"#,
+            false,
+            true,
+        ),
+        (
+            429,
+            r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds."}}"#,
+            true,
+            false,
+        ),
+        (
+            500,
+            r#"{"error":{"code":"InternalServerError","message":"The service is temporarily unable to process your request."}}"#,
+            true,
+            false,
+        ),
     ];
     for (status, text, retryable, permanent) in cases {
-        let server = Server::start_replies(move |_| Reply::new(status, text).with_header("retry-after", "6"));
-        let e = chat(&azure(&server.url, AzureAuth::ApiKey(KEY.into())), &request(DEPLOYMENT, true)).unwrap_err();
+        let server = Server::start_replies(move |_| {
+            Reply::new(status, text).with_header("retry-after", "6")
+        });
+        let e = chat(
+            &azure(&server.url, AzureAuth::ApiKey(KEY.into())),
+            &request(DEPLOYMENT, true),
+        )
+        .unwrap_err();
         assert_error(&e, status, retryable, permanent);
-        assert!(!e.message.contains("api-version"), "the query stays out of messages: {}", e.message);
+        assert!(
+            !e.message.contains("api-version"),
+            "the query stays out of messages: {}",
+            e.message
+        );
         if status == 429 {
             assert_eq!(e.retry_after, Some(Duration::from_secs(6)));
         }
@@ -160,7 +261,11 @@ fn azure_errors_are_classified_like_openai_ones() {
 #[test]
 fn azure_non_json_200_is_a_clear_retryable_error() {
     let server = Server::start(|_| (200, "<html><body>Gateway says hello</body></html>".into()));
-    let e = chat(&azure(&server.url, AzureAuth::None), &request(DEPLOYMENT, true)).unwrap_err();
+    let e = chat(
+        &azure(&server.url, AzureAuth::None),
+        &request(DEPLOYMENT, true),
+    )
+    .unwrap_err();
     assert!(e.retryable && e.message.contains("not JSON"), "{e:?}");
 }
 
@@ -198,7 +303,10 @@ fn anthropic_sends_its_headers_an_image_block_and_a_forced_tool_and_reads_the_to
     let c = AnthropicClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(CLAUDE, true)).unwrap();
     let seen = &server.received()[0];
-    assert_eq!((seen.method.as_str(), seen.path.as_str()), ("POST", "/v1/messages"));
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/v1/messages")
+    );
     assert_eq!(seen.header("x-api-key"), Some(KEY));
     assert_eq!(seen.header("anthropic-version"), Some(ANTHROPIC_VERSION));
     assert_eq!(seen.header("content-type"), Some("application/json"));
@@ -211,14 +319,32 @@ fn anthropic_sends_its_headers_an_image_block_and_a_forced_tool_and_reads_the_to
         b["messages"][0]["content"][0],
         json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}})
     );
-    assert_eq!(b["messages"][0]["content"][1], json!({"type": "text", "text": "Classify this brain MRI."}));
-    assert_eq!(b["tool_choice"], json!({"type": "tool", "name": ANSWER_TOOL}));
-    assert_eq!(b["tools"][0]["input_schema"]["properties"]["label"]["enum"], json!(labels()));
-    assert!(b.get("seed").is_none() && b.get("response_format").is_none(), "{b}");
+    assert_eq!(
+        b["messages"][0]["content"][1],
+        json!({"type": "text", "text": "Classify this brain MRI."})
+    );
+    assert_eq!(
+        b["tool_choice"],
+        json!({"type": "tool", "name": ANSWER_TOOL})
+    );
+    assert_eq!(
+        b["tools"][0]["input_schema"]["properties"]["label"]["enum"],
+        json!(labels())
+    );
+    assert!(
+        b.get("seed").is_none() && b.get("response_format").is_none(),
+        "{b}"
+    );
 
     let answer: Value = serde_json::from_str(&r.content).unwrap();
     assert_eq!(answer["label"], "glioma");
-    assert_eq!(r.usage, Some(TokenUsage { prompt: 1612, completion: 48 }));
+    assert_eq!(
+        r.usage,
+        Some(TokenUsage {
+            prompt: 1612,
+            completion: 48
+        })
+    );
     assert_eq!(r.resolved_model.as_deref(), Some(CLAUDE_SNAPSHOT));
     assert_eq!(r.finish_reason.as_deref(), Some("tool_use"));
 }
@@ -229,8 +355,14 @@ fn anthropic_without_structured_output_sends_no_tool_and_reads_the_text() {
     let c = AnthropicClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(CLAUDE, false)).unwrap();
     let b = body(&server.received()[0]);
-    assert!(b.get("tools").is_none() && b.get("tool_choice").is_none(), "{b}");
-    assert_eq!((r.content.as_str(), r.finish_reason.as_deref()), (ANSWER, Some("end_turn")));
+    assert!(
+        b.get("tools").is_none() && b.get("tool_choice").is_none(),
+        "{b}"
+    );
+    assert_eq!(
+        (r.content.as_str(), r.finish_reason.as_deref()),
+        (ANSWER, Some("end_turn"))
+    );
 }
 
 #[test]
@@ -242,7 +374,10 @@ fn anthropic_refusal_stop_reason_is_a_refusal() {
     });
     let c = AnthropicClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(CLAUDE, true)).unwrap();
-    assert!(r.refusal.as_deref().is_some_and(|s| s.contains("refusal")), "{r:?}");
+    assert!(
+        r.refusal.as_deref().is_some_and(|s| s.contains("refusal")),
+        "{r:?}"
+    );
     assert_eq!(r.content, "");
 }
 
@@ -259,17 +394,27 @@ fn anthropic_documented_errors_are_classified() {
     ];
     for (status, text, retryable, permanent) in cases {
         let t = text.clone();
-        let server = Server::start_replies(move |_| Reply::new(status, t.clone()).with_header("retry-after", "7"));
+        let server = Server::start_replies(move |_| {
+            Reply::new(status, t.clone()).with_header("retry-after", "7")
+        });
         let c = AnthropicClient::new(http_client(), &server.url, Some(KEY.into()));
         let e = chat(&c, &request(CLAUDE, true)).unwrap_err();
         assert_error(&e, status, retryable, permanent);
         assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
         let kind: Value = serde_json::from_str(&text).unwrap();
-        assert!(e.message.contains(kind["error"]["type"].as_str().unwrap()), "{}", e.message);
+        assert!(
+            e.message.contains(kind["error"]["type"].as_str().unwrap()),
+            "{}",
+            e.message
+        );
     }
     // The monthly spend cap has the rate limit's type and status, but waiting does not help.
     let server = Server::start(|_| {
-        let mut v: Value = serde_json::from_str(&claude_error("rate_limit_error", "You have reached your specified API usage limits.")).unwrap();
+        let mut v: Value = serde_json::from_str(&claude_error(
+            "rate_limit_error",
+            "You have reached your specified API usage limits.",
+        ))
+        .unwrap();
         v["error"]["details"] = json!({"error_code": "enforced_spend_limit_reached"});
         (429, v.to_string())
     });
@@ -280,10 +425,18 @@ fn anthropic_documented_errors_are_classified() {
 
 #[test]
 fn anthropic_non_json_200_is_a_clear_retryable_error() {
-    let server = Server::start(|_| (200, "upstream connect error or disconnect/reset before headers".into()));
+    let server = Server::start(|_| {
+        (
+            200,
+            "upstream connect error or disconnect/reset before headers".into(),
+        )
+    });
     let c = AnthropicClient::new(http_client(), &server.url, Some(KEY.into()));
     let e = chat(&c, &request(CLAUDE, true)).unwrap_err();
-    assert!(e.retryable && e.message.contains("not JSON") && e.message.contains("/v1/messages"), "{e:?}");
+    assert!(
+        e.retryable && e.message.contains("not JSON") && e.message.contains("/v1/messages"),
+        "{e:?}"
+    );
 }
 
 // ---------------------------------------------------------------- Gemini
@@ -307,7 +460,8 @@ fn gemini_response(text: &str, finish: &str) -> String {
 }
 
 fn google_error(code: u16, status: &str, message: &str, details: Value) -> String {
-    json!({"error": {"code": code, "message": message, "status": status, "details": details}}).to_string()
+    json!({"error": {"code": code, "message": message, "status": status, "details": details}})
+        .to_string()
 }
 
 #[test]
@@ -316,34 +470,68 @@ fn gemini_sends_inline_data_a_response_schema_and_the_key_header_and_reads_usage
     let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(GEMINI, true)).unwrap();
     let seen = &server.received()[0];
-    assert_eq!((seen.method.as_str(), seen.path.as_str()), ("POST", GEMINI_PATH));
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", GEMINI_PATH)
+    );
     assert_eq!(seen.header("x-goog-api-key"), Some(KEY));
     assert!(!seen.path.contains(KEY), "the key never goes in the URL");
     let b = body(seen);
     let parts = &b["contents"][0]["parts"];
     assert_eq!(b["contents"][0]["role"], "user");
-    assert_eq!(parts[0], json!({"inline_data": {"mime_type": "image/png", "data": PNG_B64}}));
+    assert_eq!(
+        parts[0],
+        json!({"inline_data": {"mime_type": "image/png", "data": PNG_B64}})
+    );
     assert_eq!(parts[1], json!({"text": "Classify this brain MRI."}));
-    assert_eq!(b["systemInstruction"]["parts"][0]["text"], "You are a radiologist.");
+    assert_eq!(
+        b["systemInstruction"]["parts"][0]["text"],
+        "You are a radiologist."
+    );
     let g = &b["generationConfig"];
-    assert_eq!((g["temperature"].as_f64(), g["maxOutputTokens"].as_u64(), g["seed"].as_u64()), (Some(0.0), Some(200), Some(42)));
+    assert_eq!(
+        (
+            g["temperature"].as_f64(),
+            g["maxOutputTokens"].as_u64(),
+            g["seed"].as_u64()
+        ),
+        (Some(0.0), Some(200), Some(42))
+    );
     assert_eq!(g["responseMimeType"], "application/json");
     let schema = &g["responseSchema"];
     assert_eq!(schema["type"], "OBJECT");
     assert_eq!(schema["properties"]["label"]["enum"], json!(labels()));
-    assert!(!schema.to_string().contains("additionalProperties"), "not in Gemini's schema subset: {schema}");
+    assert!(
+        !schema.to_string().contains("additionalProperties"),
+        "not in Gemini's schema subset: {schema}"
+    );
 
     assert_eq!(r.content, ANSWER);
-    assert_eq!(r.usage, Some(TokenUsage { prompt: 1290, completion: 181 }), "thinking is billed as output");
+    assert_eq!(
+        r.usage,
+        Some(TokenUsage {
+            prompt: 1290,
+            completion: 181
+        }),
+        "thinking is billed as output"
+    );
     assert_eq!(r.reasoning_tokens, Some(150));
-    assert_eq!(r.resolved_model.as_deref(), Some("gemini-2.5-flash-preview-05-20"));
-    assert_eq!((r.finish_reason.as_deref(), r.refusal.as_deref()), (Some("STOP"), None));
+    assert_eq!(
+        r.resolved_model.as_deref(),
+        Some("gemini-2.5-flash-preview-05-20")
+    );
+    assert_eq!(
+        (r.finish_reason.as_deref(), r.refusal.as_deref()),
+        (Some("STOP"), None)
+    );
 
     // Unstructured: no schema, and `models/` in the name is the same model.
     let r2 = chat(&c, &request("models/gemini-2.5-flash", false)).unwrap();
     let seen = &server.received()[1];
     assert_eq!(seen.path, GEMINI_PATH);
-    assert!(body(seen)["generationConfig"].get("responseSchema").is_none());
+    assert!(body(seen)["generationConfig"]
+        .get("responseSchema")
+        .is_none());
     assert_eq!(r2.content, ANSWER);
 }
 
@@ -359,28 +547,49 @@ fn gemini_safety_blocks_of_the_prompt_or_the_answer_are_refusals() {
     let server = Server::start(move |_| (200, blocked.clone()));
     let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(GEMINI, true)).unwrap();
-    assert!(r.refusal.as_deref().is_some_and(|s| s.contains("blockReason: SAFETY")), "{r:?}");
+    assert!(
+        r.refusal
+            .as_deref()
+            .is_some_and(|s| s.contains("blockReason: SAFETY")),
+        "{r:?}"
+    );
     assert_eq!(r.finish_reason.as_deref(), Some("SAFETY"));
-    assert_eq!(r.usage, Some(TokenUsage { prompt: 1290, completion: 0 }));
+    assert_eq!(
+        r.usage,
+        Some(TokenUsage {
+            prompt: 1290,
+            completion: 0
+        })
+    );
 
     for finish in ["SAFETY", "PROHIBITED_CONTENT"] {
         let server = Server::start(move |_| (200, gemini_response("", finish)));
         let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
         let r = chat(&c, &request(GEMINI, true)).unwrap();
-        assert!(r.refusal.as_deref().is_some_and(|s| s.contains(finish)), "{r:?}");
+        assert!(
+            r.refusal.as_deref().is_some_and(|s| s.contains(finish)),
+            "{r:?}"
+        );
     }
     // A cut-off answer is not a refusal.
     let server = Server::start(|_| (200, gemini_response("{\"label\": \"gli", "MAX_TOKENS")));
     let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
     let r = chat(&c, &request(GEMINI, true)).unwrap();
-    assert_eq!((r.refusal, r.finish_reason.as_deref()), (None, Some("MAX_TOKENS")));
+    assert_eq!(
+        (r.refusal, r.finish_reason.as_deref()),
+        (None, Some("MAX_TOKENS"))
+    );
 }
 
 #[test]
 fn gemini_documented_errors_are_classified_with_google_retry_hints() {
-    let invalid_key = google_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+    let invalid_key = google_error(
+        400,
+        "INVALID_ARGUMENT",
+        "API key not valid. Please pass a valid API key.",
         json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]));
+                "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]),
+    );
     let cases = [
         (400, invalid_key, false, true),
         (400, google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received. Unknown name \"top_k\" at 'generation_config': Cannot find field.", json!([])), false, true),
@@ -393,25 +602,46 @@ fn gemini_documented_errors_are_classified_with_google_retry_hints() {
         let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
         let e = chat(&c, &request(GEMINI, true)).unwrap_err();
         assert_error(&e, status, retryable, permanent);
-        assert!(e.message.contains(&format!("HTTP {status} ")), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("HTTP {status} ")),
+            "{}",
+            e.message
+        );
     }
 
     // 429 with Google's RetryInfo and no Retry-After header: the delay comes from the body.
-    let per_minute = google_error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota, please check your plan and billing details.", json!([
+    let per_minute = google_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.",
+        json!([
         {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
             "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
             "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
             "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"}, "quotaValue": "10"}]},
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]));
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]),
+    );
     let per_day = per_minute.replace("PerMinute", "PerDay");
-    let server = Server::start(move |n| (429, if n == 0 { per_minute.clone() } else { per_day.clone() }));
+    let server = Server::start(move |n| {
+        (
+            429,
+            if n == 0 {
+                per_minute.clone()
+            } else {
+                per_day.clone()
+            },
+        )
+    });
     let c = GeminiClient::new(http_client(), &server.url, Some(KEY.into()));
     let e = chat(&c, &request(GEMINI, true)).unwrap_err();
     assert_error(&e, 429, true, false);
     assert_eq!(e.retry_after, Some(Duration::from_secs(37)));
     assert!(e.message.contains("RESOURCE_EXHAUSTED"), "{}", e.message);
     let e = chat(&c, &request(GEMINI, true)).unwrap_err();
-    assert!(!e.retryable, "a per-day quota does not refill within a run: {e:?}");
+    assert!(
+        !e.retryable,
+        "a per-day quota does not refill within a run: {e:?}"
+    );
 }
 
 #[test]
@@ -426,28 +656,50 @@ fn gemini_non_json_200_is_a_clear_retryable_error() {
 
 #[test]
 fn the_three_spec_forms_parse_with_their_defaults() {
-    let s = ProviderSpec::parse("llm:azure/gpt4o-radiology@https://contoso-med.openai.azure.com/").unwrap();
-    assert_eq!((s.kind, s.model.as_str(), s.base_url.as_str()), (ProviderKind::Azure, DEPLOYMENT, "https://contoso-med.openai.azure.com"));
+    let s = ProviderSpec::parse("llm:azure/gpt4o-radiology@https://contoso-med.openai.azure.com/")
+        .unwrap();
+    assert_eq!(
+        (s.kind, s.model.as_str(), s.base_url.as_str()),
+        (
+            ProviderKind::Azure,
+            DEPLOYMENT,
+            "https://contoso-med.openai.azure.com"
+        )
+    );
     assert!(s.api_version.is_some());
-    assert_eq!(s.canonical(), "llm:azure/gpt4o-radiology@https://contoso-med.openai.azure.com");
+    assert_eq!(
+        s.canonical(),
+        "llm:azure/gpt4o-radiology@https://contoso-med.openai.azure.com"
+    );
     let s = s.with_api_version("2025-04-01-preview").unwrap();
     assert_eq!(s.api_version.as_deref(), Some("2025-04-01-preview"));
     for bad in ["2024-10-21&x=1", "latest", ""] {
         assert!(s.clone().with_api_version(bad).is_err(), "{bad}");
     }
-    let e = ProviderSpec::parse("llm:azure/gpt4o").unwrap_err().to_string();
+    let e = ProviderSpec::parse("llm:azure/gpt4o")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("openai.azure.com"), "{e}");
     assert!(ProviderSpec::parse("azure/a b@https://x.openai.azure.com").is_err());
 
     let s = ProviderSpec::parse("llm:anthropic/claude-sonnet-4-5").unwrap();
-    assert_eq!((s.kind, s.base_url.as_str(), s.api_version.as_deref()), (ProviderKind::Anthropic, spec::ANTHROPIC_BASE_URL, None));
+    assert_eq!(
+        (s.kind, s.base_url.as_str(), s.api_version.as_deref()),
+        (ProviderKind::Anthropic, spec::ANTHROPIC_BASE_URL, None)
+    );
     assert_eq!(s.canonical(), "llm:anthropic/claude-sonnet-4-5");
-    assert!(s.with_api_version("2024-10-21").is_err(), "api-version is Azure's");
+    assert!(
+        s.with_api_version("2024-10-21").is_err(),
+        "api-version is Azure's"
+    );
     let s = ProviderSpec::parse("anthropic/claude-sonnet-4-5@http://127.0.0.1:9/").unwrap();
     assert_eq!(s.base_url, "http://127.0.0.1:9");
 
     let s = ProviderSpec::parse("llm:gemini/gemini-2.5-flash").unwrap();
-    assert_eq!((s.kind, s.base_url.as_str()), (ProviderKind::Gemini, spec::GEMINI_BASE_URL));
+    assert_eq!(
+        (s.kind, s.base_url.as_str()),
+        (ProviderKind::Gemini, spec::GEMINI_BASE_URL)
+    );
     assert!(ProviderSpec::parse("gemini/gemini?x").is_err());
 
     for (kind, var) in [
@@ -457,11 +709,23 @@ fn the_three_spec_forms_parse_with_their_defaults() {
         (ProviderKind::OpenAi, "OPENAI_API_KEY"),
     ] {
         assert_eq!(kind.default_key_env(), var);
-        assert_eq!(native::key_env_for(kind, "OPENAI_API_KEY"), var, "the generic default means the vendor's own");
-        assert_eq!(native::key_env_for(kind, "MY_KEY"), "MY_KEY", "a named variable is used as named");
+        assert_eq!(
+            native::key_env_for(kind, "OPENAI_API_KEY"),
+            var,
+            "the generic default means the vendor's own"
+        );
+        assert_eq!(
+            native::key_env_for(kind, "MY_KEY"),
+            "MY_KEY",
+            "a named variable is used as named"
+        );
         if kind != ProviderKind::OpenAi {
             let json = serde_json::to_string(&kind).unwrap();
-            assert_eq!(json, format!("\"{}\"", kind.as_str()), "config files use the spec's name");
+            assert_eq!(
+                json,
+                format!("\"{}\"", kind.as_str()),
+                "config files use the spec's name"
+            );
         }
     }
 }
@@ -475,7 +739,12 @@ fn a_vendor_endpoint_without_a_key_fails_before_any_request() {
     ] {
         let s = ProviderSpec::parse(spec).unwrap();
         let e = match build_provider(&s, "MICA_TEST_NEVER_SET_KEY_3F9", http_client()) {
-            Ok(_) if s.kind == ProviderKind::Azure && std::env::var(spec::AZURE_AD_TOKEN_ENV).is_ok() => continue,
+            Ok(_)
+                if s.kind == ProviderKind::Azure
+                    && std::env::var(spec::AZURE_AD_TOKEN_ENV).is_ok() =>
+            {
+                continue
+            }
             Ok(_) => panic!("{spec}: built without a key"),
             Err(e) => e.to_string(),
         };
@@ -491,7 +760,9 @@ fn mri() -> LabelSet {
 
 fn item(dir: &std::path::Path) -> WorkItem {
     let path = dir.join("0.png");
-    GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * 3 + y) as u8])).save(&path).unwrap();
+    GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * 3 + y) as u8]))
+        .save(&path)
+        .unwrap();
     let s = Sample {
         id: "glioma/0.png".into(),
         source: ImageSource::file(&path),
@@ -525,7 +796,13 @@ fn runner(spec: &str, key_var: &str, prices: &str, dir: &std::path::Path) -> Llm
 }
 
 fn rate_limited_once(first: Reply, then: String) -> Server {
-    Server::start_replies(move |r| if r.n == 0 { first.clone() } else { Reply::new(200, then.clone()) })
+    Server::start_replies(move |r| {
+        if r.n == 0 {
+            first.clone()
+        } else {
+            Reply::new(200, then.clone())
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,13 +856,33 @@ async fn each_provider_answers_through_the_runner_after_a_429_with_cost_and_snap
         assert_eq!(p.outcome, Outcome::Answered, "{spec}: {p:?}");
         assert_eq!(p.predicted.as_deref(), Some("glioma"), "{spec}");
         assert_eq!(server.requests(), 2, "{spec}: one 429, one retry");
-        assert!(server.received().iter().all(|q| q.header(header) == Some(KEY)), "{spec}: key header");
-        assert_eq!(p.tokens, Some(TokenUsage { prompt: inp, completion: out }), "{spec}");
+        assert!(
+            server
+                .received()
+                .iter()
+                .all(|q| q.header(header) == Some(KEY)),
+            "{spec}: key header"
+        );
+        assert_eq!(
+            p.tokens,
+            Some(TokenUsage {
+                prompt: inp,
+                completion: out
+            }),
+            "{spec}"
+        );
         let want = (inp as f64 * pin + out as f64 * pout) / 1e6;
-        assert!(p.cost_usd.is_some_and(|c| (c - want).abs() < 1e-12), "{spec}: {:?} vs {want}", p.cost_usd);
+        assert!(
+            p.cost_usd.is_some_and(|c| (c - want).abs() < 1e-12),
+            "{spec}: {:?} vs {want}",
+            p.cost_usd
+        );
         assert_eq!(p.resolved_model.as_deref(), Some(snapshot), "{spec}");
         assert_eq!(p.finish_reason.as_deref(), Some(finish), "{spec}");
-        assert!(!serde_json::to_string(&p).unwrap().contains(KEY), "{spec}: key in the prediction");
+        assert!(
+            !serde_json::to_string(&p).unwrap().contains(KEY),
+            "{spec}: key in the prediction"
+        );
     }
 }
 
@@ -595,23 +892,47 @@ async fn refusals_and_permanent_errors_reach_the_prediction_without_retries() {
     let it = item(dir.path());
     let prices = "[models]\n";
     // Safety blocks and content filters: `refused`, one request each.
-    let gem = Server::start(|_| (200, json!({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}).to_string()));
+    let gem = Server::start(|_| {
+        (
+            200,
+            json!({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}).to_string(),
+        )
+    });
     let az = Server::start(|_| (400, AZURE_PROMPT_FILTERED.to_string()));
     for (spec, var, server) in [
         ("gemini/gemini-2.5-flash", "MICA_TEST_GEMINI_KEY_B1", &gem),
         ("azure/gpt4o-radiology", "MICA_TEST_AZURE_KEY_B1", &az),
     ] {
-        let p = runner(&format!("{spec}@{}", server.url), var, prices, dir.path()).classify_one(&it).await;
+        let p = runner(&format!("{spec}@{}", server.url), var, prices, dir.path())
+            .classify_one(&it)
+            .await;
         assert_eq!(p.outcome, Outcome::Refused, "{spec}: {p:?}");
-        assert!(!p.permanent_error, "{spec}: one image's block does not stop the run");
+        assert!(
+            !p.permanent_error,
+            "{spec}: one image's block does not stop the run"
+        );
         assert_eq!(server.requests(), 1, "{spec}");
     }
     // A bad key: failed, permanent (the run engine stops), not retried.
-    let ant = Server::start(|_| (401, claude_error("authentication_error", "invalid x-api-key")));
-    let p = runner(&format!("anthropic/claude-sonnet-4-5@{}", ant.url), "MICA_TEST_ANTHROPIC_KEY_B1", prices, dir.path())
-        .classify_one(&it)
-        .await;
-    assert_eq!((p.outcome, p.http_status, p.permanent_error), (Outcome::Failed, Some(401), true), "{p:?}");
+    let ant = Server::start(|_| {
+        (
+            401,
+            claude_error("authentication_error", "invalid x-api-key"),
+        )
+    });
+    let p = runner(
+        &format!("anthropic/claude-sonnet-4-5@{}", ant.url),
+        "MICA_TEST_ANTHROPIC_KEY_B1",
+        prices,
+        dir.path(),
+    )
+    .classify_one(&it)
+    .await;
+    assert_eq!(
+        (p.outcome, p.http_status, p.permanent_error),
+        (Outcome::Failed, Some(401), true),
+        "{p:?}"
+    );
     assert_eq!(ant.requests(), 1);
     assert!(!p.error.unwrap_or_default().contains(KEY));
 }
