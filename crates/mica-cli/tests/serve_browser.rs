@@ -274,9 +274,11 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     d.wait_for("return document.getElementById('panel').textContent.includes('cnn:small')", "the classifier list", Duration::from_secs(20));
     let image = data.join("pituitary").join("pituitary_005.png");
     d.type_into("#file", &image.display().to_string());
+    // Each card appears at once and fills in as its classifier answers (polled); the case is
+    // complete once both have answered and it is recorded.
     d.wait_for(
-        "return document.querySelectorAll('#results .prediction').length === 2",
-        "two suggestions",
+        "return document.querySelectorAll('#results .prediction[data-state=answered]').length === 2 && document.getElementById('case').dataset.complete === 'true'",
+        "two answered suggestions",
         Duration::from_secs(60),
     );
     let results = d.text("#results");

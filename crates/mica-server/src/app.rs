@@ -535,7 +535,8 @@ pub(crate) struct CaseView {
     id: String,
     /// The task the case was classified for, while the server holds the case in memory.
     task: Option<String>,
-    /// False while any classifier is still `pending` (poll this case until it is true).
+    /// False until every classifier is done and the case is recorded (poll until it is true;
+    /// a decision can be recorded from then on).
     complete: bool,
     /// Why the image was not classified by its task's classifiers, when its DICOM header
     /// says it is another kind of study.
@@ -623,7 +624,7 @@ pub(crate) fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> C
     let held = app.has_image(&c.id);
     let id = c.id.clone();
     let task = app.with_images(&id, |i| Some(i.task.clone())).or_else(|| app.0.live.get(&id).map(|(_, t)| t));
-    let complete = !c.predictions.iter().any(|p| p.outcome == "pending");
+    let complete = !c.predictions.iter().any(|p| p.outcome == "pending") && !app.0.live.in_progress(&id);
     let modality_mismatch = c.review_reasons.iter().find(|r| r.starts_with("modality mismatch")).cloned();
     let decisions: Vec<DecisionView> = decisions.into_iter().map(DecisionView::from).collect();
     CaseView {

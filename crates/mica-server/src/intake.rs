@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub image_cache_bytes: usize,
     /// Longest time any request may take (reading the upload included) before 408.
     pub request_timeout: Duration,
+    /// Time a client has to send its request line and headers before the connection is
+    /// closed (slow-header clients).
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -59,6 +62,7 @@ impl Default for ServeOptions {
             max_concurrent_cases: 4,
             image_cache_bytes: 256 << 20,
             request_timeout: Duration::from_secs(120),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,6 +84,8 @@ pub(crate) struct LiveCase {
     pub(crate) record: CaseRecord,
     pub(crate) task: String,
     done: tokio::sync::watch::Receiver<bool>,
+    /// Every classifier is done but the store refused the case (kept here to stay visible).
+    unrecorded: bool,
 }
 
 /// The cases in progress, by id.
@@ -92,6 +98,14 @@ impl Live {
     pub(crate) fn get(&self, id: &str) -> Option<(CaseRecord, String)> {
         let m = self.cases.lock().unwrap_or_else(|p| p.into_inner());
         m.get(id).map(|c| (c.record.clone(), c.task.clone()))
+    }
+
+    /// True while the case is not yet in the store: a classifier is still at work, or the
+    /// finished case is being recorded. A case is `complete` only once it is recorded, so a
+    /// decision can always follow.
+    pub(crate) fn in_progress(&self, id: &str) -> bool {
+        let m = self.cases.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).is_some_and(|c| !c.unrecorded)
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut CaseRecord)) {
@@ -236,7 +250,7 @@ pub(crate) async fn classify(
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     {
         let mut m = app.0.live.cases.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(id.clone(), LiveCase { record: record.clone(), task: task.name.clone(), done: done_rx });
+        m.insert(id.clone(), LiveCase { record: record.clone(), task: task.name.clone(), done: done_rx, unrecorded: false });
     }
     app.keep_image(&id, &task.name, png.clone());
 
@@ -376,6 +390,9 @@ async fn collect(
             // Kept in memory so the page still shows it; the error is in the log.
             tracing::error!("case {id}: not recorded: {}", e.message);
             app.0.live.update(&id, |r| *r = record.clone());
+            if let Some(c) = app.0.live.cases.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+                c.unrecorded = true;
+            }
         }
     }
     tracing::info!("case {id}: complete in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);

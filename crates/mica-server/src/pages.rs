@@ -155,6 +155,7 @@ async function upload(file, override) {
 function render(c) {
   current = c;
   $('case').hidden = false;
+  $('case').dataset.complete = String(!!c.complete);
   $('case-id').textContent = c.id;
   const fig = $('case-image'); fig.replaceChildren();
   if (c.image.url) fig.append(el('img', { src: c.image.url, alt: 'uploaded image (de-identified pixels)' }));

@@ -73,9 +73,38 @@ pub struct ServeArgs {
     /// Longest time one request may take, reading the upload included, in seconds.
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
+    /// Time a client has to send its request headers, in seconds, before the connection is
+    /// closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
     /// CPU TDP in watts for the CPU-time energy estimate, instead of the table value.
     #[arg(long, value_name = "W")]
     pub tdp: Option<f64>,
+    /// Named users: a TOML file of `[[users]]` entries (name, role `physician` or `viewer`,
+    /// argon2id `secret`), made with `mica users add`. Physicians record decisions, viewers
+    /// read; each decision records the signed-in user.
+    #[arg(long, value_name = "FILE")]
+    pub users: Option<PathBuf>,
+    /// Take the user's name from this request header (e.g. X-Remote-User), set by an
+    /// authenticating reverse proxy; believed only from --trusted-proxy addresses.
+    #[arg(long, value_name = "HEADER", requires = "trusted_proxy")]
+    pub trusted_user_header: Option<String>,
+    /// Addresses of the reverse proxy allowed to set --trusted-user-header (comma-separated).
+    #[arg(long, value_name = "IP[,IP]", value_delimiter = ',')]
+    pub trusted_proxy: Vec<std::net::IpAddr>,
+    /// A host name this server is reached by (repeatable; `localhost` and IP literals are
+    /// always accepted). Requests naming any other host are refused (DNS rebinding).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Serve without any authentication on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    pub allow_open: bool,
+    /// A TLS-terminating proxy is in front: session cookies are marked `Secure`.
+    #[arg(long)]
+    pub behind_tls: bool,
+    /// Hours a signed-in session may stay unused before it ends.
+    #[arg(long, default_value_t = 8.0, value_name = "H")]
+    pub session_idle_hours: f64,
 }
 
 /// The environment variable holding the bearer token; when set, every page and API call
@@ -103,7 +132,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| usage(format!("--host {}: {e}", args.host)))?;
-    let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
+    // Set but empty or short is refused (App::new), never read as "no authentication".
+    let token = std::env::var(TOKEN_ENV).ok();
+    if let Some(t) = &token {
+        mica_server::security::check_token(t).map_err(usage)?;
+    }
+    if !args.trusted_proxy.is_empty() && args.trusted_user_header.is_none() {
+        return Err(usage("--trusted-proxy is only used with --trusted-user-header"));
+    }
+    if !(args.session_idle_hours > 0.0 && args.session_idle_hours.is_finite() && args.session_idle_hours <= 24.0) {
+        return Err(usage("--session-idle-hours must be above 0 and at most 24"));
+    }
+    let authenticated = token.is_some() || args.users.is_some() || args.trusted_user_header.is_some();
+    mica_server::security::check_exposure(addr.ip(), authenticated, args.allow_open).map_err(usage)?;
+    let users = match &args.users {
+        Some(p) => Some(mica_server::auth::Users::load(p).map_err(|e| usage(e.to_string()))?),
+        None => None,
+    };
+    let access = mica_server::AccessConfig {
+        users,
+        proxy: args.trusted_user_header.as_ref().map(|h| mica_server::auth::TrustedProxy {
+            header: h.trim().to_ascii_lowercase(),
+            peers: args.trusted_proxy.clone(),
+        }),
+        allowed_hosts: args.allowed_hosts.clone(),
+        secure_cookies: args.behind_tls,
+        session_idle: Some(Duration::from_secs_f64(args.session_idle_hours * 3600.0)),
+    };
     let store_path = args
         .store
         .clone()
@@ -123,7 +178,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..LlmOptions::default()
     };
     let meter = super::energy::EnergyOpts { tdp: args.tdp, ..Default::default() }.meter_config()?;
-    for (flag, v) in [("--llm-deadline", args.llm_deadline), ("--cnn-deadline", args.cnn_deadline), ("--request-timeout", args.request_timeout)] {
+    for (flag, v) in [("--llm-deadline", args.llm_deadline), ("--cnn-deadline", args.cnn_deadline), ("--request-timeout", args.request_timeout), ("--header-timeout", args.header_timeout)] {
         if !(v > 0.0 && v.is_finite() && v <= 86_400.0) {
             return Err(usage(format!("{flag} must be a positive number of seconds (at most a day)")));
         }
@@ -173,18 +228,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_concurrent_cases: args.max_concurrent_cases,
         image_cache_bytes: args.image_cache_mb.saturating_mul(1 << 20),
         request_timeout: Duration::from_secs_f64(args.request_timeout),
+        header_read_timeout: Duration::from_secs_f64(args.header_timeout),
     };
-    let app = App::with_tasks(tasks, store, settings, options).map_err(config_err)?;
+    let app = App::with_tasks(tasks, store, settings, options)
+        .and_then(|a| a.with_access(access))
+        .map_err(config_err)?;
+    let auth_line = match (&token, &args.users, &args.trusted_user_header) {
+        (Some(_), _, _) => format!("bearer token required ({TOKEN_ENV}); browsers sign in at /sign-in"),
+        (None, Some(p), None) => format!("named users from {}; sign in at /sign-in", p.display()),
+        (None, Some(p), Some(h)) => format!("users from the {h} header of the trusted proxy, roles from {}", p.display()),
+        (None, None, Some(h)) => format!("users from the {h} header of the trusted proxy"),
+        (None, None, None) if args.allow_open && !addr.ip().is_loopback() => "NO AUTHENTICATION on a network address (--allow-open)".to_string(),
+        (None, None, None) => format!("no authentication ({TOKEN_ENV}, --users and --trusted-user-header are not set; loopback only)"),
+    };
     mica_server::run(app, addr, |local| {
         let url = format!("http://{local}");
         eprintln!(
             "mica serve: decision support on {url} (results store {}); {}; Ctrl-C stops",
             store_path.display(),
-            if token.is_some() {
-                format!("bearer token required ({TOKEN_ENV}); open {url}/?token=... once in a browser")
-            } else {
-                format!("no authentication ({TOKEN_ENV} is not set)")
-            }
+            auth_line
         );
         println!("{url}");
         use std::io::Write;
