@@ -61,6 +61,9 @@ enum Command {
     /// The web app's audit trail: verify its hash chain, export every decision.
     #[command(subcommand)]
     Audit(cmd::audit::AuditCommand),
+    /// Named users for `mica serve --users`: add one (argon2id-hashed secret).
+    #[command(subcommand)]
+    Users(cmd::users::UsersCommand),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Runs(c) => cmd::runs::run(c),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Audit(c) => cmd::audit::run(c),
+        Command::Users(c) => cmd::users::run(c),
     };
     exit::report(result)
 }

@@ -14,3 +14,4 @@ pub mod runs;
 pub mod serve;
 pub mod synth;
 pub mod train;
+pub mod users;
