@@ -721,6 +721,58 @@ mod tests {
         assert!(matches!(e, UploadError::LimitExceeded { limit: LimitKind::Values, .. }), "{e}");
     }
 
+    /// `small_image_dataset` re-encoded in Implicit VR Little Endian.
+    fn implicit(explicit: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < explicit.len() {
+            let vr = &explicit[i + 4..i + 6];
+            let (len, header) = if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+                (u32::from_le_bytes(explicit[i + 8..i + 12].try_into().unwrap()) as usize, 12)
+            } else {
+                (u16::from_le_bytes(explicit[i + 6..i + 8].try_into().unwrap()) as usize, 8)
+            };
+            out.extend(&explicit[i..i + 4]);
+            out.extend((len as u32).to_le_bytes());
+            out.extend(&explicit[i + header..i + header + len]);
+            i += header + len;
+        }
+        out
+    }
+
+    #[test]
+    fn implicit_vr_files_are_walked_with_the_dictionary_and_decode() {
+        let (ds, img) = small_image_dataset();
+        let d = decode_upload(&part10("1.2.840.10008.1.2", &implicit(&ds))).unwrap();
+        assert_eq!(d.image, img);
+        assert!(d.removed.iter().any(|r| r == "PatientName"), "{:?}", d.removed);
+        // A declared length past the end is caught in implicit VR too.
+        let mut bad = implicit(&ds);
+        bad.extend([0x10, 0x00, 0x30, 0x00]);
+        bad.extend(0x7FFF_FFFFu32.to_le_bytes());
+        let e = decode_upload(&part10("1.2.840.10008.1.2", &bad)).unwrap_err();
+        assert!(matches!(e, UploadError::LimitExceeded { limit: LimitKind::ElementLength, .. }), "{e}");
+    }
+
+    #[test]
+    fn sequences_nested_too_deep_are_refused() {
+        // 40 undefined-length sequences, each in an undefined-length item of the one before.
+        let mut ds = Vec::new();
+        for _ in 0..40 {
+            ds.extend([0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            ds.extend([0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        for _ in 0..40 {
+            ds.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+            ds.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        }
+        let e = decode_upload(&part10(EXPLICIT_LE, &ds)).unwrap_err();
+        assert!(matches!(e, UploadError::LimitExceeded { limit: LimitKind::Depth, .. }), "{e}");
+        let deep_enough = UploadLimits { max_depth: 100, ..UploadLimits::default() };
+        let e = decode_upload_with(&part10(EXPLICIT_LE, &ds), &deep_enough).unwrap_err();
+        assert_eq!(e, UploadError::NoPixelData);
+    }
+
     #[test]
     fn unknown_and_undecodable_transfer_syntaxes_are_named() {
         let (ds, _) = small_image_dataset();
