@@ -48,6 +48,9 @@ enum Command {
     /// A local server speaking the OpenAI and Ollama protocols, answering from a confusion model.
     /// For dry runs and tests only: its results are stamped SIMULATED.
     LlmSim(cmd::llm_sim::LlmSimArgs),
+    /// LLM tools: `mica llm check SPEC` asks a model one tiny question before a paid run.
+    #[command(subcommand)]
+    Llm(cmd::llm_check::LlmCommand),
     /// Run every classifier of an experiment on one split and write one comparison.
     Compare(cmd::compare::CompareArgs),
     /// Render a run directory as Markdown, HTML, JSON or CSV.
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Explain(a) => cmd::explain::run(a),
         Command::Energy(c) => cmd::energy::run(c),
         Command::LlmSim(a) => cmd::llm_sim::run(a),
+        Command::Llm(c) => cmd::llm_check::run(c),
         Command::Compare(a) => cmd::compare::run(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Runs(c) => cmd::runs::run(c),

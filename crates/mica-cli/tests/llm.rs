@@ -260,7 +260,7 @@ fn ollama_protocol_with_gpt4o_prices_and_findings() {
         .success();
     let s = String::from_utf8_lossy(&ok.get_output().stdout).to_string();
     assert!(
-        s.contains("gpt-4o at $2.5/$10 per 1M in/out tokens, as of 2024-10"),
+        s.contains("openai/gpt-4o-2024-08-06 at $2.5/$10 per 1M in/out tokens, as of 2026-03"),
         "{s}"
     );
 }
@@ -426,5 +426,117 @@ fn classify_and_compare_write_the_same_predictions_for_the_same_spec() {
             std::fs::read(b.join("split.csv")).unwrap(),
             "the same split"
         );
+    }
+}
+
+/// `mica llm check` against a stub that answers like OpenAI: (exit code, stdout, stderr).
+fn llm_check(spec: &str, extra: &[&str]) -> (i32, String, String) {
+    let out = mica()
+        .env("OPENAI_API_KEY", FAKE_KEY)
+        .args(["llm", "check", spec])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn llm_check_passes_a_working_server_and_states_the_cost_of_one_image() {
+    let server = mica_run::testing::Server::start(|_| (200, mica_run::testing::completion("glioma")));
+    let (code, out, err) = llm_check(&format!("llm:openai-compatible/gpt-4o@{}", server.url), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(server.requests(), 1, "one small request");
+    for needle in [
+        "[ok]   key: accepted (key from OPENAI_API_KEY)",
+        "[ok]   images: accepted",
+        "[ok]   structured output: supported",
+        "[ok]   answer: parsed (glioma)",
+        // 100 in / 20 out at GPT-4o's list price: $0.00045.
+        "cost: about $0.000450 per image (100 in / 20 out tokens; openai/gpt-4o-2024-08-06 at $2.5/$10 per 1M in/out tokens, as of 2026-03)",
+        "ready: a run with this spec would work",
+    ] {
+        assert!(out.contains(needle), "{needle}\n{out}");
+    }
+    assert!(!out.contains(FAKE_KEY) && !err.contains(FAKE_KEY));
+    let sent: serde_json::Value = serde_json::from_str(&server.bodies()[0]).unwrap();
+    let image = sent["messages"][1]["content"][1]["image_url"]["url"].as_str().unwrap();
+    assert!(image.starts_with("data:image/png;base64,"), "a real image is sent");
+
+    // A model without a price: the cost says so instead of a number.
+    let (code, out, _) = llm_check(&format!("llm:openai-compatible/house-vlm@{}", server.url), &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cost: unknown price for openai-compatible/house-vlm (100 in / 20 out tokens per image)"), "{out}");
+}
+
+#[test]
+fn llm_check_fails_with_exit_1_naming_the_status_when_the_key_is_refused() {
+    let server = mica_run::testing::Server::start(|_| (401, mica_run::testing::INVALID_KEY.to_string()));
+    let (code, out, err) = llm_check(&format!("llm:openai-compatible/gpt-4o@{}", server.url), &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("[FAIL] key: refused (HTTP 401"), "{out}");
+    assert!(err.contains("not ready"), "{err}");
+    assert_eq!(server.requests(), 1, "a refused key is not asked again");
+
+    let server = mica_run::testing::Server::start(|_| {
+        (404, r#"{"error":{"message":"The model `gpt-9o` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#.to_string())
+    });
+    let (code, out, _) = llm_check(&format!("llm:openai-compatible/gpt-9o@{}", server.url), &[]);
+    assert_eq!(code, 1);
+    assert!(out.contains("[FAIL] model `gpt-9o`: not found (HTTP 404)"), "{out}");
+}
+
+#[test]
+fn llm_check_falls_back_to_prompted_json_when_structured_output_is_rejected() {
+    let server = mica_run::testing::Server::start_routed(|r: &mica_llm::testing::Request| {
+        if r.body.contains("response_format") {
+            (400, r#"{"error":{"message":"Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.","type":"invalid_request_error","param":"response_format","code":null}}"#.to_string())
+        } else {
+            (200, mica_run::testing::completion("glioma"))
+        }
+    });
+    let (code, out, err) = llm_check(&format!("llm:openai-compatible/gpt-4-vision@{}", server.url), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("structured output: not supported, prompted JSON will be used"), "{out}");
+    assert_eq!(server.requests(), 2);
+}
+
+#[test]
+fn llm_check_usage_errors_exit_2_and_reasoning_flags_reach_the_request() {
+    let (code, _, err) = llm_check("llm:bard/x", &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, _) = llm_check("llm:openai/gpt-4o", &["--reasoning", "--no-reasoning"]);
+    assert_eq!(code, 2);
+    let server = mica_run::testing::Server::start(|_| (200, mica_run::testing::completion("glioma")));
+    let (code, out, _) = llm_check(&format!("llm:openai-compatible/o3-mini@{}", server.url), &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("reasoning parameters: used"), "{out}");
+    let sent: serde_json::Value = serde_json::from_str(&server.bodies()[0]).unwrap();
+    assert_eq!(sent["max_completion_tokens"], 4000, "{sent}");
+    assert!(sent.get("temperature").is_none() && sent.get("max_tokens").is_none(), "{sent}");
+    let (code, _, _) = llm_check(&format!("llm:openai-compatible/o3-mini@{}", server.url), &["--no-reasoning"]);
+    assert_eq!(code, 0);
+    let sent: serde_json::Value = serde_json::from_str(&server.bodies()[1]).unwrap();
+    assert_eq!(sent["max_tokens"], 200, "{sent}");
+}
+
+#[test]
+fn classify_sends_reasoning_parameters_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let server = mica_run::testing::Server::start(|_| (200, mica_run::testing::completion("glioma")));
+    mica()
+        .args(["classify", "--no-cache", "--limit-per-class", "1", "--reasoning", "--dataset"])
+        .arg(&ds)
+        .arg("--classifier")
+        .arg(format!("llm:openai-compatible/house-reasoner@{}", server.url))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .assert()
+        .success();
+    for b in server.bodies() {
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["max_completion_tokens"], 4000, "{v}");
+        assert!(v.get("temperature").is_none(), "{v}");
     }
 }

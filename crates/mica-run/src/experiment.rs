@@ -227,6 +227,10 @@ pub struct LlmOptions {
     pub structured: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
+    /// OpenAI reasoning-model parameters (`max_completion_tokens`, no `temperature`):
+    /// unset follows the model-name rule (o1, o3, o4, gpt-5 families), true/false overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<bool>,
     /// `stated` or `logprobs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_source: Option<String>,

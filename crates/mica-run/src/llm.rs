@@ -25,6 +25,9 @@ use crate::RunError;
 
 /// The environment variable holding the API key when the entry names none.
 pub const API_KEY_ENV: &str = "OPENAI_API_KEY";
+/// The completion budget of a reasoning model when the entry sets none (it covers the hidden
+/// reasoning and the answer).
+pub const REASONING_MAX_TOKENS: u32 = 4000;
 
 /// Keeps the simulator's runtime and server alive as long as the classifier.
 struct Backed {
@@ -149,6 +152,12 @@ pub fn runner(
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("static address");
         let server = rt.block_on(SimServer::start(sim_cfg, truth, addr, false)).map_err(llm_err)?;
         pspec = pspec.with_base_url(&server.url()).map_err(|e| invalid(name, e))?;
+        // The simulator speaks the OpenAI and Ollama formats only: a simulated Azure,
+        // Anthropic or Gemini entry is asked in the OpenAI format.
+        if matches!(pspec.kind, ProviderKind::Azure | ProviderKind::Anthropic | ProviderKind::Gemini) {
+            pspec.kind = ProviderKind::OpenAiCompatible;
+            pspec.api_version = None;
+        }
         progress(Event::Notice(format!(
             "{name}: SIMULATED: answers come from the built-in LLM simulator at {}, not from {spec}",
             server.url()
@@ -161,9 +170,14 @@ pub fn runner(
     lc.filter = filter;
     lc.params.temperature = temperature;
     lc.params.seed = task.seed;
-    if let Some(m) = o.max_tokens {
-        lc.params.max_tokens = m;
-    }
+    lc.params.reasoning = o.reasoning;
+    // A reasoning model spends its budget on hidden reasoning before the answer: the classic
+    // default of 200 would leave most answers cut off (`finish_reason: length`).
+    lc.params.max_tokens = match o.max_tokens {
+        Some(m) => m,
+        None if lc.params.reasoning_for(&pspec.model) => REASONING_MAX_TOKENS,
+        None => lc.params.max_tokens,
+    };
     lc.params.detail = detail;
     lc.params.logprobs = o.logprobs.unwrap_or(false);
     lc.params.structured = o.structured.unwrap_or(true);

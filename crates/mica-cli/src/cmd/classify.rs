@@ -95,7 +95,7 @@ pub struct LlmArgs {
     /// Sampling temperature [default: 0].
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// [default: 200]
+    /// [default: 200; 4000 for reasoning models, whose budget includes hidden reasoning]
     #[arg(long)]
     pub max_tokens: Option<u32>,
     /// OpenAI image detail: low, high or auto [default: low].
@@ -107,6 +107,14 @@ pub struct LlmArgs {
     /// Ask for token log-probabilities (OpenAI format).
     #[arg(long)]
     pub logprobs: bool,
+    /// Send OpenAI reasoning-model parameters (`max_completion_tokens`, no temperature or
+    /// logprobs) whatever the model's name [default: by name: o1, o3, o4, gpt-5 families].
+    #[arg(long, conflicts_with = "no_reasoning")]
+    pub reasoning: bool,
+    /// Send the classic parameters (`max_tokens`, `temperature`) even to a model whose name
+    /// says reasoning model.
+    #[arg(long)]
+    pub no_reasoning: bool,
     /// Confidence used by the filter: stated or logprobs [default: stated].
     #[arg(long)]
     pub confidence_source: Option<String>,
@@ -155,6 +163,11 @@ fn entry(spec: &ClassifierSpec, args: &ClassifyArgs) -> ClassifierConfig {
             o.detail = a.detail.clone();
             o.structured = a.no_structured.then_some(false);
             o.logprobs = a.logprobs.then_some(true);
+            o.reasoning = if a.reasoning {
+                Some(true)
+            } else {
+                a.no_reasoning.then_some(false)
+            };
             o.confidence_source = a.confidence_source.clone();
             o.consistency_temperature = a.consistency_temperature;
             o.image_max_side = a.image_max_side;

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod energy;
 pub mod eval;
 pub mod explain;
+pub mod llm_check;
 pub mod llm_sim;
 pub mod report;
 pub mod runs;
