@@ -26,6 +26,18 @@ const SAFETY_FINISH: &[&str] = &[
     "IMAGE_SAFETY",
 ];
 
+/// Output tokens added for a thinking model's thoughts when the run did not size the budget
+/// for reasoning itself (see [`thinks`]).
+pub const THINKING_ALLOWANCE: u32 = 2048;
+
+/// Gemini 2.5 and later think before answering by default, and their thoughts count
+/// against `maxOutputTokens`: mica's answer budget (200 tokens) would be spent before the
+/// answer began and every answer would end `MAX_TOKENS`.
+pub fn thinks(model: &str) -> bool {
+    let m = model.strip_prefix("models/").unwrap_or(model);
+    m.starts_with("gemini-2.5") || m.starts_with("gemini-3")
+}
+
 pub struct GeminiClient {
     http: reqwest::Client,
     base_url: String,
@@ -174,9 +186,17 @@ impl LlmProvider for GeminiClient {
             parts.push(json!({"inline_data": {"mime_type": "image/png", "data": b64.as_ref()}}));
         }
         parts.push(json!({"text": req.user}));
+        // With `reasoning = true` the run already sized the budget for thinking
+        // (mica-run's reasoning default); otherwise the thoughts get their own allowance on top
+        // of the answer's budget.
+        let max_output = if thinks(&req.model) && req.params.reasoning.is_none() {
+            req.params.max_tokens.saturating_add(THINKING_ALLOWANCE)
+        } else {
+            req.params.max_tokens
+        };
         let mut config = json!({
             "temperature": req.params.temperature,
-            "maxOutputTokens": req.params.max_tokens,
+            "maxOutputTokens": max_output,
         });
         if let Some(seed) = req.params.seed.and_then(|s| i32::try_from(s).ok()) {
             config["seed"] = json!(seed);

@@ -495,7 +495,12 @@ fn gemini_sends_inline_data_a_response_schema_and_the_key_header_and_reads_usage
             g["maxOutputTokens"].as_u64(),
             g["seed"].as_u64()
         ),
-        (Some(0.0), Some(200), Some(42))
+        (
+            Some(0.0),
+            Some(200 + gemini::THINKING_ALLOWANCE as u64),
+            Some(42)
+        ),
+        "Gemini 2.5 thinks within maxOutputTokens: the answer keeps its 200"
     );
     assert_eq!(g["responseMimeType"], "application/json");
     let schema = &g["responseSchema"];
@@ -533,6 +538,18 @@ fn gemini_sends_inline_data_a_response_schema_and_the_key_header_and_reads_usage
         .get("responseSchema")
         .is_none());
     assert_eq!(r2.content, ANSWER);
+
+    // A model that does not think, or a run that sized the budget for reasoning, gets
+    // exactly the budget asked for.
+    let mut req = request("gemini-2.0-flash", true);
+    chat(&c, &req).unwrap();
+    req.model = GEMINI.into();
+    req.params.reasoning = Some(true);
+    req.params.max_tokens = 4000;
+    chat(&c, &req).unwrap();
+    let seen = server.received();
+    assert_eq!(body(&seen[2])["generationConfig"]["maxOutputTokens"], 200);
+    assert_eq!(body(&seen[3])["generationConfig"]["maxOutputTokens"], 4000);
 }
 
 #[test]
