@@ -1,7 +1,10 @@
 //! The web app as a person uses it: `mica serve` on a loopback port with a CNN trained here and
 //! the LLM simulator, driven by Debian's headless Chromium through chromedriver (WebDriver over
-//! HTTP). The browser uploads a synthetic image, sees both suggestions, records a decision and
-//! finds it on the monitoring page; screenshots are saved under `target/test-artifacts/`.
+//! HTTP). Two named users (made with `mica users add`): the physician signs in (a POST form),
+//! uploads a synthetic image, sees both suggestions, records a decision under their name (with a
+//! note that must stay text) and finds it on the monitoring page; the viewer signs in after the
+//! physician signs out, reads the case and gets no decision form. Screenshots are saved under
+//! `target/test-artifacts/`.
 //!
 //! Without chromium and chromedriver the test is skipped with a printed reason, unless
 //! `MICA_REQUIRE_CHROMIUM=1` (set by `.ci/run`), which makes their absence a failure.
@@ -14,7 +17,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-const TOKEN: &str = "browser-test-token-3b9e";
+const PHYSICIAN: (&str, &str) = ("Dr Browser", "physician-browser-secret");
+const VIEWER: (&str, &str) = ("Vic Viewer", "viewer-browser-secret");
+/// A decision note that would run script if it were ever put into the page as HTML.
+const XSS_NOTE: &str = "<img src=x onerror=\"window.__xss=1\"> pituitary adenoma pattern";
 const CLASSES: [&str; 4] = ["glioma", "meningioma", "pituitary", "no_tumor"];
 /// WebDriver's key for element references.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -210,6 +216,19 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     let data_s = data.display().to_string();
     let (_sim, sim_url) = start_mica(&["llm-sim", "--port", "0", "--latency-ms", "1", "--dataset", &data_s], &[]);
     let store = tmp.path().join("store.sqlite");
+    let users = tmp.path().join("users.toml");
+    for (name, secret, role) in [(PHYSICIAN.0, PHYSICIAN.1, "physician"), (VIEWER.0, VIEWER.1, "viewer")] {
+        let out = assert_cmd::Command::cargo_bin("mica")
+            .unwrap()
+            .args(["users", "add"])
+            .arg(&users)
+            .args(["--name", name, "--role", role])
+            .write_stdin(format!("{secret}\n"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let users_s = users.display().to_string();
     let (cnn_spec, llm_spec) = (
         format!("cnn:{}", run.display()),
         format!("llm:openai-compatible/sim-vision@{sim_url}"),
@@ -225,8 +244,10 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
             &llm_spec,
             "--store",
             &store.display().to_string(),
+            "--users",
+            &users_s,
         ],
-        &[("MICA_SERVE_TOKEN", TOKEN)],
+        &[],
     );
 
     let port = free_port();
@@ -267,10 +288,20 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     let session = Driver::call(&http, reqwest::Method::POST, &format!("{base}/session"), Some(caps));
     let d = Driver { http, base, session: session["sessionId"].as_str().unwrap().to_string() };
 
-    // Sign in once with the token (it becomes an HttpOnly cookie), then upload a test image.
-    d.goto(&format!("{url}/?token={TOKEN}"));
-    d.wait_for("return location.search === '' && !!document.getElementById('drop')", "the case view after sign-in", Duration::from_secs(20));
-    assert!(!d.script("return location.href").as_str().unwrap().contains(TOKEN), "the token leaves the address bar");
+    // The physician signs in (a POST: nothing lands in the address), then uploads an image.
+    let sign_in = |who: (&str, &str)| {
+        d.goto(&format!("{url}/"));
+        d.wait_for("return !!document.getElementById('sign-in-form')", "the sign-in form", Duration::from_secs(20));
+        d.type_into("#name", who.0);
+        d.type_into("#secret", who.1);
+        d.click("#sign-in");
+        d.wait_for("return location.search === '' && !!document.getElementById('drop')", "the case view after sign-in", Duration::from_secs(20));
+        let href = d.script("return location.href");
+        assert!(!href.as_str().unwrap().contains("secret"), "{href}");
+        d.wait_for(&format!("return document.getElementById('who').textContent.includes({})", json!(who.0)), "the signed-in name", Duration::from_secs(10));
+    };
+    sign_in(PHYSICIAN);
+    assert_eq!(d.script("return document.cookie"), json!(""), "the session cookie is HttpOnly");
     d.wait_for("return document.getElementById('panel').textContent.includes('cnn:small')", "the classifier list", Duration::from_secs(20));
     let image = data.join("pituitary").join("pituitary_005.png");
     d.type_into("#file", &image.display().to_string());
@@ -298,16 +329,20 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     assert!(case_path.as_str().unwrap().starts_with("/cases/"), "{case_path}");
 
     // The physician decides.
+    // No name to type: the server records the signed-in user.
+    assert_eq!(d.script("return document.getElementById('reviewer-row').hidden"), json!(true));
     d.click("#final-label option[value='pituitary']");
-    d.type_into("#reviewer", "Dr Browser");
-    d.type_into("#note", "pituitary adenoma pattern, confirmed on review");
+    d.type_into("#note", XSS_NOTE);
     d.click("#decide");
     d.wait_for(
         "return document.getElementById('decision-status').textContent.includes('Decision recorded')",
         "the decision to be recorded",
         Duration::from_secs(20),
     );
-    assert!(d.text("#decision-trail").contains("Dr Browser"));
+    let trail = d.text("#decision-trail");
+    assert!(trail.contains(PHYSICIAN.0) && trail.contains("<img src=x"), "the note is shown as text: {trail}");
+    assert_eq!(d.script("return document.querySelectorAll('#decision-trail img').length"), json!(0));
+    assert_eq!(d.script("return window.__xss === undefined"), json!(true), "the note's markup never ran");
     let dir = artifacts();
     d.script("window.scrollTo(0, 0); return true");
     d.screenshot(&dir.join("serve-case.png"));
@@ -320,7 +355,8 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
         Duration::from_secs(20),
     );
     let recent = d.text("#recent");
-    assert!(recent.contains("Dr Browser") && recent.contains("pituitary"), "{recent}");
+    assert!(recent.contains(PHYSICIAN.0) && recent.contains("pituitary") && recent.contains("<img src=x"), "{recent}");
+    assert_eq!(d.script("return document.querySelectorAll('#recent img').length + (window.__xss === undefined ? 0 : 1)"), json!(0));
     assert_eq!(d.text("#n-decided"), "1");
     let models = d.text("#models");
     assert!(models.contains("cnn:small") && models.contains("sim-vision"), "{models}");
@@ -329,6 +365,18 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     // The runs dashboard answers too (an empty store here).
     d.goto(&format!("{url}/runs"));
     d.wait_for("return document.getElementById('runs').children.length > 0", "the runs table", Duration::from_secs(10));
+
+    // The physician signs out; the viewer signs in, reads the case, and has no decision form.
+    d.click("#sign-out button");
+    d.wait_for("return !!document.getElementById('sign-in-form')", "the sign-in form after sign-out", Duration::from_secs(20));
+    sign_in(VIEWER);
+    d.goto(&format!("{url}{}", case_path.as_str().unwrap()));
+    d.wait_for(
+        "return document.getElementById('decision-trail').textContent.includes('Dr Browser') && !document.getElementById('viewer-note').hidden",
+        "the case as the viewer sees it",
+        Duration::from_secs(20),
+    );
+    assert_eq!(d.script("return document.getElementById('decision-form').hidden"), json!(true));
 
     Driver::call(&d.http, reqwest::Method::DELETE, &format!("{}/session/{}", d.base, d.session), None);
     let png = std::fs::read(dir.join("serve.png")).unwrap();

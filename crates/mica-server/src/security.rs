@@ -102,21 +102,31 @@ fn url_authority(url: &str) -> Option<&str> {
 /// Why a state-changing request (POST, PUT, PATCH, DELETE) looks cross-origin, or `None` when
 /// it comes from this server's own pages or from a client that is not a browser. Checked in
 /// order: `Origin`, then `Sec-Fetch-Site`, then `Referer`; a request with none of them is not
-/// from a browser (browsers send `Origin` on every such request).
+/// from a browser (browsers send `Origin` on every such request). `Origin: null` is what a
+/// browser sends for this server's own form posts under `Referrer-Policy: no-referrer`, and
+/// also for sandboxed frames: it passes only with `Sec-Fetch-Site: same-origin`.
 pub fn cross_origin(method: &Method, headers: &HeaderMap, host: Option<&str>) -> Option<String> {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE) {
         return None;
     }
     let text = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_string());
     let same_host = |auth: &str| host.is_some_and(|h| h.trim().eq_ignore_ascii_case(auth));
-    if let Some(origin) = text(header::ORIGIN) {
+    let origin = text(header::ORIGIN);
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).map(str::trim);
+    if origin.as_deref() == Some("null") {
+        return match fetch_site {
+            Some("same-origin") => None,
+            _ => Some("the request comes from an opaque origin (Origin: null)".into()),
+        };
+    }
+    if let Some(origin) = origin {
         return match url_authority(&origin) {
             Some(a) if same_host(a) => None,
             _ => Some("the request comes from another web site (Origin)".into()),
         };
     }
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        return match site.trim() {
+    if let Some(site) = fetch_site {
+        return match site {
             "same-origin" | "none" => None,
             _ => Some("the request comes from another web site (Sec-Fetch-Site)".into()),
         };
@@ -183,6 +193,8 @@ mod tests {
         assert!(cross_origin(&Method::POST, &h(&[("origin", "http://127.0.0.1:8080")]), host).is_none());
         assert!(cross_origin(&Method::POST, &h(&[("origin", "http://evil.example")]), host).is_some());
         assert!(cross_origin(&Method::POST, &h(&[("origin", "null")]), host).is_some());
+        assert!(cross_origin(&Method::POST, &h(&[("origin", "null"), ("sec-fetch-site", "cross-site")]), host).is_some());
+        assert!(cross_origin(&Method::POST, &h(&[("origin", "null"), ("sec-fetch-site", "same-origin")]), host).is_none(), "a form post under no-referrer");
         assert!(cross_origin(&Method::POST, &h(&[("origin", "http://127.0.0.1:9999")]), host).is_some());
         assert!(cross_origin(&Method::DELETE, &h(&[("sec-fetch-site", "cross-site")]), host).is_some());
         assert!(cross_origin(&Method::POST, &h(&[("sec-fetch-site", "same-origin")]), host).is_none());
