@@ -752,7 +752,8 @@ impl LlmRunner {
             p.extra.insert("structured_fallback".into(), json!(true));
         }
         if reasoning_fallback {
-            p.extra.insert("reasoning_params_fallback".into(), json!(true));
+            p.extra
+                .insert("reasoning_params_fallback".into(), json!(true));
         }
         p.cached = cached == k;
         p.extra
@@ -796,8 +797,12 @@ impl LlmRunner {
                 }
                 Err((e, n)) => {
                     attempts += n;
-                    if req.params.structured && !changed.structured && e.rejects_structured_output() {
-                        tracing::debug!("structured output rejected, retrying without it: {}", e.message);
+                    if req.params.structured && !changed.structured && e.rejects_structured_output()
+                    {
+                        tracing::debug!(
+                            "structured output rejected, retrying without it: {}",
+                            e.message
+                        );
                         req.params.structured = false;
                         changed.structured = true;
                         continue;
@@ -808,7 +813,10 @@ impl LlmRunner {
                         && !changed.reasoning
                         && e.wants_reasoning_params()
                     {
-                        tracing::debug!("classic parameters rejected, retrying as a reasoning model: {}", e.message);
+                        tracing::debug!(
+                            "classic parameters rejected, retrying as a reasoning model: {}",
+                            e.message
+                        );
                         req.params.reasoning = Some(true);
                         changed.reasoning = true;
                         continue;
@@ -848,7 +856,10 @@ impl LlmRunner {
                 // A failed request used no tokens; an answered one used what it reports
                 // (or the estimate when the server reports nothing).
                 let used = match &r {
-                    Ok(resp) => resp.usage.as_ref().map_or(charged, |u| (u.prompt + u.completion) as f64),
+                    Ok(resp) => resp
+                        .usage
+                        .as_ref()
+                        .map_or(charged, |u| (u.prompt + u.completion) as f64),
                     Err(_) => 0.0,
                 };
                 b.settle(charged, used).await;

@@ -318,3 +318,42 @@ pub(crate) fn build(
     }
     Ok(b)
 }
+
+#[cfg(test)]
+mod reasoning_tests {
+    use super::*;
+    use crate::experiment::Experiment;
+    use crate::spec::ClassifierSpec;
+
+    /// The generation parameters an experiment entry for `model` with `options` asks with.
+    fn params(model: &str, options: &str) -> mica_llm::GenParams {
+        let exp: Experiment = toml::from_str(&format!(
+            "[dataset]\npath = \"d\"\n[[classifier]]\nkind = \"llm\"\nmodel = \"openai-compatible/{model}@http://127.0.0.1:9\"\n[classifier.llm]\n{options}\n"
+        ))
+        .unwrap();
+        let cfg = &exp.classifiers[0];
+        let ClassifierSpec::Llm(spec) = cfg.spec().unwrap() else { panic!("an LLM entry") };
+        let labels = mica_core::Modality::Mri.canonical_labels().unwrap();
+        let task = Task {
+            name: "x",
+            modality: mica_core::Modality::Mri,
+            labels: &labels,
+            seed: Some(1),
+            dataset: None,
+            split: Split::Test,
+        };
+        runner(cfg, &spec, &task, &mut |_| {}).ok().unwrap().runner.config.params
+    }
+
+    #[test]
+    fn reasoning_follows_the_name_rule_unless_the_entry_says_otherwise() {
+        let p = params("o3-mini", "");
+        assert_eq!((p.reasoning, p.max_tokens), (None, REASONING_MAX_TOKENS));
+        assert!(p.reasoning_for("o3-mini"));
+        let p = params("o3-mini", "reasoning = false");
+        assert_eq!((p.reasoning, p.max_tokens), (Some(false), 200));
+        let p = params("house-vlm", "reasoning = true\nmax_tokens = 900");
+        assert_eq!((p.reasoning, p.max_tokens), (Some(true), 900));
+        assert_eq!(params("gpt-4o", "").max_tokens, 200);
+    }
+}
