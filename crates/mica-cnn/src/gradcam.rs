@@ -37,12 +37,21 @@ pub struct Explanation {
 /// Computes Grad-CAM for `image` with the checkpoint in `run_dir`. `target` picks a class by
 /// name; `None` explains the predicted class.
 pub fn explain(run_dir: &Path, image_path: &Path, target: Option<&str>) -> Result<Explanation, CnnError> {
+    explain_source(run_dir, &mica_core::ImageSource::file(image_path), target)
+}
+
+/// [`explain`] for any image source, e.g. an upload the web app holds in memory only.
+pub fn explain_source(
+    run_dir: &Path,
+    source: &mica_core::ImageSource,
+    target: Option<&str>,
+) -> Result<Explanation, CnnError> {
     type Ad = CpuTrainBackend;
     let device = Default::default();
     let ckpt = Checkpoint::<Ad>::load(run_dir, &device)?;
     let meta = &ckpt.meta;
     let size = meta.input_size;
-    let (mut px, _) = data::load_image(&mica_core::ImageSource::file(image_path), size, meta.in_channels)?;
+    let (mut px, _) = data::load_image(source, size, meta.in_channels)?;
     meta.normalization.apply(&mut px, size);
     let x = Tensor::<crate::CpuBackend, 4>::from_data(
         TensorData::new(px, [1, meta.in_channels, size, size]),

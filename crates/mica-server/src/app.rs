@@ -16,7 +16,6 @@ use mica_report::cases::{CasePrediction, CaseRecord, Decision};
 use mica_report::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::panel::Panel;
 use crate::time::{from_unix, now_unix};
@@ -66,7 +65,6 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<Mutex<Store>>,
     pub(crate) settings: Settings,
     images: Mutex<VecDeque<(String, CaseImages)>>,
-    pub(crate) tmp: tempfile::TempDir,
     /// Host/origin checks, identity and sessions ([`crate::signin`]).
     pub(crate) guard: crate::signin::Guard,
 }
@@ -110,11 +108,6 @@ impl App {
             crate::security::check_token(t).map_err(ServerError::Config)?;
         }
         let guard = crate::signin::Guard::new(Default::default(), settings.token.clone()).map_err(ServerError::Config)?;
-        // Uploads are written here (de-identified, as PNG) only while being classified.
-        let tmp = tempfile::Builder::new()
-            .prefix("mica-serve-")
-            .tempdir()
-            .map_err(|e| ServerError::Config(format!("cannot create a temporary folder: {e}")))?;
         Ok(App(Arc::new(Inner {
             panel,
             permits: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_cases)),
@@ -124,7 +117,6 @@ impl App {
             store: Arc::new(Mutex::new(store)),
             settings,
             images: Mutex::new(VecDeque::new()),
-            tmp,
             guard,
         })))
     }
@@ -354,11 +346,6 @@ async fn not_found(req: Request) -> Response {
     } else {
         pages::not_found_page().into_response()
     }
-}
-
-pub(crate) fn sha256_hex(b: &[u8]) -> String {
-    let d = Sha256::digest(b);
-    d.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Security headers on every response, and one log line per request (method, path, status,

@@ -142,15 +142,6 @@ fn truthy(v: &Option<String>) -> bool {
     matches!(v.as_deref().map(str::trim), Some("1" | "true" | "yes" | "on"))
 }
 
-/// Removes the case's temporary image once the last classifier is done with it.
-struct TempImage(std::path::PathBuf);
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 pub(crate) async fn classify(
     State(app): State<App>,
     query: Result<Query<ClassifyQuery>, axum::extract::rejection::QueryRejection>,
@@ -254,18 +245,11 @@ pub(crate) async fn classify(
     }
     app.keep_image(&id, &task.name, png.clone());
 
-    let running = if asked.is_empty() {
-        None
-    } else {
-        let path = app.0.tmp.path().join(format!("{id}.png"));
-        let p2 = path.clone();
-        tokio::task::spawn_blocking(move || std::fs::write(&p2, &png))
-            .await
-            .map_err(|e| ApiError::internal(format!("image task failed: {e}")))?
-            .map_err(|e| ApiError::internal(format!("cannot hold the image for the classifiers: {e}")))?;
-        let image = Arc::new(decoded.image);
-        Some((panel.start(&id, &path, image, &asked), TempImage(path)))
-    };
+    // The classifiers read the de-identified pixels from memory: no file is ever written.
+    let running = (!asked.is_empty()).then(|| {
+        let source = decoded.memory_source(format!("upload-{id}"));
+        panel.start(&id, source, Arc::new(decoded.image), &asked)
+    });
     tracing::info!(
         "case {id}: {} {}x{} for task {}, {} classifiers asked",
         record.image_format,
@@ -315,7 +299,7 @@ async fn collect(
     id: String,
     task: usize,
     asked: Vec<usize>,
-    running: Option<(crate::panel::Running, TempImage)>,
+    running: Option<crate::panel::Running>,
     permit: tokio::sync::OwnedSemaphorePermit,
     done: tokio::sync::watch::Sender<bool>,
 ) {
@@ -325,7 +309,7 @@ async fn collect(
         t0 + if panel.members[i].family == "cnn" { app.0.options.cnn_deadline } else { app.0.options.llm_deadline }
     };
     let mut pending: BTreeSet<usize> = asked.into_iter().collect();
-    if let Some((mut running, _image)) = running {
+    if let Some(mut running) = running {
         while !pending.is_empty() {
             let next = pending.iter().map(|&i| deadline(i)).min().unwrap_or(t0);
             tokio::select! {

@@ -240,7 +240,7 @@ impl Panel {
     /// `original` is the same image in memory, for the overlays.
     pub async fn classify(self: &Arc<Self>, case_id: &str, png: &Path, original: &GrayImage) -> Vec<Answer> {
         let all: Vec<usize> = (0..self.members.len()).collect();
-        let mut running = self.start(case_id, png, Arc::new(original.clone()), &all);
+        let mut running = self.start(case_id, ImageSource::file(png), Arc::new(original.clone()), &all);
         let mut slots: Vec<Option<Answer>> = (0..self.members.len()).map(|_| None).collect();
         while let Some((i, a)) = running.answers.recv().await {
             slots[i] = Some(a);
@@ -257,10 +257,14 @@ impl Panel {
     /// LLM's when the provider answers), so a slow model never holds back a fast one. The
     /// channel closes when every started classifier has answered or stopped; `llm_tasks`
     /// lets the caller abandon an LLM call that is past its deadline.
-    pub fn start(self: &Arc<Self>, case_id: &str, png: &Path, original: Arc<GrayImage>, which: &[usize]) -> Running {
+    ///
+    /// `source` is the de-identified image: in memory for uploads (no file is written), or a
+    /// file.
+    pub fn start(self: &Arc<Self>, case_id: &str, source: ImageSource, original: Arc<GrayImage>, which: &[usize]) -> Running {
+        let png = source.path().to_path_buf();
         let sample = Sample {
             id: case_id.to_string(),
-            source: ImageSource::file(png),
+            source,
             label: usize::MAX,
             split: None,
             context: None,
@@ -286,7 +290,7 @@ impl Panel {
             if let Engine::Llm { runner } = &m.engine {
                 let (me, runner, tx) = (self.clone(), runner.clone(), tx.clone());
                 let item = WorkItem { sample: sample.clone(), true_label: None };
-                let png = png.to_path_buf();
+                let png = png.clone();
                 let h = tokio::spawn(async move {
                     let p = runner.classify_one(&item).await;
                     let a = Answer { prediction: me.llm_answer(&me.members[i], p, &png), gradcam_png: None };
@@ -345,7 +349,7 @@ impl Panel {
                     (None, format!("not-measured:meter-error ({e})"))
                 }
             };
-            let gradcam_png = match mica_cnn::gradcam::explain(run_dir, &png, None) {
+            let gradcam_png = match mica_cnn::gradcam::explain_source(run_dir, &sample.source, None) {
                 Ok(e) => {
                     let over = mica_cnn::gradcam::overlay(&image::DynamicImage::ImageLuma8(original.clone()), &e, 0.5);
                     let mut bytes = Vec::new();
@@ -382,7 +386,7 @@ impl Panel {
 /// Server-internal paths never reach the page.
 fn scrub(msg: &str, png: &Path) -> String {
     let mut s = msg.replace(&png.display().to_string(), "the uploaded image");
-    if let Some(dir) = png.parent() {
+    if let Some(dir) = png.parent().filter(|d| !d.as_os_str().is_empty()) {
         s = s.replace(&dir.display().to_string(), "(server temp)");
     }
     s

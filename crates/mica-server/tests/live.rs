@@ -417,3 +417,33 @@ async fn the_image_cache_is_bounded_in_bytes() {
     assert!(held >= one && held < 2 * one + 64 * 1024, "held {held} bytes for one case of {one}");
     assert_eq!(get(r, &format!("/api/v1/cases/{a}")).await.json()["image"]["url"], Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let options = ServeOptions { header_read_timeout: Duration::from_millis(300), ..ServeOptions::default() };
+    let f = server(&["brain={mri}"], options);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = tokio::spawn(mica_server::serve(listener, f.app.clone(), async {
+        let _ = rx.await;
+    }));
+    // Half a request, then silence: the server closes the connection (it does not wait).
+    let got = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        slow.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+        let mut buf = Vec::new();
+        slow.read_to_end(&mut buf).map(|_| String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+    .unwrap();
+    let text = got.expect("the server kept a connection without headers open");
+    assert!(!text.contains("200 OK"), "{text}");
+    // A whole request on a fresh connection is served.
+    let ok = reqwest::get(format!("http://{addr}/api/v1/health")).await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    tx.send(()).unwrap();
+    srv.await.unwrap().unwrap();
+}
