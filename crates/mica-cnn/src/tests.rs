@@ -164,6 +164,70 @@ fn checkpoint_round_trip_and_classifier() {
 }
 
 #[test]
+fn checkpoints_carry_ood_statistics_and_old_ones_still_load() {
+    use crate::ood::{OodStats, OodVerdict, METHOD, OOD_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let ds = toy_dataset(&dir.path().join("data"), 6, 2);
+    let run = dir.path().join("run");
+    let mut cfg = small_cfg(3);
+    cfg.augment = false;
+    train(&ds, &cfg, &run, &mut quiet).unwrap();
+    let meta = CheckpointMeta::read(&run).unwrap();
+    let stats: OodStats = serde_json::from_slice(&std::fs::read(run.join(OOD_FILE)).unwrap()).unwrap();
+    assert_eq!(stats.weights_fnv64, meta.weights_fnv64, "statistics of the best weights");
+    assert_eq!(stats.epoch, meta.epoch);
+    assert_eq!((stats.train_images, stats.val_images), (24, 8));
+    assert_eq!(stats.feature_width, 2 * 128);
+    assert!(stats.threshold > 0.0 && stats.val_flag_rate.is_some());
+
+    let mut clf = CnnClassifier::load(&run, &mut |m| panic!("unexpected notice: {m}")).unwrap();
+    assert_eq!(clf.ood_stats().unwrap(), &stats);
+    let val: Vec<Sample> = ds.split(Split::Val).cloned().collect();
+    let preds = clf.classify(&val);
+    let cache = crate::ImageCache::load(&val, SIZE as usize, 1).unwrap();
+    let direct = clf.ood_verdicts(&cache);
+    for (p, d) in preds.iter().zip(&direct) {
+        let p = p.as_ref().unwrap();
+        let v = OodVerdict::from_prediction(p).unwrap();
+        assert_eq!(&v, d, "classify and ood_verdicts agree");
+        assert!(v.available && v.method.as_deref() == Some(METHOD));
+        assert_eq!(v.flagged, v.score.unwrap() > stats.threshold);
+        if v.flagged {
+            assert!(p.needs_review, "a flagged image needs review");
+        }
+    }
+    // An image nothing like the toy set (a uniform white square) is flagged and needs review.
+    let white = dir.path().join("white.png");
+    image::GrayImage::from_pixel(SIZE, SIZE, image::Luma([255])).save(&white).unwrap();
+    let mut s = val[0].clone();
+    s.id = "white.png".into();
+    s.source = ImageSource::file(&white);
+    let p = clf.classify(&[s.clone()]).pop().unwrap().unwrap();
+    let v = OodVerdict::from_prediction(&p).unwrap();
+    assert!(v.flagged && p.needs_review, "{v:?}");
+    clf.ood_review = false;
+    let p = clf.classify(&[s.clone()]).pop().unwrap().unwrap();
+    assert!(OodVerdict::from_prediction(&p).unwrap().flagged);
+    assert_eq!(p.needs_review, false, "ood_review off: the flag alone does not mark review");
+
+    // A checkpoint from before the check (no ood.json) loads and says so on every answer.
+    std::fs::remove_file(run.join(OOD_FILE)).unwrap();
+    let mut notes = Vec::new();
+    let mut old = CnnClassifier::load(&run, &mut |m| notes.push(m.to_string())).unwrap();
+    assert!(notes.iter().any(|n| n.contains("not available for this checkpoint")), "{notes:?}");
+    assert!(old.ood_stats().unwrap_err().contains("no ood.json"));
+    let p = old.classify(&[s]).pop().unwrap().unwrap();
+    let v = OodVerdict::from_prediction(&p).unwrap();
+    assert!(!v.available && !v.flagged && v.message.contains("not available for this checkpoint"), "{v:?}");
+    // Statistics of other weights are refused, not misapplied.
+    let mut wrong = stats.clone();
+    wrong.weights_fnv64 = "0123456789abcdef".into();
+    wrong.write(&run).unwrap();
+    let old = CnnClassifier::load(&run, &mut |_| {}).unwrap();
+    assert!(old.ood_stats().unwrap_err().contains("other weights"));
+}
+
+#[test]
 fn bad_checkpoints_and_mismatches_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ds = toy_dataset(&dir.path().join("data"), 2, 1);
