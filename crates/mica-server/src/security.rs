@@ -68,7 +68,7 @@ impl HostAllowList {
         if h.parse::<IpAddr>().is_ok() {
             return true;
         }
-        self.names.iter().any(|n| *n == h)
+        self.names.contains(&h)
     }
 
     pub fn names(&self) -> &[String] {

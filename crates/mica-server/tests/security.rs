@@ -363,7 +363,7 @@ async fn the_shared_token_must_be_long_and_signs_in_by_post() {
         write_checkpoint(&run);
         let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
         let panel = Panel::load(&[format!("cnn:{}", run.display())], None, &LlmOptions::default(), &meter).unwrap();
-        let st = mica_report::Store::open(&tmp.path().join("s.sqlite")).unwrap();
+        let st = mica_report::Store::open(tmp.path().join("s.sqlite")).unwrap();
         let settings = Settings { max_upload_bytes: 1 << 20, review_threshold: 0.7, token: Some(bad.into()) };
         let e = App::new(panel, st, settings).err().expect("a weak token is refused").to_string();
         assert!(e.contains("MICA_SERVE_TOKEN") && (e.contains("empty") || e.contains("at least 16")), "{e}");
@@ -386,7 +386,7 @@ fn start_err(token: Option<&str>, access: AccessConfig) -> String {
     write_checkpoint(&run);
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
     let panel = Panel::load(&[format!("cnn:{}", run.display())], None, &LlmOptions::default(), &meter).unwrap();
-    let st = mica_report::Store::open(&tmp.path().join("s.sqlite")).unwrap();
+    let st = mica_report::Store::open(tmp.path().join("s.sqlite")).unwrap();
     let settings = Settings { max_upload_bytes: 1 << 20, review_threshold: 0.7, token: token.map(String::from) };
     App::new(panel, st, settings).and_then(|a| a.with_access(access)).err().expect("refused").to_string()
 }
