@@ -807,8 +807,9 @@ impl LlmRunner {
                         changed.structured = true;
                         continue;
                     }
-                    if self.provider.kind().speaks_openai()
-                        && req.params.reasoning.is_none()
+                    // Any kind: an Azure deployment's name says nothing about the model
+                    // behind it, and the error texts matched are OpenAI's own.
+                    if req.params.reasoning.is_none()
                         && !req.params.reasoning_for(&req.model)
                         && !changed.reasoning
                         && e.wants_reasoning_params()

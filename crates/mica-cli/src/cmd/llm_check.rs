@@ -145,7 +145,13 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
     let rt = mica_llm::runtime()?;
     let runner = Arc::new(runner);
     let p = rt.block_on(runner.classify_one(&item));
-    let ready = report(&p, &spec, key_env, reasoning, runner.price());
+    // The snapshot that answered may have a price of its own (the runner charged it).
+    let by_snapshot = p
+        .extra
+        .get("price_key")
+        .and_then(|k| k.as_str())
+        .and_then(|k| prices.models.get(k).map(|e| (k.to_string(), e.clone())));
+    let ready = report(&p, &spec, key_env, reasoning, by_snapshot.as_ref().or(runner.price()));
     if ready {
         println!("ready: a run with this spec would work");
         Ok(())
