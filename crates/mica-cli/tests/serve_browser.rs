@@ -330,7 +330,7 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
 
     // The physician decides.
     // No name to type: the server records the signed-in user.
-    assert_eq!(d.script("return document.getElementById('reviewer-row').hidden"), json!(true));
+    assert_eq!(d.script("return getComputedStyle(document.getElementById('reviewer-row')).display"), json!("none"));
     d.click("#final-label option[value='pituitary']");
     d.type_into("#note", XSS_NOTE);
     d.click("#decide");
@@ -376,7 +376,8 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
         "the case as the viewer sees it",
         Duration::from_secs(20),
     );
-    assert_eq!(d.script("return document.getElementById('decision-form').hidden"), json!(true));
+    assert_eq!(d.script("return getComputedStyle(document.getElementById('decision-form')).display"), json!("none"));
+    assert_eq!(d.script("return getComputedStyle(document.getElementById('viewer-note')).display"), json!("block"));
 
     Driver::call(&d.http, reqwest::Method::DELETE, &format!("{}/session/{}", d.base, d.session), None);
     let png = std::fs::read(dir.join("serve.png")).unwrap();

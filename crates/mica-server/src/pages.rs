@@ -14,7 +14,7 @@ use crate::app::{find_run, valid_case_id, App};
 
 const CSS: &str = r#"
 :root{--ink:#1d2430;--muted:#5b6575;--line:#d8dde5;--bg:#f5f7fa;--brand:#12355b;--ok:#1b7f4b;--warn:#a35a00;--bad:#b3261e}
-*{box-sizing:border-box}body{margin:0;font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--ink);background:var(--bg);font-size:15px}
+*{box-sizing:border-box}[hidden]{display:none!important}body{margin:0;font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--ink);background:var(--bg);font-size:15px}
 header{background:var(--brand);color:#fff;display:flex;align-items:center;gap:1.5rem;padding:.6rem 1.5rem}
 header .brand{font-weight:700;font-size:1.1rem;letter-spacing:.02em}header nav a{color:#cfe0f5;text-decoration:none;margin-right:1rem}
 header nav a.active,header nav a:hover{color:#fff;text-decoration:underline}header .ds{margin-left:auto;font-size:.8rem;color:#cfe0f5}header .who{font-size:.85rem}header form{margin:0}
