@@ -113,7 +113,7 @@ fn server(tasks: &[&str], options: ServeOptions) -> Fx {
     let llm = LlmOptions { api_key_env: "MICA_LIVE_TEST_UNSET_KEY".into(), max_attempts: 1, ..LlmOptions::default() };
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
     let loaded = mica_server::load_tasks(&specs, &llm, &meter).unwrap();
-    let store = mica_report::Store::open(&tmp.path().join("store.sqlite")).unwrap();
+    let store = mica_report::Store::open(tmp.path().join("store.sqlite")).unwrap();
     let app = App::with_tasks(loaded, store, settings(), options).unwrap();
     Fx { router: mica_server::router(app.clone()), app, _tmp: tmp }
 }
