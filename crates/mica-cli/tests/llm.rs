@@ -540,3 +540,63 @@ fn classify_sends_reasoning_parameters_when_asked() {
         assert!(v.get("temperature").is_none(), "{v}");
     }
 }
+
+/// Point 6 of the provider work: a secret in a base URL (user-info, a query value) appears in no
+/// file a run writes and in nothing it prints, on success (through the simulator) and on failure
+/// (an unreachable server, whose transport errors name the URL).
+#[test]
+fn a_secret_in_the_base_url_is_written_nowhere() {
+    const USER_SECRET: &str = "urlpw-NEVER-WRITE-77ab";
+    const QUERY_SECRET: &str = "qkey-NEVER-WRITE-31cd";
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = synth(&tmp.path().join("data"));
+    let sim = start_sim(&ds, &["--accuracy", "0.8"]);
+    let with_user = sim
+        .url
+        .replacen("http://", &format!("http://mica:{USER_SECRET}@"), 1);
+    let cases = [
+        (format!("llm:openai-compatible/sim-vlm@{with_user}"), "ok"),
+        (
+            format!("llm:openai-compatible/m@http://mica:{USER_SECRET}@127.0.0.1:9/v1?key={QUERY_SECRET}"),
+            "down",
+        ),
+        (
+            format!("llm:ollama/llava@http://mica:{USER_SECRET}@127.0.0.1:9?token={QUERY_SECRET}"),
+            "down-ollama",
+        ),
+    ];
+    for (spec, name) in cases {
+        let out = tmp.path().join(name);
+        let cache = tmp.path().join(format!("{name}-cache"));
+        let run = mica()
+            .env("OPENAI_API_KEY", FAKE_KEY)
+            .args(["classify", "--split", "test", "--limit-per-class", "1", "--max-attempts", "1"])
+            .arg("--dataset")
+            .arg(&ds)
+            .arg("--classifier")
+            .arg(&spec)
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(if name == "ok" { 0 } else { 1 }), "{spec}: {run:?}");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        for secret in [USER_SECRET, QUERY_SECRET] {
+            assert!(!printed.contains(secret), "{spec} printed a URL secret: {printed}");
+        }
+        let files: Vec<PathBuf> = files_under(&out).into_iter().chain(files_under(&cache)).collect();
+        assert!(files.iter().any(|f| f.ends_with("predictions.jsonl")), "{files:?}");
+        for f in files {
+            let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string();
+            for secret in [USER_SECRET, QUERY_SECRET, FAKE_KEY] {
+                assert!(!text.contains(secret), "{} holds a secret of {spec}", f.display());
+            }
+        }
+    }
+}

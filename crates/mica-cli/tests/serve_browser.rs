@@ -214,7 +214,8 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let data_s = data.display().to_string();
-    let (_sim, sim_url) = start_mica(&["llm-sim", "--port", "0", "--latency-ms", "1", "--dataset", &data_s], &[]);
+    // The simulated LLM takes 4 s an answer, so the page must show the CNN's answer first.
+    let (_sim, sim_url) = start_mica(&["llm-sim", "--port", "0", "--latency-ms", "4000", "--dataset", &data_s], &[]);
     let store = tmp.path().join("store.sqlite");
     let users = tmp.path().join("users.toml");
     for (name, secret, role) in [(PHYSICIAN.0, PHYSICIAN.1, "physician"), (VIEWER.0, VIEWER.1, "viewer")] {
@@ -305,8 +306,17 @@ fn a_browser_uploads_an_image_sees_the_suggestions_and_records_a_decision() {
     d.wait_for("return document.getElementById('panel').textContent.includes('cnn:small')", "the classifier list", Duration::from_secs(20));
     let image = data.join("pituitary").join("pituitary_005.png");
     d.type_into("#file", &image.display().to_string());
-    // Each card appears at once and fills in as its classifier answers (polled); the case is
-    // complete once both have answered and it is recorded.
+    // Each card appears at once and fills in as its classifier answers (polled): the CNN's
+    // answer is on the page while the LLM's card still says it is pending, and no decision can
+    // be taken on an incomplete case.
+    d.wait_for(
+        "return !!document.querySelector('#results .prediction[data-index=\"0\"][data-state=answered]') && !!document.querySelector('#results .prediction[data-index=\"1\"][data-state=pending]') && document.getElementById('case').dataset.complete !== 'true'",
+        "the CNN's answer while the LLM is still pending",
+        Duration::from_secs(30),
+    );
+    let early = d.text("#results");
+    assert!(early.contains("cnn:small"), "{early}");
+    // The case is complete once both have answered and it is recorded.
     d.wait_for(
         "return document.querySelectorAll('#results .prediction[data-state=answered]').length === 2 && document.getElementById('case').dataset.complete === 'true'",
         "two answered suggestions",

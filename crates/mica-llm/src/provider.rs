@@ -765,6 +765,9 @@ pub(crate) async fn send_raw(
     timeout: Duration,
     url: &str,
 ) -> Result<RawReply, ProviderError> {
+    // These messages reach logs, predictions and the terminal: never a URL's user-info or
+    // query (a token), whatever the caller passed.
+    let url = &crate::spec::redact_url(url);
     let resp = rb
         .timeout(timeout)
         .send()

@@ -36,6 +36,9 @@ pub struct CheckArgs {
     /// Environment variable holding the API key (never printed) [default: the provider's].
     #[arg(long, value_name = "NAME")]
     pub api_key_env: Option<String>,
+    /// Azure OpenAI `api-version` [default: 2024-10-21, or $AZURE_OPENAI_API_VERSION].
+    #[arg(long, value_name = "VERSION")]
+    pub api_version: Option<String>,
     /// TOML price table laid over the built-in one.
     #[arg(long, value_name = "FILE")]
     pub prices: Option<PathBuf>,
@@ -83,6 +86,9 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
     let mut spec = ProviderSpec::parse(&a.spec).map_err(|e| usage(e.to_string()))?;
     if let Some(u) = &a.base_url {
         spec = spec.with_base_url(u).map_err(|e| usage(e.to_string()))?;
+    }
+    if let Some(v) = &a.api_version {
+        spec = spec.with_api_version(v).map_err(|e| usage(e.to_string()))?;
     }
     let modality: Modality = a.modality.parse().map_err(usage)?;
     let labels = modality
