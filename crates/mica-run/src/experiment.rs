@@ -215,6 +215,10 @@ pub struct LlmOptions {
     /// Environment variable holding the API key (its value is never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
+    /// Azure OpenAI only: the `api-version` query value (default
+    /// `mica_llm::spec::AZURE_API_VERSION`, or `AZURE_OPENAI_API_VERSION` when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

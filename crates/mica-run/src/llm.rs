@@ -77,6 +77,9 @@ pub(crate) fn settings(cfg: &ClassifierConfig, spec: &LlmSpec, name: &str) -> Re
     if let Some(u) = &o.base_url {
         pspec = pspec.with_base_url(u).map_err(|e| invalid(name, e))?;
     }
+    if let Some(v) = &o.api_version {
+        pspec = pspec.with_api_version(v).map_err(|e| invalid(name, e))?;
+    }
     let context: ContextMode = cfg.context.as_deref().unwrap_or("image").parse().map_err(|e: String| invalid(name, e))?;
     let mut filter = FilterSpec::parse(cfg.filter_or_default()).map_err(|e| invalid(name, e))?;
     if let (Some(c), Some(t)) = (filter.consistency.as_mut(), o.consistency_temperature) {
@@ -355,5 +358,25 @@ mod reasoning_tests {
         let p = params("house-vlm", "reasoning = true\nmax_tokens = 900");
         assert_eq!((p.reasoning, p.max_tokens), (Some(true), 900));
         assert_eq!(params("gpt-4o", "").max_tokens, 200);
+    }
+
+    /// `api_version` in an entry (the CLI's `--api-version`) reaches an Azure request, and is
+    /// refused for a provider that would ignore it rather than silently dropped.
+    #[test]
+    fn an_entry_sets_the_azure_api_version_and_other_providers_refuse_it() {
+        let exp = |model: &str| -> Experiment {
+            toml::from_str(&format!(
+                "[dataset]\npath = \"d\"\n[[classifier]]\nkind = \"llm\"\nmodel = \"{model}\"\n[classifier.llm]\napi_version = \"2025-04-01-preview\"\n"
+            ))
+            .unwrap()
+        };
+        let e = exp("azure/gpt4o-radiology@https://res.openai.azure.com");
+        let ClassifierSpec::Llm(spec) = e.classifiers[0].spec().unwrap() else { panic!("an LLM entry") };
+        let s = settings(&e.classifiers[0], &spec, "x").ok().unwrap();
+        assert_eq!(s.pspec.api_version.as_deref(), Some("2025-04-01-preview"));
+        let e = exp("openai-compatible/m@http://127.0.0.1:9");
+        let ClassifierSpec::Llm(spec) = e.classifiers[0].spec().unwrap() else { panic!("an LLM entry") };
+        let err = settings(&e.classifiers[0], &spec, "x").err().unwrap().to_string();
+        assert!(err.contains("azure only"), "{err}");
     }
 }

@@ -269,7 +269,8 @@ fn write_or_check_manifest(
     let shortcut_warnings: Vec<String> = shortcuts.iter().filter(|c| c.flagged).map(|c| c.sentence()).collect();
     let m = RunManifest {
         mica_version: env!("CARGO_PKG_VERSION").to_string(),
-        command: opts.command.clone().unwrap_or_else(|| "mica compare".into()),
+        // A spec's URL on the command line may carry user-info or a token in its query.
+        command: mica_llm::spec::redact_url(opts.command.as_deref().unwrap_or("mica compare")),
         dataset: exp.dataset.path.clone(),
         split_manifest: Some(root.split().file_name().map(PathBuf::from).unwrap_or_default()),
         seed: Some(exp.dataset.seed),

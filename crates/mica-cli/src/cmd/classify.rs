@@ -92,6 +92,9 @@ pub struct LlmArgs {
     /// Environment variable holding the API key (never printed or stored) [default: OPENAI_API_KEY].
     #[arg(long, value_name = "NAME")]
     pub api_key_env: Option<String>,
+    /// Azure OpenAI `api-version` [default: 2024-10-21, or $AZURE_OPENAI_API_VERSION].
+    #[arg(long, value_name = "VERSION")]
+    pub api_version: Option<String>,
     /// Sampling temperature [default: 0].
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -158,6 +161,7 @@ fn entry(spec: &ClassifierSpec, args: &ClassifyArgs) -> ClassifierConfig {
             let o = &mut c.llm;
             o.base_url = a.base_url.clone();
             o.api_key_env = a.api_key_env.clone();
+            o.api_version = a.api_version.clone();
             o.temperature = a.temperature;
             o.max_tokens = a.max_tokens;
             o.detail = a.detail.clone();
