@@ -815,12 +815,14 @@ pub(crate) fn http_error(
 ) -> ProviderError {
     // An exhausted quota answers 429 too, but waiting does not refill it.
     let quota = code == 429 && String::from_utf8_lossy(bytes).contains("insufficient_quota");
+    // As in `send_raw`: the URL is named without its user-info or query, whatever was passed.
     ProviderError {
         retryable: (matches!(code, 408 | 409 | 425 | 429) && !quota) || (500..600).contains(&code),
         status: Some(code),
         retry_after,
         message: format!(
-            "{url}: HTTP {code}: {}",
+            "{}: HTTP {code}: {}",
+            crate::spec::redact_url(url),
             short(&String::from_utf8_lossy(bytes))
         ),
     }
@@ -832,7 +834,7 @@ pub(crate) fn json_body(url: &str, status: u16, bytes: &[u8]) -> Result<Value, P
         retryable: true,
         status: Some(status),
         retry_after: None,
-        message: format!("{url}: response is not JSON ({e})"),
+        message: format!("{}: response is not JSON ({e})", crate::spec::redact_url(url)),
     })
 }
 
@@ -912,6 +914,18 @@ pub fn build_provider(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Status and body errors name the server without a URL's user-info or query token.
+    #[test]
+    fn error_messages_never_carry_url_secrets() {
+        let url = "http://mica:urlpw-77ab@127.0.0.1:9/v1/chat/completions?key=qkey-31cd";
+        let status = http_error(url, 401, None, b"{\"error\":{\"message\":\"bad key\"}}");
+        let body = json_body(url, 200, b"<html>proxy</html>").unwrap_err();
+        for e in [status, body] {
+            assert!(e.message.starts_with("http://127.0.0.1:9/v1/chat/completions: "), "{}", e.message);
+            assert!(!e.message.contains("urlpw") && !e.message.contains("qkey"), "{}", e.message);
+        }
+    }
 
     #[test]
     fn retry_after_reads_milliseconds_seconds_and_http_dates() {
