@@ -64,4 +64,18 @@ pub trait Classifier {
     fn name(&self) -> &str;
     fn labels(&self) -> &LabelSet;
     fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>>;
+
+    /// True when [`Classifier::classify_with_notes`] puts the notes before the model (an LLM's
+    /// prompt); a cascade refuses `--cascade-context` for a second stage that would drop them.
+    fn accepts_notes(&self) -> bool {
+        false
+    }
+
+    /// Classifies with one optional note per image for the model to read (a cascade's second
+    /// stage is told the first model's suggestion). A family without a way to read text
+    /// ignores the notes, and says so through [`Classifier::accepts_notes`].
+    fn classify_with_notes(&mut self, batch: &[Sample], notes: &[Option<String>]) -> Vec<Result<Prediction, ClassifyError>> {
+        let _ = notes;
+        self.classify(batch)
+    }
 }

@@ -14,8 +14,11 @@
 //! - [`mcnemar`]: paired comparison of two classifiers on the same images, [`holm`] for
 //!   adjusting a family of such p-values;
 //! - [`latency_summary`], [`selective`]: timing and risk-coverage helpers;
+//! - [`cascade`]: the cascade's decision rule (CNN first, LLM when unsure, physician when
+//!   both are), its per-stage summary and the offline threshold sweep;
 //! - [`csv_input`]: the `label,prediction[,prob_<class>]` file format of `mica eval`.
 
+pub mod cascade;
 pub mod csv_input;
 pub mod latency;
 pub mod metrics;
