@@ -22,7 +22,18 @@ pub const ALPHA: f64 = 0.05;
 pub enum Family {
     Cnn,
     Llm,
+    /// A model trained outside mica (`onnx:`), run on this machine like a CNN: no API fee,
+    /// energy metered the same way, training cost unknown.
+    Onnx,
     Other,
+}
+
+impl Family {
+    /// Runs on this machine from its own weights (a CNN or an ONNX model): what the report
+    /// sets against the LLMs.
+    pub fn is_local_model(self) -> bool {
+        matches!(self, Family::Cnn | Family::Onnx)
+    }
 }
 
 /// One row of the headline table.
@@ -254,6 +265,8 @@ fn family(m: &RunMetrics, preds: &[Prediction]) -> Family {
     let name = m.classifier.to_ascii_lowercase();
     if name.starts_with("cnn") {
         Family::Cnn
+    } else if name.starts_with("onnx") {
+        Family::Onnx
     } else if name.starts_with("llm") || m.tokens.is_some() || preds.iter().any(|p| p.raw_answer.is_some()) {
         Family::Llm
     } else {
@@ -343,6 +356,8 @@ pub struct Comparison {
     pub provenance: Provenance,
     /// Unfinished classifiers left out of this report.
     pub skipped: Vec<String>,
+    /// The cascade sweep and the "Cost of a pilot" figures.
+    pub pilot: crate::pilot::Pilot,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -377,6 +392,11 @@ pub struct Provenance {
 
 impl Comparison {
     pub fn build(run: &RunDir) -> Comparison {
+        Self::build_with(run, crate::pilot::PilotOptions::default())
+    }
+
+    /// [`Comparison::build`] with the business-case options (`mica report --budget`).
+    pub fn build_with(run: &RunDir, pilot_options: crate::pilot::PilotOptions) -> Comparison {
         let headline: Vec<HeadlineRow> = run.classifiers.iter().map(HeadlineRow::from_metrics).collect();
         let per_class = run
             .classifiers
@@ -415,7 +435,9 @@ impl Comparison {
         let (shared_images, shared_accuracy) = shared_accuracy(run);
         let break_even = break_even(&headline, provenance.electricity_usd_per_kwh);
         let summary = summary(&headline, &mcnemar, run, (shared_images, &shared_accuracy), &break_even);
+        let pilot = crate::pilot::build(run, &headline, provenance.electricity_usd_per_kwh, pilot_options);
         Comparison {
+            pilot,
             run: run.name(),
             simulated: run.simulated(),
             shared_images,
@@ -584,7 +606,9 @@ fn provenance(run: &RunDir) -> Provenance {
             }
             None => energy.push(format!("{name}: no energy measurement recorded")),
         }
-        if let Some(t) = c.metrics.extra.get("training") {
+        if let Some(why) = c.metrics.extra.get("training").and_then(|t| t.get("unknown")).and_then(|v| v.as_str()) {
+            energy.push(format!("{name} training: unknown ({why})"));
+        } else if let Some(t) = c.metrics.extra.get("training") {
             match (t.get("energy_wh").and_then(|v| v.as_f64()), t.get("energy_method").and_then(|v| v.as_str())) {
                 (Some(wh), Some(method)) => energy.push(format!(
                     "{name} training: {} Wh, {} gCO2e ({method}) over {} s",
@@ -877,7 +901,7 @@ fn summary(
     let cnn = rows
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.family == Family::Cnn)
+        .filter(|(_, r)| r.family.is_local_model())
         .max_by(|(i, _), (j, _)| shared_acc[*i].total_cmp(&shared_acc[*j]))
         .map(|(_, r)| r);
     if let Some(cnn) = cnn {
@@ -919,8 +943,9 @@ fn summary(
                 String::new()
             };
             out.push(format!(
-                "On the {} images both saw, the CNN {} is {:.1} points {direction} accurate than {}{sig}{energy}.",
+                "On the {} images both saw, the {} {} is {:.1} points {direction} accurate than {}{sig}{energy}.",
                 t.n,
+                if cnn.family == Family::Onnx { "ONNX model" } else { "CNN" },
                 cnn.name,
                 diff.abs(),
                 llm.name

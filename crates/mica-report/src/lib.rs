@@ -12,6 +12,7 @@
 
 pub mod cases;
 pub mod comparison;
+pub mod pilot;
 pub mod plots;
 pub mod render;
 pub mod rundir;
@@ -47,10 +48,15 @@ pub enum ReportError {
 
 /// Merges shards if there are any, then reads the run directory and computes its comparison.
 pub fn load(run_dir: impl AsRef<Path>) -> Result<(RunDir, Comparison), ReportError> {
+    load_with(run_dir, pilot::PilotOptions::default())
+}
+
+/// [`load`] with the business-case options (`mica report --budget`).
+pub fn load_with(run_dir: impl AsRef<Path>, options: pilot::PilotOptions) -> Result<(RunDir, Comparison), ReportError> {
     let root = run_dir.as_ref();
     merge_shards(root, &eval_options(root)?)?;
     let run = RunDir::open(root)?;
-    let cmp = Comparison::build(&run);
+    let cmp = Comparison::build_with(&run, options);
     Ok((run, cmp))
 }
 
@@ -74,7 +80,12 @@ pub fn eval_options(root: &Path) -> Result<mica_eval::EvalOptions, ReportError> 
 /// Writes `RUN_DIR/report.<ext>` (figures under `RUN_DIR/plots/` for md and html) and returns
 /// its path.
 pub fn render(run_dir: impl AsRef<Path>, format: Format) -> Result<PathBuf, ReportError> {
-    let (run, cmp) = load(run_dir)?;
+    render_with(run_dir, format, pilot::PilotOptions::default())
+}
+
+/// [`render`] with the business-case options (`mica report --budget`).
+pub fn render_with(run_dir: impl AsRef<Path>, format: Format, options: pilot::PilotOptions) -> Result<PathBuf, ReportError> {
+    let (run, cmp) = load_with(run_dir, options)?;
     render::write_report(&run, &cmp, format)
 }
 

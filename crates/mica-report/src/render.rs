@@ -198,6 +198,7 @@ pub fn cost_cells(r: &HeadlineRow) -> Vec<String> {
         match &r.training {
             Some(t) => format!("{} Wh, {} g ({})", sig(Some(t.energy_wh)), sig(Some(t.co2e_g)), t.method),
             None if r.family == crate::Family::Cnn => "not metered".into(),
+            None if r.family == crate::Family::Onnx => "unknown (trained outside mica)".into(),
             None => "–".into(),
         },
         if r.replayed_usd > 0.0 { format!("{:.4}", r.replayed_usd) } else { "0".into() },
@@ -269,6 +270,35 @@ pub fn headline_text(cmp: &Comparison) -> String {
 /// Every figure of the report.
 pub fn make_plots(run: &RunDir, cmp: &Comparison) -> Result<Vec<Plot>, ReportError> {
     let mut out = Vec::new();
+    for (i, sw) in cmp.pilot.sweeps.iter().enumerate() {
+        for (axis, stem, x_label, known) in [
+            (mica_eval::cascade::CostAxis::Usd, "usd", "API fees, $ per 1,000 images", sw.usd_known),
+            (mica_eval::cascade::CostAxis::Wh, "energy", "energy, Wh per 1,000 images", sw.wh_known),
+        ] {
+            if !known {
+                continue;
+            }
+            let series = crate::pilot::plot_series(sw, axis);
+            if series.is_empty() {
+                continue;
+            }
+            out.push(plots::render(
+                &format!("cascade-{i}-{stem}"),
+                &format!("Cascade {} → {}: accuracy vs {}", sw.first, sw.second, x_label),
+                &LineChart {
+                    title: format!("Cascade: accuracy vs {x_label}"),
+                    x_label: x_label.into(),
+                    y_label: "accuracy %".into(),
+                    series,
+                    x_range: None,
+                    y_range: None,
+                    log_x: false,
+                    diagonal: false,
+                    markers: true,
+                },
+            )?);
+        }
+    }
     let energy_points: Vec<(String, f64, f64)> = cmp
         .headline
         .iter()
@@ -529,6 +559,98 @@ fn provenance_lines(cmp: &Comparison) -> Vec<(String, String)> {
 
 const DISCLAIMER: &str = "Decision support only: these are model predictions with confidence, not diagnoses. Low-confidence and deferred cases are flagged for a physician, who has the final say.";
 
+const PILOT_COLUMNS: [&str; 10] = [
+    "Option",
+    "Images",
+    "Accuracy",
+    "Physician cases",
+    "API fees (USD)",
+    "Electricity (USD)",
+    "Energy (Wh)",
+    "CO2 (g)",
+    "Wall time",
+    "How obtained",
+];
+
+const SWEEP_COLUMNS: [&str; 8] = [
+    "Threshold",
+    "Accuracy",
+    "Accuracy on accepted",
+    "Coverage",
+    "Asked the LLM",
+    "To a physician",
+    "USD / 1,000 images",
+    "Wh / 1,000 images",
+];
+
+const PILOT_NOTE: &str = "Priced from this run's measured figures: API fees at the recorded prices, energy and CO2 as metered here (a CNN's training counted once, so its cost per image falls as the pilot grows), wall time at the measured throughput of one process. Physician cases are those deferred, flagged as low-confidence, or without an answer. A cascade is priced from the sweep below: the LLM's fee and energy are paid only for the images sent to it.";
+
+const SWEEP_NOTE: &str = "Each row is what a cascade:FIRST,SECOND@THRESHOLD run would give on these images, computed from the two standalone runs with the live cascade's own decision rule (no model was asked again). Accuracy counts deferred cases with the label the models offered, as the headline does.";
+
+fn opt_cell(v: Option<f64>, f: impl Fn(f64) -> String, missing: &str) -> String {
+    v.map(f).unwrap_or_else(|| missing.to_string())
+}
+
+fn pilot_rows(rows: &[crate::pilot::PilotRow]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            vec![
+                r.option.clone(),
+                crate::pilot::thousands(r.images),
+                pct(r.accuracy),
+                format!("{:.0}", r.physician_cases),
+                opt_cell(r.api_usd, crate::pilot::usd_words, "unknown"),
+                opt_cell(r.electricity_usd, crate::pilot::usd_words, "– (no --electricity-price)"),
+                opt_cell(r.energy_wh, |w| sig(Some(w)), "not measured"),
+                opt_cell(r.co2e_g, |g| sig(Some(g)), "–"),
+                opt_cell(r.wall_s, crate::pilot::duration_words, "–"),
+                r.notes.join("; "),
+            ]
+        })
+        .collect()
+}
+
+fn sweep_rows(sw: &crate::pilot::CascadeSweep) -> Vec<Vec<String>> {
+    use mica_eval::cascade::PointKind;
+    let mut pts: Vec<(String, &mica_eval::cascade::SweepPoint)> = Vec::new();
+    for p in &sw.points {
+        match p.kind {
+            PointKind::FirstAlone => pts.push((format!("{} alone", sw.first), p)),
+            PointKind::SecondAlone => pts.push((format!("{} alone", sw.second), p)),
+            PointKind::Cascade => {}
+        }
+    }
+    for p in &sw.table {
+        pts.push((format!("{:.3}", p.threshold.unwrap_or(0.0)), p));
+    }
+    if let Some(c) = &sw.chosen {
+        pts.push((format!("{:.3} (chosen: {})", c.threshold.unwrap_or(0.0), sw.chosen_why), c));
+    }
+    pts.iter()
+        .map(|(what, p)| {
+            vec![
+                what.clone(),
+                pct(p.accuracy),
+                p.accepted_accuracy.map(pct).unwrap_or_else(|| "–".into()),
+                pct(p.coverage),
+                pct(p.share_second),
+                p.deferred.to_string(),
+                if sw.usd_known { format!("{:.3}", p.usd_per_1000) } else { "unknown".into() },
+                sig(p.wh_per_1000),
+            ]
+        })
+        .collect()
+}
+
+/// What the simulated section says above its tables.
+const SIMULATED_NOTE: &str = "These rows were answered by mica's built-in LLM simulator, which draws answers from a confusion model: they show that the LLM arm of the pipeline works (requests, parsing, filter, cost accounting), not how any model performs. They are kept out of the headline, and their energy and cost are never compared with a real row's.";
+
+/// Indices of the headline rows from real classifiers, and of those answered by the simulator,
+/// which every format shows in a section of their own.
+fn split_simulated(cmp: &Comparison) -> (Vec<usize>, Vec<usize>) {
+    (0..cmp.headline.len()).partition(|&i| !cmp.headline[i].simulated)
+}
+
 pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# mica comparison: {}\n", cmp.run);
@@ -545,23 +667,61 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
         let _ = writeln!(s, "- {line}");
     }
     let _ = writeln!(s, "\n## Headline\n");
-    let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
+    let (real, simulated) = split_simulated(cmp);
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| headline_cells(&cmp.headline[i])).collect();
     s.push_str(&md_table(&HEADLINE_COLUMNS, &rows));
     let _ = writeln!(
         s,
         "\n{NO_ANSWER_NOTE}\n"
     );
     let _ = writeln!(s, "## Agreement, discrimination and calibration\n");
-    let rows: Vec<Vec<String>> = (0..cmp.headline.len()).map(|i| quality_cells(cmp, i)).collect();
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| quality_cells(cmp, i)).collect();
     s.push_str(&md_table(&QUALITY_COLUMNS, &rows));
     let _ = writeln!(s, "\n{QUALITY_NOTE}\n");
     let _ = writeln!(s, "## Time, energy and money\n");
-    let rows: Vec<Vec<String>> = cmp.headline.iter().map(cost_cells).collect();
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| cost_cells(&cmp.headline[i])).collect();
     s.push_str(&md_table(&COST_COLUMNS, &rows));
     let _ = writeln!(s, "\n{}\n", cmp.provenance.timing_rule);
     if !cmp.break_even.is_empty() {
         let _ = writeln!(s, "### Break-even: a trained CNN against an LLM\n");
         s.push_str(&md_table(&BREAK_EVEN_COLUMNS, &break_even_rows(cmp)));
+        s.push('\n');
+    }
+    if !cmp.pilot.tables.is_empty() {
+        let _ = writeln!(s, "## Cost of a pilot\n");
+        for w in &cmp.pilot.words {
+            let _ = writeln!(s, "- {w}");
+        }
+        let _ = writeln!(s, "\n{PILOT_NOTE}\n");
+        for (_, rows) in &cmp.pilot.tables {
+            s.push_str(&md_table(&PILOT_COLUMNS, &pilot_rows(rows)));
+            s.push('\n');
+        }
+        for n in &cmp.pilot.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        for (i, sw) in cmp.pilot.sweeps.iter().enumerate() {
+            let _ = writeln!(s, "\n### Cascade sweep: {} first, {} when unsure ({} images)\n\n{SWEEP_NOTE}\n", sw.first, sw.second, sw.images);
+            s.push_str(&md_table(&SWEEP_COLUMNS, &sweep_rows(sw)));
+            for n in &sw.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+            for p in plots.iter().filter(|p| p.stem.starts_with(&format!("cascade-{i}-"))) {
+                let _ = writeln!(s, "\n![{}](plots/{}.png)", p.title, p.stem);
+            }
+            s.push('\n');
+        }
+    }
+    if !simulated.is_empty() {
+        let _ = writeln!(s, "## SIMULATED LLM arm (not a model)\n\n{SIMULATED_NOTE}\n");
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| headline_cells(&cmp.headline[i])).collect();
+        s.push_str(&md_table(&HEADLINE_COLUMNS, &rows));
+        s.push('\n');
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| quality_cells(cmp, i)).collect();
+        s.push_str(&md_table(&QUALITY_COLUMNS, &rows));
+        s.push('\n');
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| cost_cells(&cmp.headline[i])).collect();
+        s.push_str(&md_table(&COST_COLUMNS, &rows));
         s.push('\n');
     }
     let _ = writeln!(s, "## Per-class results\n\n{CLASS_NOTE}\n");
@@ -594,7 +754,7 @@ pub fn markdown(cmp: &Comparison, plots: &[Plot]) -> String {
     let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
     s.push_str(&md_table(&["Item", "Value"], &rows));
     if !cmp.skipped.is_empty() {
-        let _ = writeln!(s, "\nNot in this report (unfinished): {}", cmp.skipped.join("; "));
+        let _ = writeln!(s, "\nNot in this report: {}", cmp.skipped.join("; "));
     }
     s
 }
@@ -679,20 +839,69 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
         let _ = writeln!(s, "<li>{}</li>", html_escape(line));
     }
     s.push_str("</ul>\n<h2 id=\"headline\">Headline</h2>\n");
-    let rows: Vec<Vec<String>> = cmp.headline.iter().map(headline_cells).collect();
+    let (real, simulated) = split_simulated(cmp);
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| headline_cells(&cmp.headline[i])).collect();
     s.push_str(&html_table(&HEADLINE_COLUMNS, &rows, "headline"));
     let _ = writeln!(s, "<p>{}</p>", html_escape(NO_ANSWER_NOTE));
     s.push_str("<h2 id=\"quality\">Agreement, discrimination and calibration</h2>\n");
-    let rows: Vec<Vec<String>> = (0..cmp.headline.len()).map(|i| quality_cells(cmp, i)).collect();
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| quality_cells(cmp, i)).collect();
     s.push_str(&html_table(&QUALITY_COLUMNS, &rows, "quality"));
     let _ = writeln!(s, "<p>{}</p>", html_escape(QUALITY_NOTE));
     s.push_str("<h2 id=\"cost\">Time, energy and money</h2>\n");
-    let rows: Vec<Vec<String>> = cmp.headline.iter().map(cost_cells).collect();
+    let rows: Vec<Vec<String>> = real.iter().map(|&i| cost_cells(&cmp.headline[i])).collect();
     s.push_str(&html_table(&COST_COLUMNS, &rows, "cost"));
     let _ = writeln!(s, "<p>{}</p>", html_escape(&cmp.provenance.timing_rule));
     if !cmp.break_even.is_empty() {
         s.push_str("<h3 id=\"break-even\">Break-even: a trained CNN against an LLM</h3>\n");
         s.push_str(&html_table(&BREAK_EVEN_COLUMNS, &break_even_rows(cmp), "break-even"));
+    }
+    if !cmp.pilot.tables.is_empty() {
+        s.push_str("<h2 id=\"pilot\">Cost of a pilot</h2>\n<ul>");
+        for w in &cmp.pilot.words {
+            let _ = write!(s, "<li>{}</li>", html_escape(w));
+        }
+        let _ = writeln!(s, "</ul><p>{}</p>", html_escape(PILOT_NOTE));
+        for (n, rows) in &cmp.pilot.tables {
+            s.push_str(&html_table(&PILOT_COLUMNS, &pilot_rows(rows), &format!("pilot-{n}")));
+        }
+        for n in &cmp.pilot.notes {
+            let _ = writeln!(s, "<p>{}</p>", html_escape(n));
+        }
+        for (i, sw) in cmp.pilot.sweeps.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "<h3 id=\"cascade-sweep-{i}\">Cascade sweep: {} first, {} when unsure ({} images)</h3><p>{}</p>",
+                html_escape(&sw.first),
+                html_escape(&sw.second),
+                sw.images,
+                html_escape(SWEEP_NOTE)
+            );
+            s.push_str(&html_table(&SWEEP_COLUMNS, &sweep_rows(sw), "cascade-sweep"));
+            for n in &sw.notes {
+                let _ = writeln!(s, "<p>{}</p>", html_escape(n));
+            }
+            s.push_str("<div class=\"figs\">");
+            for p in plots.iter().filter(|p| p.stem.starts_with(&format!("cascade-{i}-"))) {
+                let _ = write!(
+                    s,
+                    "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
+                    html_escape(&p.stem),
+                    inline_svg(&p.svg),
+                    html_escape(&p.title)
+                );
+            }
+            s.push_str("</div>\n");
+        }
+    }
+    if !simulated.is_empty() {
+        s.push_str("<h2 id=\"simulated-arm\">SIMULATED LLM arm (not a model)</h2>\n");
+        let _ = writeln!(s, "<p>{}</p>", html_escape(SIMULATED_NOTE));
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| headline_cells(&cmp.headline[i])).collect();
+        s.push_str(&html_table(&HEADLINE_COLUMNS, &rows, "simulated-headline"));
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| quality_cells(cmp, i)).collect();
+        s.push_str(&html_table(&QUALITY_COLUMNS, &rows, "simulated-quality"));
+        let rows: Vec<Vec<String>> = simulated.iter().map(|&i| cost_cells(&cmp.headline[i])).collect();
+        s.push_str(&html_table(&COST_COLUMNS, &rows, "simulated-cost"));
     }
     s.push_str("<h2 id=\"figures\">Accuracy, energy, cost, latency, selective prediction, calibration</h2><div class=\"figs\">\n");
     for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
@@ -739,7 +948,7 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     let rows: Vec<Vec<String>> = provenance_lines(cmp).into_iter().map(|(k, v)| vec![k, v]).collect();
     s.push_str(&html_table(&["Item", "Value"], &rows, "provenance"));
     if !cmp.skipped.is_empty() {
-        let _ = writeln!(s, "<p>Not in this report (unfinished): {}</p>", html_escape(&cmp.skipped.join("; ")));
+        let _ = writeln!(s, "<p>Not in this report: {}</p>", html_escape(&cmp.skipped.join("; ")));
     }
     s.push_str("</body></html>\n");
     s

@@ -424,3 +424,67 @@ fn break_even_counts_training_energy_and_money_against_a_real_llm() {
     let row = cmp.headline.iter().find(|r| r.slug == "cnn-small").unwrap();
     assert_eq!(row.training.as_ref().unwrap().energy_wh, 1.0);
 }
+
+/// A CNN and a real (priced) LLM on the same 40 images: the sweep, the chosen cascade and the
+/// pilot's money follow from the hand-counted answers.
+#[test]
+fn pilot_prices_the_cnn_the_llm_and_the_chosen_cascade() {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), &["cnn-small", "llm-openai"]);
+    // CNN: wrong (at confidence 0.55) on images 0, 10, 20, 30; 36/40 right.
+    write_classifier(&dir.path().join("cnn-small"), "cnn:small", &predictions("cnn:small", 10, false), 0.02, false);
+    // LLM: wrong only on image 0 (deferred), no answer on image 39; 38/40 right; $0.0025 each.
+    write_classifier(&dir.path().join("llm-openai"), "llm:openai/gpt-4o", &predictions("llm:openai/gpt-4o", 1000, true), 4.0, false);
+    let (_, cmp) = load(dir.path()).unwrap();
+    let sw = &cmp.pilot.sweeps[0];
+    assert_eq!(sw.images, 40);
+    let alone = |k| sw.points.iter().find(|p| p.kind == k).unwrap();
+    assert_eq!(alone(mica_eval::cascade::PointKind::FirstAlone).accuracy, 0.9);
+    assert_eq!(alone(mica_eval::cascade::PointKind::SecondAlone).accuracy, 0.95);
+    assert!((alone(mica_eval::cascade::PointKind::SecondAlone).usd_per_1000 - 2.5).abs() < 1e-9);
+    // Sending the four 0.55 cases (images 0, 10, 20, 30) to the LLM fixes three of them:
+    // 39/40 for 4 x $0.0025, the cheapest threshold reaching the LLM's 95 %.
+    let chosen = sw.chosen.as_ref().unwrap();
+    assert!(sw.chosen_why.contains("cheapest threshold that reaches"), "{}", sw.chosen_why);
+    assert_eq!(chosen.accuracy, 0.975);
+    assert_eq!(chosen.threshold, Some(0.6));
+    assert!((chosen.usd_per_1000 - 0.25).abs() < 1e-9);
+    assert_eq!(chosen.share_second, 0.1);
+
+    let (n, rows) = &cmp.pilot.tables[1];
+    assert_eq!(*n, 100_000);
+    assert_eq!(rows.len(), 3, "CNN, LLM, cascade");
+    assert_eq!(rows[0].api_usd, Some(0.0));
+    assert!((rows[1].api_usd.unwrap() - 250.0).abs() < 1e-6);
+    assert!((rows[2].api_usd.unwrap() - 25.0).abs() < 1e-6);
+    // The CNN's physician cases: none flagged or deferred in this fixture; the LLM's: image 0
+    // (deferred) and image 39 (no answer), 2 of 40.
+    assert!((rows[1].physician_cases - 5_000.0).abs() < 1e-6);
+    assert!(cmp.pilot.words.iter().any(|w| w.contains("100,000 images")));
+
+    let html = std::fs::read_to_string(render(dir.path(), Format::Html).unwrap()).unwrap();
+    assert!(html.contains("id=\"pilot\"") && html.contains("Cost of a pilot"));
+    assert!(html.contains("id=\"fig-cascade-0-usd\"><svg"), "sweep plot missing");
+    let md = std::fs::read_to_string(render(dir.path(), Format::Markdown).unwrap()).unwrap();
+    assert!(md.contains("## Cost of a pilot") && md.contains("0.600 (chosen"), "{md}");
+
+    // A budget of $0.10 per 1,000 images leaves only the cascades that never ask the LLM.
+    let (_, cmp) = load_with(dir.path(), pilot::PilotOptions { budget_usd_per_1000: Some(0.1) }).unwrap();
+    let c = cmp.pilot.sweeps[0].chosen.as_ref().unwrap();
+    assert_eq!((c.accuracy, c.usd_per_1000), (0.9, 0.0));
+    assert!(cmp.pilot.sweeps[0].chosen_why.contains("budget"));
+}
+
+#[test]
+fn the_simulated_llm_is_neither_swept_nor_priced() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let (_, cmp) = load(dir.path()).unwrap();
+    assert!(cmp.pilot.sweeps.is_empty());
+    assert!(cmp.pilot.notes.iter().any(|n| n.contains("simulated LLM is not swept")));
+    assert!(cmp.pilot.tables.iter().all(|(_, rows)| rows.iter().all(|r| !r.option.contains("SIMULATED"))));
+    let html = std::fs::read_to_string(render(dir.path(), Format::Html).unwrap()).unwrap();
+    let headline = html.split("id=\"headline\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(!headline.contains("SIMULATED"), "simulated row in the headline table");
+    assert!(html.contains("id=\"simulated-arm\""));
+}
