@@ -148,6 +148,8 @@ pub enum Kind {
     Llm,
     /// A nearest-class-centroid classifier on raw pixels: the floor any model must beat.
     Baseline,
+    /// A model trained elsewhere, as an ONNX file (`onnx = "models/x.onnx"`, sidecar beside it).
+    Onnx,
 }
 
 /// One `[[classifier]]` entry: which classifier (`spec`, or the older `kind` with `run`,
@@ -174,6 +176,9 @@ pub struct ClassifierConfig {
     pub train: Option<String>,
     #[serde(default)]
     pub epochs: Option<usize>,
+    /// ONNX: the model file; its sidecar `PATH.toml` (how to feed it) lies beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<PathBuf>,
     /// Images per `classify` call (CNN inference batch).
     #[serde(default)]
     pub batch: Option<usize>,
@@ -304,6 +309,7 @@ impl ClassifierConfig {
             run: None,
             train: None,
             epochs: None,
+            onnx: None,
             batch: None,
             review_below: None,
             model: None,
@@ -332,6 +338,10 @@ impl ClassifierConfig {
                 ..Self::new(Kind::Llm)
             },
             ClassifierSpec::Baseline => Self::new(Kind::Baseline),
+            ClassifierSpec::Onnx { path } => ClassifierConfig {
+                onnx: Some(path.clone()),
+                ..Self::new(Kind::Onnx)
+            },
         }
     }
 
@@ -340,8 +350,8 @@ impl ClassifierConfig {
         let Some(s) = self.spec.take() else {
             return Ok(());
         };
-        if self.run.is_some() || self.train.is_some() || self.model.is_some() || self.kind != Kind::Baseline {
-            return Err(format!("{at}: give either `spec` or `kind` with `run`/`train`/`model`, not both"));
+        if self.run.is_some() || self.train.is_some() || self.model.is_some() || self.onnx.is_some() || self.kind != Kind::Baseline {
+            return Err(format!("{at}: give either `spec` or `kind` with `run`/`train`/`model`/`onnx`, not both"));
         }
         let parsed: ClassifierSpec = s.parse().map_err(|e: SpecError| format!("{at}: {e}"))?;
         let typed = Self::from_spec(&parsed);
@@ -349,6 +359,7 @@ impl ClassifierConfig {
         self.run = typed.run;
         self.train = typed.train;
         self.model = typed.model;
+        self.onnx = typed.onnx;
         Ok(())
     }
 
@@ -370,6 +381,10 @@ impl ClassifierConfig {
                 Some(m) => format!("llm:{m}").parse().map_err(|e: SpecError| e.to_string()),
             },
             Kind::Baseline => Ok(ClassifierSpec::Baseline),
+            Kind::Onnx => match &self.onnx {
+                None => Err(format!("{}: an ONNX model needs `onnx = \"PATH.onnx\"` (or spec = \"onnx:PATH.onnx\")", at())),
+                Some(p) => format!("onnx:{}", p.display()).parse().map_err(|e: SpecError| e.to_string()),
+            },
         }
     }
 
@@ -406,6 +421,10 @@ impl ClassifierConfig {
                 s
             }
             Kind::Baseline => "baseline-centroid".into(),
+            Kind::Onnx => format!(
+                "onnx-{}",
+                self.onnx.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+            ),
         };
         slugify(&raw)
     }
@@ -429,6 +448,10 @@ impl ClassifierConfig {
                 s
             }
             Kind::Baseline => "baseline:centroid".into(),
+            Kind::Onnx => match &self.onnx {
+                Some(p) => format!("onnx:{}", p.display()),
+                None => "onnx".into(),
+            },
         }
     }
 

@@ -16,6 +16,7 @@ pub mod cnn;
 pub mod experiment;
 pub mod factory;
 pub mod llm;
+pub mod onnx;
 pub mod record;
 pub mod run;
 pub mod select;

@@ -15,12 +15,15 @@ use mica_llm::ProviderSpec;
 /// | `cnn-train:ARCH` | a CNN to train on the run's own train split (`small`, `resnet18`, `mobilenet`) |
 /// | `llm:PROVIDER/MODEL[@URL]` | a vision LLM (`openai`, `ollama`, `openai-compatible`) |
 /// | `baseline` | the nearest-class-centroid floor |
+/// | `onnx:PATH.onnx` | any trained model exported to ONNX, fed as its sidecar `PATH.toml` says |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClassifierSpec {
     Cnn { run: PathBuf },
     CnnTrain { arch: String },
     Llm(LlmSpec),
     Baseline,
+    /// A model trained elsewhere (PyTorch, Keras, a vendor) as an ONNX file.
+    Onnx { path: PathBuf },
 }
 
 /// `PROVIDER/MODEL[@URL]` exactly as written, so it prints back the same; [`LlmSpec::provider`]
@@ -57,7 +60,7 @@ pub struct SpecError {
     pub message: String,
 }
 
-const FORMS: &str = "expected cnn:RUN_DIR, cnn-train:ARCH, llm:PROVIDER/MODEL[@URL] or baseline";
+const FORMS: &str = "expected cnn:RUN_DIR, cnn-train:ARCH, llm:PROVIDER/MODEL[@URL], onnx:PATH.onnx or baseline";
 
 impl FromStr for ClassifierSpec {
     type Err = SpecError;
@@ -89,6 +92,11 @@ impl FromStr for ClassifierSpec {
                 model: model.trim().to_string(),
                 url,
             }))
+        } else if let Some(path) = s.strip_prefix("onnx:") {
+            if path.trim().is_empty() {
+                return Err(err("onnx: needs a model file (onnx:models/brain.onnx, with models/brain.toml beside it)".into()));
+            }
+            Ok(ClassifierSpec::Onnx { path: PathBuf::from(path) })
         } else if s == "baseline" || s == "baseline:centroid" {
             Ok(ClassifierSpec::Baseline)
         } else {
@@ -104,6 +112,7 @@ impl fmt::Display for ClassifierSpec {
             ClassifierSpec::CnnTrain { arch } => write!(f, "cnn-train:{arch}"),
             ClassifierSpec::Llm(l) => write!(f, "llm:{l}"),
             ClassifierSpec::Baseline => f.write_str("baseline"),
+            ClassifierSpec::Onnx { path } => write!(f, "onnx:{}", path.display()),
         }
     }
 }
@@ -115,6 +124,7 @@ impl ClassifierSpec {
             ClassifierSpec::Cnn { .. } | ClassifierSpec::CnnTrain { .. } => "cnn",
             ClassifierSpec::Llm(_) => "llm",
             ClassifierSpec::Baseline => "baseline",
+            ClassifierSpec::Onnx { .. } => "onnx",
         }
     }
 }
@@ -137,6 +147,8 @@ mod tests {
             "llm:ollama/llama3.2-vision@http://127.0.0.1:11434",
             "llm:openai-compatible/meta-llama/Llama-3.2-11B-Vision@http://127.0.0.1:8000",
             "baseline",
+            "onnx:models/brain.onnx",
+            "onnx:/abs/vendor model/x-ray v2.onnx",
         ] {
             let spec: ClassifierSpec = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(spec.to_string(), s);
@@ -150,6 +162,8 @@ mod tests {
         for (s, want) in [
             ("svm", "expected cnn:RUN_DIR"),
             ("cnn:", "run directory"),
+            ("onnx:", "model file"),
+            ("onnx", "expected cnn:RUN_DIR"),
             ("cnn-train:vgg", "vgg"),
             ("llm:gpt-4o", "PROVIDER/MODEL"),
             ("llm:acme/m", "unknown provider"),

@@ -562,6 +562,9 @@ struct PredictionView {
     /// The classifier sends the image off this machine (a provider not on a loopback address).
     sends_image_off_machine: bool,
     gradcam_url: Option<String>,
+    /// How the overlay at `gradcam_url` was made: Grad-CAM for mica's CNNs, an occlusion map
+    /// for ONNX models (their runtime gives no gradients). `None` without an overlay.
+    overlay_method: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -640,6 +643,7 @@ pub(crate) fn case_view(app: &App, c: CaseRecord, decisions: Vec<Decision>) -> C
             .enumerate()
             .map(|(i, p)| PredictionView {
                 gradcam_url: (held && p.has_gradcam).then(|| format!("/api/v1/cases/{id}/gradcam/{i}")),
+                overlay_method: (held && p.has_gradcam).then(|| crate::panel::overlay_method(&p.family)),
                 state: crate::intake::state_of(&p.outcome),
                 sends_image_off_machine: sends_off_machine(app, &p),
                 p,

@@ -306,7 +306,8 @@ async fn collect(
     let panel = app.0.tasks[task].panel.clone();
     let t0 = Instant::now();
     let deadline = |i: usize| {
-        t0 + if panel.members[i].family == "cnn" { app.0.options.cnn_deadline } else { app.0.options.llm_deadline }
+        // ONNX models run on this machine like CNNs, under the same deadline.
+        t0 + if matches!(panel.members[i].family, "cnn" | "onnx") { app.0.options.cnn_deadline } else { app.0.options.llm_deadline }
     };
     let mut pending: BTreeSet<usize> = asked.into_iter().collect();
     if let Some(mut running) = running {
@@ -340,7 +341,7 @@ async fn collect(
                             h.abort();
                         }
                         let secs = (deadline(i) - t0).as_secs_f64();
-                        let flag = if panel.members[i].family == "cnn" { "--cnn-deadline" } else { "--llm-deadline" };
+                        let flag = if matches!(panel.members[i].family, "cnn" | "onnx") { "--cnn-deadline" } else { "--llm-deadline" };
                         let mut p = panel.no_answer(
                             i,
                             "timed-out",

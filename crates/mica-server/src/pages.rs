@@ -228,7 +228,12 @@ function card(p, i, thr) {
     const rows = Object.entries(p.probabilities).sort((a, b) => b[1] - a[1]);
     parts.push(el('table', { class: 'probs' }, ...rows.map(([k, v]) => el('tr', {}, el('td', { text: k }), el('td', { class: 'num', text: pct(v) })))));
   }
-  if (p.gradcam_url) parts.push(el('figure', { class: 'gradcam' }, el('img', { src: p.gradcam_url, alt: 'Grad-CAM overlay of ' + p.classifier }), el('figcaption', { text: 'Grad-CAM: where the CNN looked for its answer (red: most influence).' })));
+  if (p.gradcam_url) {
+    const occlusion = (p.overlay_method || '').startsWith('occlusion');
+    parts.push(el('figure', { class: 'gradcam' }, el('img', { src: p.gradcam_url, alt: (p.overlay_method || 'Grad-CAM') + ' overlay of ' + p.classifier }), el('figcaption', { text: occlusion
+      ? 'Occlusion map (ONNX model: no gradients): where hiding the image lowered the answer\'s probability most (red: most influence).'
+      : 'Grad-CAM: where the CNN looked for its answer (red: most influence).' })));
+  }
   if (p.rationale) parts.push(el('blockquote', {}, el('b', { text: 'Model rationale: ' }), p.rationale));
   if (p.error) parts.push(el('div', { class: 'err', text: p.error }));
   return el('article', { class: 'card prediction', 'data-index': String(i), 'data-state': p.state }, ...parts);

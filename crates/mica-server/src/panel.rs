@@ -43,13 +43,15 @@ impl Default for LlmOptions {
 
 enum Engine {
     Cnn { clf: Box<Mutex<CnnClassifier>>, run_dir: PathBuf },
+    /// A model trained elsewhere; runs on this machine like a CNN (same lock, same meters).
+    Onnx { clf: Box<Mutex<mica_onnx::OnnxClassifier>> },
     Llm { runner: Arc<LlmRunner> },
 }
 
 /// One classifier as the page and the audit trail name it.
 pub struct Member {
     pub name: String,
-    /// `cnn` or `llm`.
+    /// `cnn`, `onnx` or `llm`.
     pub family: &'static str,
     pub model_version: String,
     /// True when this classifier sends the image off this machine (an LLM whose endpoint is
@@ -103,9 +105,9 @@ impl Panel {
         let mut parsed = Vec::new();
         for s in specs {
             let spec: ClassifierSpec = s.parse().map_err(|e: mica_run::SpecError| ServerError::Config(e.to_string()))?;
-            if !matches!(spec, ClassifierSpec::Cnn { .. } | ClassifierSpec::Llm(_)) {
+            if !matches!(spec, ClassifierSpec::Cnn { .. } | ClassifierSpec::Llm(_) | ClassifierSpec::Onnx { .. }) {
                 return Err(ServerError::Config(format!(
-                    "`{spec}`: the web app runs trained CNNs (cnn:RUN_DIR) and LLMs (llm:PROVIDER/MODEL)"
+                    "`{spec}`: the web app runs trained CNNs (cnn:RUN_DIR), ONNX models (onnx:PATH.onnx) and LLMs (llm:PROVIDER/MODEL)"
                 )));
             }
             parsed.push(spec);
@@ -154,6 +156,39 @@ impl Panel {
                 model_version,
                 remote: false,
                 engine: Engine::Cnn { clf: Box::new(Mutex::new(clf)), run_dir: dir },
+            });
+        }
+        for spec in &parsed {
+            let ClassifierSpec::Onnx { path } = spec else { continue };
+            let spec = spec.to_string();
+            let mut clf = mica_run::onnx::load(path, &spec).map_err(|e| ServerError::Config(e.to_string()))?;
+            // An ONNX model's outputs may come in any order; the panel answers in one order
+            // (the first CNN's, else the task's canonical one), so its labels are aligned to it.
+            match &labels {
+                Some((l, _, first)) => clf.align_labels(l).map_err(|e| {
+                    ServerError::Config(format!("{spec}: {e} (the labels of {first}); one server compares classifiers on one task"))
+                })?,
+                None => {
+                    let l = clf.modality().canonical_labels().unwrap_or_else(|| clf.model_labels().clone());
+                    clf.align_labels(&l).map_err(|e| ServerError::Config(format!("{spec}: {e}")))?;
+                    labels = Some((l, clf.modality(), spec.clone()));
+                }
+            }
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+            let mut name = format!("onnx:{stem}");
+            let mut k = 2;
+            while members.iter().any(|m: &Member| m.name == name) {
+                name = format!("onnx:{stem}#{k}");
+                k += 1;
+            }
+            let model_version = mica_run::onnx::version(&clf);
+            let clf = clf.with_name(name.clone());
+            members.push(Member {
+                name,
+                family: "onnx",
+                model_version,
+                remote: false,
+                engine: Engine::Onnx { clf: Box::new(Mutex::new(clf)) },
             });
         }
         let (labels, modality) = match (labels, modality) {
@@ -273,7 +308,7 @@ impl Panel {
         let cnns: Vec<usize> = which
             .iter()
             .copied()
-            .filter(|&i| matches!(self.members.get(i).map(|m| &m.engine), Some(Engine::Cnn { .. })))
+            .filter(|&i| matches!(self.members.get(i).map(|m| &m.engine), Some(Engine::Cnn { .. } | Engine::Onnx { .. })))
             .collect();
         if !cnns.is_empty() {
             let (me, s, tx) = (self.clone(), sample.clone(), tx.clone());
@@ -325,12 +360,21 @@ impl Panel {
         let png = sample.source.path().to_path_buf();
         for &i in which {
             let m = &self.members[i];
-            let Engine::Cnn { clf, run_dir } = &m.engine else { continue };
-            let mut clf = clf.lock().unwrap_or_else(|p| p.into_inner());
-            let window = self.meters.start();
-            let result = clf.classify(std::slice::from_ref(sample)).pop();
-            let energy = window.and_then(|w| w.stop());
-            drop(clf);
+            let (result, energy) = match &m.engine {
+                Engine::Cnn { clf, .. } => {
+                    let mut clf = clf.lock().unwrap_or_else(|p| p.into_inner());
+                    let window = self.meters.start();
+                    let result = clf.classify(std::slice::from_ref(sample)).pop();
+                    (result, window.and_then(|w| w.stop()))
+                }
+                Engine::Onnx { clf } => {
+                    let mut clf = clf.lock().unwrap_or_else(|p| p.into_inner());
+                    let window = self.meters.start();
+                    let result = clf.classify(std::slice::from_ref(sample)).pop();
+                    (result, window.and_then(|w| w.stop()))
+                }
+                Engine::Llm { .. } => continue,
+            };
             let p = match result {
                 Some(Ok(p)) => p,
                 Some(Err(e)) => {
@@ -349,22 +393,10 @@ impl Panel {
                     (None, format!("not-measured:meter-error ({e})"))
                 }
             };
-            let gradcam_png = match mica_cnn::gradcam::explain_source(run_dir, &sample.source, None) {
-                Ok(e) => {
-                    let over = mica_cnn::gradcam::overlay(&image::DynamicImage::ImageLuma8(original.clone()), &e, 0.5);
-                    let mut bytes = Vec::new();
-                    match over.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png) {
-                        Ok(()) => Some(bytes),
-                        Err(e) => {
-                            tracing::warn!("{}: Grad-CAM overlay not encoded: {e}", m.name);
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("{}: no Grad-CAM: {}", m.name, scrub(&e.to_string(), &png));
-                    None
-                }
+            let gradcam_png = match &m.engine {
+                Engine::Cnn { run_dir, .. } => gradcam(m, run_dir, sample, original, &png),
+                Engine::Onnx { clf } => occlusion_overlay(m, clf, sample, original, &png),
+                Engine::Llm { .. } => None,
             };
             let mut cp = base(m, &p);
             cp.energy_wh = energy_wh;
@@ -380,6 +412,54 @@ impl Panel {
         cp.energy_method = Method::NotMeasuredRemoteApi.label().to_string();
         cp.error = cp.error.map(|e| redact_url(&scrub(&e, png)));
         cp
+    }
+}
+
+/// The overlay's method as the page and the API name it, by family.
+pub fn overlay_method(family: &str) -> &'static str {
+    if family == "onnx" {
+        mica_onnx::occlusion::METHOD
+    } else {
+        "Grad-CAM"
+    }
+}
+
+/// An ONNX model's occlusion map over the upload, as PNG (tract gives no gradients for
+/// Grad-CAM). None, with the reason logged, when it cannot be drawn.
+fn occlusion_overlay(
+    m: &Member,
+    clf: &Mutex<mica_onnx::OnnxClassifier>,
+    sample: &Sample,
+    original: &GrayImage,
+    png: &Path,
+) -> Option<Vec<u8>> {
+    let clf = clf.lock().unwrap_or_else(|p| p.into_inner());
+    let map = mica_onnx::occlusion(&clf, &sample.source, None, None)
+        .map_err(|e| tracing::warn!("{}: no occlusion map: {}", m.name, scrub(&e.to_string(), png)))
+        .ok()?;
+    mica_run::onnx::overlay_png(&map, &image::DynamicImage::ImageLuma8(original.clone()))
+        .map_err(|e| tracing::warn!("{}: occlusion overlay not encoded: {e}", m.name))
+        .ok()
+}
+
+/// A CNN's Grad-CAM over the upload, as PNG; None, with the reason logged, when it fails.
+fn gradcam(m: &Member, run_dir: &Path, sample: &Sample, original: &GrayImage, png: &Path) -> Option<Vec<u8>> {
+    match mica_cnn::gradcam::explain_source(run_dir, &sample.source, None) {
+        Ok(e) => {
+            let over = mica_cnn::gradcam::overlay(&image::DynamicImage::ImageLuma8(original.clone()), &e, 0.5);
+            let mut bytes = Vec::new();
+            match over.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png) {
+                Ok(()) => Some(bytes),
+                Err(e) => {
+                    tracing::warn!("{}: Grad-CAM overlay not encoded: {e}", m.name);
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!("{}: no Grad-CAM: {}", m.name, scrub(&e.to_string(), png));
+            None
+        }
     }
 }
 

@@ -13,7 +13,7 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub dataset: PathBuf,
     /// `cnn:RUN_DIR`, `cnn-train:ARCH`, `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
-    /// `llm:openai-compatible/<model>@http://host:port`, `baseline`.
+    /// `llm:openai-compatible/<model>@http://host:port`, `onnx:PATH.onnx`, `baseline`.
     #[arg(long)]
     pub classifier: String,
     /// Which split to classify.
@@ -152,7 +152,8 @@ fn entry(spec: &ClassifierSpec, args: &ClassifyArgs) -> ClassifierConfig {
     let mut c = ClassifierConfig::from_spec(spec);
     c.batch = args.cnn.batch;
     match c.kind {
-        Kind::Cnn => c.review_below = Some(args.cnn.review_below),
+        // An ONNX model gives softmax probabilities like a CNN: the same review threshold.
+        Kind::Cnn | Kind::Onnx => c.review_below = Some(args.cnn.review_below),
         Kind::Llm => {
             let a = &args.llm;
             c.context = a.context.clone();

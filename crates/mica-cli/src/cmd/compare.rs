@@ -18,7 +18,7 @@ pub struct CompareArgs {
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// Quick use: a classifier (repeatable): cnn:RUN_DIR, cnn-train:ARCH, llm:PROVIDER/MODEL,
-    /// baseline.
+    /// onnx:PATH.onnx, baseline.
     #[arg(long = "classifier", value_name = "SPEC")]
     pub classifiers: Vec<String>,
     /// Filter for the --classifier LLMs (none, default, or a stage list).

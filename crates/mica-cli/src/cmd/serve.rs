@@ -17,7 +17,8 @@ pub struct ServeArgs {
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// A classifier to run on every upload, repeatable: `cnn:RUN_DIR` (a `mica train` run) or
+    /// A classifier to run on every upload, repeatable: `cnn:RUN_DIR` (a `mica train` run),
+    /// `onnx:PATH.onnx` (a model trained elsewhere, its sidecar `PATH.toml` beside it) or
     /// `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
     /// `llm:openai-compatible/<model>@http://host:port`.
     /// (One task; for several, use --task or --tasks.)
