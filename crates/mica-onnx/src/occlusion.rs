@@ -77,9 +77,9 @@ pub fn occlusion(
             .iter()
             .map(|&(y0, x0)| {
                 let mut o = px.clone();
-                for ch in 0..c {
+                for (ch, &grey) in fill.iter().enumerate() {
                     for y in y0..y0 + patch {
-                        o.data[ch * hw + y * w + x0..ch * hw + y * w + x0 + patch].fill(fill[ch]);
+                        o.data[ch * hw + y * w + x0..ch * hw + y * w + x0 + patch].fill(grey);
                     }
                 }
                 o

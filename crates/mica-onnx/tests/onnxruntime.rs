@@ -10,6 +10,7 @@
 //! - tf2onnx's conversion of a Keras model: NHWC input (`N`), Transpose to NCHW, Conv, Relu,
 //!   Transpose back to NHWC, ReduceMean over H and W (GlobalAveragePooling2D), Reshape,
 //!   MatMul + Add (Dense), Softmax, probabilities out.
+//!
 //! The graphs are written with onnx.helper rather than exported because torch and tensorflow
 //! are gigabytes of wheels (PyPI's torch pulls the CUDA libraries) for two small files whose
 //! node sequence is all that matters here; `onnx.checker` validates them.
