@@ -37,6 +37,7 @@ fn pred(classifier: &str, label: &str, resolved: Option<&str>) -> CasePrediction
         resolved_model: resolved.map(String::from),
         system_fingerprint: resolved.map(|_| "fp_1".to_string()),
         model_digest: None,
+        cascade: None,
     }
 }
 

@@ -45,6 +45,7 @@ pub use provider::{
 };
 pub use runner::{
     ConfidenceSource, ImageLoader, Limits, LlmClassifier, LlmConfig, LlmRunner, RunStats, WorkItem,
+    SUGGESTION_MARKER,
 };
 pub use spec::{ProviderKind, ProviderSpec};
 pub use summary::LlmSummary;

@@ -475,6 +475,15 @@ impl LlmRunner {
 
     /// One image, start to finish. Never fails: problems become the outcome.
     pub async fn classify_one(&self, item: &WorkItem) -> Prediction {
+        self.classify_one_with_note(item, None).await
+    }
+
+    /// [`LlmRunner::classify_one`] with another model's suggestion appended to the prompt's
+    /// user text, under [`SUGGESTION_MARKER`] so the model reads it as a second opinion, not as
+    /// an instruction or a fact. The note is part of the request and so of the cache key: an
+    /// answer given with a note is never replayed for a request without it. The caller must
+    /// build the note from model outputs only, never from the true label or file names.
+    pub async fn classify_one_with_note(&self, item: &WorkItem, note: Option<&str>) -> Prediction {
         let t_all = Instant::now();
         let cfg = &self.config;
         let mut p = Prediction::new(&item.sample.id, &self.name, Outcome::Failed);
@@ -551,7 +560,7 @@ impl LlmRunner {
                     params.seed = Some(params.seed.unwrap_or(0).wrapping_add(i as u64));
                 }
             }
-            let (system, user) = self.prompts.render(
+            let (system, mut user) = self.prompts.render(
                 cfg.modality,
                 &cfg.labels,
                 cfg.context,
@@ -559,6 +568,12 @@ impl LlmRunner {
                 findings.as_deref(),
                 variant,
             );
+            if let Some(n) = note {
+                user.push_str("\n\n");
+                user.push_str(SUGGESTION_MARKER);
+                user.push(' ');
+                user.push_str(n);
+            }
             let mut req = ChatRequest {
                 model: cfg.spec.model.clone(),
                 system,
@@ -913,6 +928,10 @@ fn estimate_tokens(req: &ChatRequest) -> f64 {
     text + image + req.params.max_tokens as f64
 }
 
+/// Opens the line that carries another model's suggestion in the user prompt.
+pub const SUGGESTION_MARKER: &str =
+    "Another model's suggestion (a second opinion that may be wrong; judge the image yourself):";
+
 /// The [`mica_core::Classifier`] face of a runner, for callers outside an async runtime (it
 /// owns a small tokio runtime; inside a runtime call [`LlmRunner::classify_one`] instead).
 pub struct LlmClassifier {
@@ -943,17 +962,32 @@ impl mica_core::Classifier for LlmClassifier {
         &self.runner.config.labels
     }
     fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
+        mica_core::Classifier::classify_with_notes(self, batch, &[])
+    }
+
+    fn accepts_notes(&self) -> bool {
+        true
+    }
+
+    fn classify_with_notes(&mut self, batch: &[Sample], notes: &[Option<String>]) -> Vec<Result<Prediction, ClassifyError>> {
         let labels = self.runner.config.labels.clone();
         let runner = self.runner.clone();
-        let items: Vec<WorkItem> = batch
+        let items: Vec<(WorkItem, Option<String>)> = batch
             .iter()
-            .map(|s| WorkItem::from_sample(s, &labels))
+            .enumerate()
+            .map(|(i, s)| (WorkItem::from_sample(s, &labels), notes.get(i).cloned().flatten()))
             .collect();
         self.rt.block_on(async move {
             let mut set = tokio::task::JoinSet::new();
-            for (i, it) in items.into_iter().enumerate() {
+            for (i, (it, note)) in items.into_iter().enumerate() {
                 let r = runner.clone();
-                set.spawn(async move { (i, r.classify_one(&it).await) });
+                set.spawn(async move {
+                    let mut p = r.classify_one_with_note(&it, note.as_deref()).await;
+                    if let Some(n) = note {
+                        p.extra.insert("suggestion".into(), json!(n));
+                    }
+                    (i, p)
+                });
             }
             let mut out: Vec<Option<Prediction>> = vec![None; set.len()];
             while let Some(res) = set.join_next().await {

@@ -591,6 +591,10 @@ pub struct CasePrediction {
     /// Digest of the weights where the server reports one (`mica_core::Prediction::model_digest`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_digest: Option<String>,
+    /// A cascade's account of itself: which stage answered and why ("CNN confidence 0.62
+    /// below 0.80: asked llm:...", "CNN confident (0.93 >= 0.80): llm:... not asked").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<String>,
 }
 
 /// A case as classified: what the image was (never the image) and every suggestion.
@@ -1107,6 +1111,7 @@ mod tests {
             resolved_model: None,
             system_fingerprint: None,
             model_digest: None,
+            cascade: None,
         }
     }
 

@@ -150,6 +150,9 @@ pub enum Kind {
     Baseline,
     /// A model trained elsewhere, as an ONNX file (`onnx = "models/x.onnx"`, sidecar beside it).
     Onnx,
+    /// Two classifiers in a row (`first`, `second`, `threshold`): the second is asked only
+    /// when the first is unsure, a physician when both are.
+    Cascade,
 }
 
 /// One `[[classifier]]` entry: which classifier (`spec`, or the older `kind` with `run`,
@@ -207,6 +210,29 @@ pub struct ClassifierConfig {
     pub limit_per_class: Option<usize>,
     #[serde(default, skip_serializing_if = "LlmOptions::is_default")]
     pub llm: LlmOptions,
+    /// Cascade: the first stage's spec (`cnn:RUN_DIR`, `cnn-train:ARCH`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "redacted")]
+    pub first: Option<String>,
+    /// Cascade: the second stage's spec, asked when the first is below `threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "redacted")]
+    pub second: Option<String>,
+    /// Cascade: the first stage answers at or above this confidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Cascade: the second stage answers at or above this confidence; below, a physician.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_threshold: Option<f64>,
+    /// Cascade: the second stage (an LLM) is told the first model's top two labels and
+    /// confidences.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cascade_context: bool,
+}
+
+/// Which stage of a cascade entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CascadeStage {
+    First,
+    Second,
 }
 
 /// How an LLM is asked and reached. `None` means the documented default.
@@ -295,7 +321,7 @@ pub const DEFAULT_FILTER: &str = "default";
 impl ClassifierConfig {
     /// True for an LLM whose prompt carries the dataset's clinical context.
     pub fn uses_clinical_context(&self) -> bool {
-        self.kind == Kind::Llm
+        matches!(self.kind, Kind::Llm | Kind::Cascade)
             && self.context.as_deref().and_then(|c| c.parse::<mica_llm::ContextMode>().ok())
                 == Some(mica_llm::ContextMode::ImageClinical)
     }
@@ -319,6 +345,11 @@ impl ClassifierConfig {
             simulated: false,
             limit_per_class: None,
             llm: LlmOptions::default(),
+            first: None,
+            second: None,
+            threshold: None,
+            second_threshold: None,
+            cascade_context: false,
         }
     }
 
@@ -342,7 +373,62 @@ impl ClassifierConfig {
                 onnx: Some(path.clone()),
                 ..Self::new(Kind::Onnx)
             },
+            ClassifierSpec::Cascade { first, second, threshold, second_threshold } => ClassifierConfig {
+                first: Some(first.to_string()),
+                second: Some(second.to_string()),
+                threshold: Some(*threshold),
+                second_threshold: *second_threshold,
+                ..Self::new(Kind::Cascade)
+            },
         }
+    }
+
+    /// The entry one stage of a cascade runs as. The rule for the cascade entry's settings:
+    /// the LLM settings (`context`, `template`, `filter`, `simulated`, `[classifier.llm]`)
+    /// apply to every LLM stage, the CNN settings (`epochs`, `batch`, `review_below`) to every
+    /// CNN stage; `slug` becomes `<slug>-first` / `<slug>-second`, so a `cnn-train:` stage
+    /// trains into its own model directory.
+    pub fn stage(&self, which: CascadeStage) -> Result<ClassifierConfig, String> {
+        let mut c = self
+            .stage_entry(which)
+            .ok_or_else(|| format!("classifier `{}` is not a cascade with two valid stages", self.display_name()))?;
+        let suffix = match which {
+            CascadeStage::First => "first",
+            CascadeStage::Second => "second",
+        };
+        c.slug = Some(format!("{}-{suffix}", self.slug()));
+        match c.kind {
+            Kind::Llm => {
+                c.context = self.context.clone();
+                c.template = self.template.clone();
+                c.llm = self.llm.clone();
+            }
+            Kind::Cnn => {
+                c.epochs = self.epochs;
+                c.batch = self.batch;
+                c.review_below = self.review_below;
+            }
+            _ => c.batch = self.batch,
+        }
+        Ok(c)
+    }
+
+    /// A stage's entry without its derived slug (which would recurse into [`Self::slug`]).
+    fn stage_entry(&self, which: CascadeStage) -> Option<ClassifierConfig> {
+        if self.kind != Kind::Cascade {
+            return None;
+        }
+        let spec = match which {
+            CascadeStage::First => self.first.as_deref()?,
+            CascadeStage::Second => self.second.as_deref()?,
+        };
+        let spec: ClassifierSpec = spec.parse().ok()?;
+        let mut c = Self::from_spec(&spec);
+        if c.kind == Kind::Llm {
+            c.filter = self.filter.clone();
+            c.simulated = self.simulated;
+        }
+        Some(c)
     }
 
     /// Reads `spec = "..."` into the typed fields (an entry gives either `spec` or `kind`).
@@ -353,6 +439,11 @@ impl ClassifierConfig {
         if self.run.is_some() || self.train.is_some() || self.model.is_some() || self.onnx.is_some() || self.kind != Kind::Baseline {
             return Err(format!("{at}: give either `spec` or `kind` with `run`/`train`/`model`/`onnx`, not both"));
         }
+        if self.first.is_some() || self.second.is_some() || self.threshold.is_some() || self.second_threshold.is_some() {
+            return Err(format!(
+                "{at}: give either `spec = \"cascade:...\"` or `kind = \"cascade\"` with `first`/`second`/`threshold`, not both"
+            ));
+        }
         let parsed: ClassifierSpec = s.parse().map_err(|e: SpecError| format!("{at}: {e}"))?;
         let typed = Self::from_spec(&parsed);
         self.kind = typed.kind;
@@ -360,6 +451,10 @@ impl ClassifierConfig {
         self.train = typed.train;
         self.model = typed.model;
         self.onnx = typed.onnx;
+        self.first = typed.first;
+        self.second = typed.second;
+        self.threshold = typed.threshold;
+        self.second_threshold = typed.second_threshold;
         Ok(())
     }
 
@@ -384,6 +479,19 @@ impl ClassifierConfig {
             Kind::Onnx => match &self.onnx {
                 None => Err(format!("{}: an ONNX model needs `onnx = \"PATH.onnx\"` (or spec = \"onnx:PATH.onnx\")", at())),
                 Some(p) => format!("onnx:{}", p.display()).parse().map_err(|e: SpecError| e.to_string()),
+            },
+            Kind::Cascade => match (&self.first, &self.second, self.threshold) {
+                (Some(f), Some(s), Some(t)) => {
+                    let mut spec = format!("cascade:{f},{s}@{t}");
+                    if let Some(t2) = self.second_threshold {
+                        spec.push_str(&format!("/{t2}"));
+                    }
+                    spec.parse().map_err(|e: SpecError| e.to_string())
+                }
+                _ => Err(format!(
+                    "{}: a cascade needs `first = \"SPEC\"`, `second = \"SPEC\"` and `threshold = 0.8` (a confidence)",
+                    at()
+                )),
             },
         }
     }
@@ -425,6 +533,18 @@ impl ClassifierConfig {
                 "onnx-{}",
                 self.onnx.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
             ),
+            Kind::Cascade => {
+                let part = |which| self.stage_entry(which).map(|c| c.slug()).unwrap_or_else(|| "stage".into());
+                let t = self.threshold.unwrap_or(0.0);
+                let mut s = format!("cascade-{}-{}-t{t}", part(CascadeStage::First), part(CascadeStage::Second));
+                if let Some(t2) = self.second_threshold {
+                    s.push_str(&format!("-t{t2}"));
+                }
+                if self.cascade_context {
+                    s.push_str("-context");
+                }
+                s
+            }
         };
         slugify(&raw)
     }
@@ -452,6 +572,18 @@ impl ClassifierConfig {
                 Some(p) => format!("onnx:{}", p.display()),
                 None => "onnx".into(),
             },
+            Kind::Cascade => {
+                let part = |which| self.stage_entry(which).map(|c| c.display_name()).unwrap_or_else(|| "?".into());
+                let t = self.threshold.unwrap_or(0.0);
+                let mut s = format!("cascade:{},{}@{t}", part(CascadeStage::First), part(CascadeStage::Second));
+                if let Some(t2) = self.second_threshold {
+                    s.push_str(&format!("/{t2}"));
+                }
+                if self.cascade_context {
+                    s.push_str("+context");
+                }
+                s
+            }
         }
     }
 
@@ -460,6 +592,18 @@ impl ClassifierConfig {
         let spec = self.spec().map_err(|e| format!("{at}: {e}"))?;
         if let ClassifierSpec::Llm(l) = &spec {
             crate::llm::settings(self, l, &self.display_name()).map_err(|e| e.to_string())?;
+        }
+        if let ClassifierSpec::Cascade { .. } = &spec {
+            for which in [CascadeStage::First, CascadeStage::Second] {
+                let stage = self.stage(which).map_err(|e| format!("{at}: {e}"))?;
+                if let ClassifierSpec::Llm(l) = stage.spec().map_err(|e| format!("{at}: {e}"))? {
+                    crate::llm::settings(&stage, &l, &stage.display_name()).map_err(|e| format!("{at}: {e}"))?;
+                }
+            }
+        } else if self.cascade_context || self.first.is_some() || self.second.is_some() || self.threshold.is_some() {
+            return Err(format!(
+                "{at}: `first`, `second`, `threshold` and `cascade_context` belong to `kind = \"cascade\"` entries"
+            ));
         }
         if self.limit_per_class == Some(0) {
             return Err(format!("{at}: limit_per_class must be at least 1"));

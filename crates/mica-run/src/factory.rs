@@ -91,6 +91,7 @@ pub fn build(
         }
         ClassifierSpec::Cnn { .. } | ClassifierSpec::CnnTrain { .. } => crate::cnn::build(cfg, &spec, ctx, progress),
         ClassifierSpec::Llm(l) => crate::llm::build(cfg, l, ctx, progress),
+        ClassifierSpec::Cascade { .. } => crate::cascade::build(cfg, &spec, ctx, progress),
         ClassifierSpec::Onnx { path } => crate::onnx::build(cfg, path, ctx),
     }
 }

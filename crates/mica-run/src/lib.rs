@@ -4,6 +4,8 @@
 //!
 //! - [`ClassifierSpec`]: the one parser and printer of `cnn:` / `cnn-train:` / `llm:` /
 //!   `baseline` strings; [`ClassifierConfig`] adds the settings that change the answers.
+//! - [`cascade`]: a cascade of two stages (`cascade:FIRST,SECOND@T`), built from two specs
+//!   through the factory, decided by `mica_eval::cascade::combine`.
 //! - [`factory::build`]: the one place a spec becomes a `Box<dyn Classifier>`. A new model
 //!   family is one `Classifier` implementation plus one arm there.
 //! - [`run_experiment`]: one split, the same seeded per-class selection everywhere, the
@@ -12,6 +14,7 @@
 //! - The run directory's file names live in `mica_core::rundir`; nothing else spells them.
 
 pub mod baseline;
+pub mod cascade;
 pub mod cnn;
 pub mod experiment;
 pub mod factory;
@@ -25,7 +28,7 @@ pub mod spec;
 pub mod testing;
 
 pub use experiment::{
-    ClassifierConfig, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, LlmOptions, DEFAULT_FILTER,
+    CascadeStage, ClassifierConfig, DatasetSpec, EnergySpec, EvalSpec, Experiment, Kind, LlmOptions, DEFAULT_FILTER,
 };
 pub use record::record_energy;
 pub use run::{run_experiment, ClassifierOutcome, Event, Layout, RunOptions, RunOutcome};

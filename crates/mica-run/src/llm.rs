@@ -45,6 +45,12 @@ impl Classifier for Backed {
     fn classify(&mut self, batch: &[Sample]) -> Vec<Result<Prediction, ClassifyError>> {
         self.inner.classify(batch)
     }
+    fn accepts_notes(&self) -> bool {
+        self.inner.accepts_notes()
+    }
+    fn classify_with_notes(&mut self, batch: &[Sample], notes: &[Option<String>]) -> Vec<Result<Prediction, ClassifyError>> {
+        self.inner.classify_with_notes(batch, notes)
+    }
 }
 
 fn invalid(name: &str, e: impl std::fmt::Display) -> RunError {

@@ -210,6 +210,7 @@ function card(p, i, thr) {
   const parts = [head, el('div', { class: 'version', text: p.model_version })];
   if (p.sends_image_off_machine) parts.push(el('div', { class: 'offsite', role: 'note', text: '⚠ Sends the image off this machine, to this provider\'s servers (de-identified pixels only).' }));
   parts.push(sug);
+  if (p.cascade) parts.push(el('div', { class: 'cascade', role: 'note', text: p.cascade }));
   if (p.state === 'pending') return el('article', { class: 'card prediction pending', 'data-index': String(i), 'data-state': p.state }, ...parts);
   if (p.confidence !== null && p.confidence !== undefined) {
     const low = p.confidence < thr;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use image::GrayImage;
 use mica_cnn::CnnClassifier;
 use mica_core::{Classifier, ImageSource, LabelSet, Modality, Outcome, Prediction, Sample};
+use mica_eval::cascade::{combine, first_answers, CascadeThresholds};
 use mica_energy::{MeterConfig, MeterSet, Method};
 use mica_llm::{LlmRunner, WorkItem};
 use mica_run::ClassifierSpec;
@@ -29,6 +30,8 @@ pub struct LlmOptions {
     pub api_key_env: String,
     pub timeout: Duration,
     pub max_attempts: u32,
+    /// Cascades tell their LLM the first model's top two labels (`--cascade-context`).
+    pub cascade_context: bool,
 }
 
 impl Default for LlmOptions {
@@ -37,8 +40,44 @@ impl Default for LlmOptions {
             api_key_env: "OPENAI_API_KEY".into(),
             timeout: Duration::from_secs(60),
             max_attempts: 3,
+            cascade_context: false,
         }
     }
+}
+
+/// An LLM runner as the panel asks it, with its version string and whether it is remote.
+/// Label validation only: the review threshold of the page decides what goes to a physician,
+/// the same way for every classifier. No cache: every upload is new.
+fn llm_runner(
+    l: &mica_run::LlmSpec,
+    labels: &LabelSet,
+    modality: Modality,
+    llm: &LlmOptions,
+) -> Result<(mica_run::llm::Ready, String, bool), ServerError> {
+    let mut cfg = mica_run::ClassifierConfig::from_spec(&ClassifierSpec::Llm(l.clone()));
+    cfg.filter = Some("validate".into());
+    cfg.llm.api_key_env = Some(llm.api_key_env.clone());
+    cfg.llm.request_timeout = Some(llm.timeout.as_secs_f64());
+    cfg.llm.max_attempts = Some(llm.max_attempts.max(1));
+    cfg.llm.no_cache = Some(true);
+    let name = format!("llm:{}", redact_url(&l.to_string()));
+    let task = mica_run::llm::Task {
+        name: &name,
+        modality,
+        labels,
+        seed: None,
+        dataset: None,
+        split: mica_core::Split::Test,
+    };
+    let ready = mica_run::llm::runner(&cfg, l, &task, &mut |e| {
+        if let mica_run::Event::Notice(m) = e {
+            tracing::info!("{m}")
+        }
+    })
+    .map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
+    let model_version = mica_run::llm::version(&ready.provider);
+    let remote = mica_energy::LocalServer::from_base_url(&ready.provider.base_url).is_none();
+    Ok((ready, model_version, remote))
 }
 
 enum Engine {
@@ -46,6 +85,17 @@ enum Engine {
     /// A model trained elsewhere; runs on this machine like a CNN (same lock, same meters).
     Onnx { clf: Box<Mutex<mica_onnx::OnnxClassifier>> },
     Llm { runner: Arc<LlmRunner> },
+    /// A cascade: member `first` (a CNN or ONNX model of the panel, on its own card and
+    /// answering at once) decides, and the LLM is asked only when it is unsure. The rule is
+    /// `mica_eval::cascade::combine`, the one `mica classify` uses.
+    Cascade {
+        first: usize,
+        runner: Arc<LlmRunner>,
+        second_name: String,
+        thresholds: CascadeThresholds,
+        /// Tell the LLM the first model's top two labels (`--cascade-context`).
+        context: bool,
+    },
 }
 
 /// One classifier as the page and the audit trail name it.
@@ -103,11 +153,30 @@ impl Panel {
             ));
         }
         let mut parsed = Vec::new();
+        let mut cascades = Vec::new();
+        // Which member answers for a spec: a cascade finds its first stage here.
+        let mut member_of: Vec<(ClassifierSpec, usize)> = Vec::new();
         for s in specs {
             let spec: ClassifierSpec = s.parse().map_err(|e: mica_run::SpecError| ServerError::Config(e.to_string()))?;
+            if let ClassifierSpec::Cascade { first, second, .. } = &spec {
+                if !matches!(**first, ClassifierSpec::Cnn { .. } | ClassifierSpec::Onnx { .. })
+                    || !matches!(**second, ClassifierSpec::Llm(_))
+                {
+                    return Err(ServerError::Config(format!(
+                        "`{}`: the web app runs a cascade of a trained CNN or ONNX model (first) and an LLM (second), e.g. cascade:cnn:RUN_DIR,llm:PROVIDER/MODEL@0.8",
+                        redact_url(&spec.to_string())
+                    )));
+                }
+                // The first stage is a member of its own: its card shows its answer at once.
+                if !parsed.iter().any(|p: &ClassifierSpec| p == &**first) {
+                    parsed.push((**first).clone());
+                }
+                cascades.push(spec);
+                continue;
+            }
             if !matches!(spec, ClassifierSpec::Cnn { .. } | ClassifierSpec::Llm(_) | ClassifierSpec::Onnx { .. }) {
                 return Err(ServerError::Config(format!(
-                    "`{spec}`: the web app runs trained CNNs (cnn:RUN_DIR), ONNX models (onnx:PATH.onnx) and LLMs (llm:PROVIDER/MODEL)"
+                    "`{spec}`: the web app runs trained CNNs (cnn:RUN_DIR), ONNX models (onnx:PATH.onnx), LLMs (llm:PROVIDER/MODEL) and cascades (cascade:cnn:RUN_DIR,llm:PROVIDER/MODEL@0.8)"
                 )));
             }
             parsed.push(spec);
@@ -116,6 +185,7 @@ impl Panel {
         let mut labels: Option<(LabelSet, Modality, String)> = None;
         for spec in &parsed {
             let ClassifierSpec::Cnn { run: dir } = spec else { continue };
+            let spec_parsed = spec;
             let dir = dir.clone();
             let spec = spec.to_string();
             if !dir.is_dir() {
@@ -150,6 +220,7 @@ impl Panel {
             }
             let model_version = mica_run::cnn::version(&meta);
             let clf = clf.with_name(name.clone());
+            member_of.push((spec_parsed.clone(), members.len()));
             members.push(Member {
                 name,
                 family: "cnn",
@@ -183,6 +254,7 @@ impl Panel {
             }
             let model_version = mica_run::onnx::version(&clf);
             let clf = clf.with_name(name.clone());
+            member_of.push((ClassifierSpec::Onnx { path: path.clone() }, members.len()));
             members.push(Member {
                 name,
                 family: "onnx",
@@ -218,31 +290,7 @@ impl Panel {
         let mut llms = Vec::new();
         for spec in &parsed {
             let ClassifierSpec::Llm(l) = spec else { continue };
-            // Label validation only: the review threshold of the page decides what goes to a
-            // physician, the same way for every classifier. No cache: every upload is new.
-            let mut cfg = mica_run::ClassifierConfig::from_spec(spec);
-            cfg.filter = Some("validate".into());
-            cfg.llm.api_key_env = Some(llm.api_key_env.clone());
-            cfg.llm.request_timeout = Some(llm.timeout.as_secs_f64());
-            cfg.llm.max_attempts = Some(llm.max_attempts.max(1));
-            cfg.llm.no_cache = Some(true);
-            let name = format!("llm:{}", redact_url(&l.to_string()));
-            let task = mica_run::llm::Task {
-                name: &name,
-                modality,
-                labels: &labels,
-                seed: None,
-                dataset: None,
-                split: mica_core::Split::Test,
-            };
-            let ready = mica_run::llm::runner(&cfg, l, &task, &mut |e| {
-                if let mica_run::Event::Notice(m) = e {
-                    tracing::info!("{m}")
-                }
-            })
-            .map_err(|e| ServerError::Config(redact_url(&e.to_string())))?;
-            let model_version = mica_run::llm::version(&ready.provider);
-            let remote = mica_energy::LocalServer::from_base_url(&ready.provider.base_url).is_none();
+            let (ready, model_version, remote) = llm_runner(l, &labels, modality, llm)?;
             let name = redact_url(&ready.provider.canonical());
             let ready_runner = ready.runner.with_name(name.clone());
             llms.push(Member {
@@ -254,6 +302,42 @@ impl Panel {
             });
         }
         members.extend(llms);
+        for spec in &cascades {
+            let ClassifierSpec::Cascade { first, second, threshold, second_threshold } = spec else { continue };
+            let ClassifierSpec::Llm(l) = &**second else { continue };
+            let first_index = member_of
+                .iter()
+                .find(|(s, _)| s == &**first)
+                .map(|(_, i)| *i)
+                .ok_or_else(|| ServerError::Config(format!("{first}: the cascade's first stage did not load")))?;
+            let (ready, llm_version, remote) = llm_runner(l, &labels, modality, llm)?;
+            let second_name = redact_url(&ready.provider.canonical());
+            let first_member = &members[first_index];
+            let mut name = format!("cascade:{},{second_name}@{threshold}", first_member.name);
+            if let Some(t2) = second_threshold {
+                name.push_str(&format!("/{t2}"));
+            }
+            if llm.cascade_context {
+                name.push_str("+context");
+            }
+            let model_version = format!(
+                "{} first; {} when its confidence is below {threshold}",
+                first_member.model_version, llm_version
+            );
+            members.push(Member {
+                name,
+                family: "cascade",
+                model_version,
+                remote,
+                engine: Engine::Cascade {
+                    first: first_index,
+                    runner: Arc::new(ready.runner.with_name(second_name.clone())),
+                    second_name,
+                    thresholds: CascadeThresholds { first: *threshold, second: *second_threshold },
+                    context: llm.cascade_context,
+                },
+            });
+        }
         Ok(Panel {
             members,
             labels,
@@ -310,16 +394,36 @@ impl Panel {
             .copied()
             .filter(|&i| matches!(self.members.get(i).map(|m| &m.engine), Some(Engine::Cnn { .. } | Engine::Onnx { .. })))
             .collect();
+        // Each cascade waits for its first stage's answer, handed over as it goes to the page.
+        let mut llm_tasks = Vec::new();
+        let mut firsts: Vec<(usize, tokio::sync::oneshot::Sender<CasePrediction>)> = Vec::new();
+        for &i in which {
+            let Some(Engine::Cascade { first, .. }) = self.members.get(i).map(|m| &m.engine) else { continue };
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            firsts.push((*first, first_tx));
+            let (me, s, tx) = (self.clone(), sample.clone(), tx.clone());
+            let h = tokio::spawn(async move {
+                let a = me.cascade_answer(i, &s, first_rx).await;
+                let _ = tx.send((i, a));
+            });
+            llm_tasks.push((i, h.abort_handle()));
+        }
         if !cnns.is_empty() {
             let (me, s, tx) = (self.clone(), sample.clone(), tx.clone());
             // CPU-heavy (inference, Grad-CAM, PNG encoding): on a blocking thread.
             tokio::task::spawn_blocking(move || {
+                let mut firsts: Vec<(usize, Option<tokio::sync::oneshot::Sender<CasePrediction>>)> =
+                    firsts.into_iter().map(|(k, t)| (k, Some(t))).collect();
                 me.classify_cnns(&s, &original, &cnns, &mut |i, a| {
+                    for (_, t) in firsts.iter_mut().filter(|(k, _)| *k == i) {
+                        if let Some(t) = t.take() {
+                            let _ = t.send(a.prediction.clone());
+                        }
+                    }
                     let _ = tx.send((i, a));
                 })
             });
         }
-        let mut llm_tasks = Vec::new();
         for &i in which {
             let Some(m) = self.members.get(i) else { continue };
             if let Engine::Llm { runner } = &m.engine {
@@ -373,7 +477,7 @@ impl Panel {
                     let result = clf.classify(std::slice::from_ref(sample)).pop();
                     (result, window.and_then(|w| w.stop()))
                 }
-                Engine::Llm { .. } => continue,
+                Engine::Llm { .. } | Engine::Cascade { .. } => continue,
             };
             let p = match result {
                 Some(Ok(p)) => p,
@@ -396,7 +500,7 @@ impl Panel {
             let gradcam_png = match &m.engine {
                 Engine::Cnn { run_dir, .. } => gradcam(m, run_dir, sample, original, &png),
                 Engine::Onnx { clf } => occlusion_overlay(m, clf, sample, original, &png),
-                Engine::Llm { .. } => None,
+                Engine::Llm { .. } | Engine::Cascade { .. } => None,
             };
             let mut cp = base(m, &p);
             cp.energy_wh = energy_wh;
@@ -404,6 +508,49 @@ impl Panel {
             cp.has_gradcam = gradcam_png.is_some();
             out(i, Answer { prediction: cp, gradcam_png });
         }
+    }
+
+    /// A cascade's answer: its first stage's (received on `first`) when that is confident,
+    /// else the LLM's, with `cascade` saying which and why.
+    async fn cascade_answer(&self, i: usize, sample: &Sample, first: tokio::sync::oneshot::Receiver<CasePrediction>) -> Answer {
+        let m = &self.members[i];
+        let Engine::Cascade { first: first_index, runner, second_name, thresholds: t, context } = &m.engine else {
+            return self.stopped(i);
+        };
+        let first_name = &self.members[*first_index].name;
+        let Ok(first_cp) = first.await else {
+            let mut cp = failed(m, &format!("{first_name} (the first stage) gave no answer"));
+            cp.cascade = Some(format!("{first_name} gave no answer: {second_name} not asked"));
+            return Answer { prediction: cp, gradcam_png: None };
+        };
+        let first_p = prediction_of(&sample.id, &first_cp);
+        let conf = first_p.confidence.map(|c| format!("{c:.2}")).unwrap_or_else(|| "none".into());
+        let short = if first_cp.family == "onnx" { "model" } else { "CNN" };
+        if first_answers(&first_p, t) {
+            let mut cp = base(m, &combine(&first_p, None, t));
+            cp.energy_wh = first_cp.energy_wh;
+            cp.energy_method = first_cp.energy_method.clone();
+            cp.cascade = Some(format!("{short} confident ({conf} >= {:.2}): {second_name} not asked", t.first));
+            return Answer { prediction: cp, gradcam_png: None };
+        }
+        let why = if first_p.outcome != Outcome::Answered || first_p.confidence.is_none() {
+            format!("{short} gave no confident answer ({})", first_cp.outcome)
+        } else {
+            format!("{short} confidence {conf} below {:.2}", t.first)
+        };
+        let note = context.then(|| mica_run::cascade::suggestion(&first_p)).flatten();
+        let item = WorkItem { sample: sample.clone(), true_label: None };
+        let second = runner.classify_one_with_note(&item, note.as_deref()).await;
+        let p = combine(&first_p, Some(&second), t);
+        let png = sample.source.path().to_path_buf();
+        let mut cp = self.llm_answer(m, p, &png);
+        let settled = match cp.outcome.as_str() {
+            "answered" => "its answer stands".to_string(),
+            "deferred" => "both unsure: for the physician".to_string(),
+            other => format!("no usable answer ({other})"),
+        };
+        cp.cascade = Some(format!("{why}: asked {second_name}; {settled}"));
+        Answer { prediction: cp, gradcam_png: None }
     }
 
     fn llm_answer(&self, m: &Member, p: Prediction, png: &Path) -> CasePrediction {
@@ -472,6 +619,19 @@ fn scrub(msg: &str, png: &Path) -> String {
     s
 }
 
+/// The first stage's answer back as a prediction, for the cascade's rule.
+fn prediction_of(case_id: &str, cp: &CasePrediction) -> Prediction {
+    let outcome: Outcome = serde_json::from_value(serde_json::json!(cp.outcome)).unwrap_or(Outcome::Failed);
+    let mut p = Prediction::new(case_id, &cp.classifier, outcome);
+    p.predicted = cp.suggested_label.clone();
+    p.confidence = cp.confidence;
+    p.probabilities = cp.probabilities.clone().map(|m| m.into_iter().collect());
+    p.latency_ms = cp.latency_ms;
+    p.cost_usd = cp.cost_usd;
+    p.simulated = cp.simulated;
+    p
+}
+
 fn base(m: &Member, p: &Prediction) -> CasePrediction {
     CasePrediction {
         classifier: m.name.clone(),
@@ -494,6 +654,7 @@ fn base(m: &Member, p: &Prediction) -> CasePrediction {
         resolved_model: p.resolved_model.clone(),
         system_fingerprint: p.system_fingerprint.clone(),
         model_digest: p.model_digest.clone(),
+        cascade: None,
     }
 }
 
@@ -576,6 +737,7 @@ mod tests {
             resolved_model: None,
             system_fingerprint: None,
             model_digest: None,
+            cascade: None,
         }
     }
 

@@ -13,7 +13,8 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub dataset: PathBuf,
     /// `cnn:RUN_DIR`, `cnn-train:ARCH`, `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
-    /// `llm:openai-compatible/<model>@http://host:port`, `onnx:PATH.onnx`, `baseline`.
+    /// `llm:openai-compatible/<model>@http://host:port`, `onnx:PATH.onnx`, `baseline`,
+    /// `cascade:FIRST,SECOND@THRESHOLD` (e.g. `cascade:cnn:runs/cnn,llm:openai/gpt-4o@0.8`).
     #[arg(long)]
     pub classifier: String,
     /// Which split to classify.
@@ -31,6 +32,10 @@ pub struct ClassifyArgs {
     /// On resume, keep images recorded as failed instead of asking them again.
     #[arg(long)]
     pub keep_failed: bool,
+    /// Cascade (`cascade:FIRST,SECOND@T`): tell the second stage (an LLM) the first model's two
+    /// most probable labels and their confidences, as a marked second opinion in its prompt.
+    #[arg(long)]
+    pub cascade_context: bool,
     #[command(flatten)]
     pub context: ContextArgs,
     #[command(flatten)]
@@ -154,7 +159,13 @@ fn entry(spec: &ClassifierSpec, args: &ClassifyArgs) -> ClassifierConfig {
     match c.kind {
         // An ONNX model gives softmax probabilities like a CNN: the same review threshold.
         Kind::Cnn | Kind::Onnx => c.review_below = Some(args.cnn.review_below),
-        Kind::Llm => {
+        // A cascade entry holds the settings of both stages: the CNN flags go to its CNN
+        // stage, the LLM flags to its LLM stage (`ClassifierConfig::stage`).
+        Kind::Llm | Kind::Cascade => {
+            if c.kind == Kind::Cascade {
+                c.review_below = Some(args.cnn.review_below);
+                c.cascade_context = args.cascade_context;
+            }
             let a = &args.llm;
             c.context = a.context.clone();
             c.filter = a.filter.clone();
@@ -216,6 +227,9 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
             return Err(usage(format!("{}: no such CNN run directory", run.display())));
         }
     }
+    if args.cascade_context && !matches!(spec, ClassifierSpec::Cascade { .. }) {
+        return Err(usage("--cascade-context applies to a cascade:FIRST,SECOND@THRESHOLD classifier only"));
+    }
     let cfg = entry(&spec, &args);
     let out = args.out.clone().unwrap_or_else(|| default_out(&spec, &cfg, &args.dataset, split));
     let exp = Experiment {
@@ -247,7 +261,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
         command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
         ..Default::default()
     };
-    let outcome = super::compare::run_with_progress(&exp, &opts)?;
+    let outcome = super::compare::run_with_progress(&exp, &opts, true)?;
     let c = &outcome.classifiers[0];
     let metrics = mica_eval::RunMetrics::read(mica_core::ClassifierDir::new(&c.dir).metrics())?;
     super::compare::print_classifier(&metrics, c);

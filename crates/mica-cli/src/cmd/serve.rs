@@ -20,7 +20,9 @@ pub struct ServeArgs {
     /// A classifier to run on every upload, repeatable: `cnn:RUN_DIR` (a `mica train` run),
     /// `onnx:PATH.onnx` (a model trained elsewhere, its sidecar `PATH.toml` beside it) or
     /// `llm:openai/gpt-4o`, `llm:ollama/llama3.2-vision`,
-    /// `llm:openai-compatible/<model>@http://host:port`.
+    /// `llm:openai-compatible/<model>@http://host:port`, or a cascade
+    /// `cascade:cnn:RUN_DIR,llm:PROVIDER/MODEL@0.8` (the LLM is asked only when the CNN's
+    /// confidence is below 0.8; the CNN's own card shows its answer at once).
     /// (One task; for several, use --task or --tasks.)
     #[arg(long = "classifier", value_name = "SPEC", required_unless_present_any = ["tasks", "tasks_file"])]
     pub classifiers: Vec<String>,
@@ -52,6 +54,10 @@ pub struct ServeArgs {
     /// Suggestions with a confidence below this flag the case for physician review.
     #[arg(long, default_value_t = 0.7)]
     pub review_threshold: f64,
+    /// Cascades tell their LLM the first model's two most probable labels and confidences,
+    /// as a marked second opinion in the prompt.
+    #[arg(long)]
+    pub cascade_context: bool,
     /// Environment variable holding the LLM API key (read here; never sent to the browser).
     #[arg(long, default_value = "OPENAI_API_KEY", value_name = "NAME")]
     pub api_key_env: String,
@@ -176,6 +182,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let llm = LlmOptions {
         api_key_env: args.api_key_env.clone(),
         timeout: Duration::from_secs_f64(args.llm_timeout),
+        cascade_context: args.cascade_context,
         ..LlmOptions::default()
     };
     let meter = super::energy::EnergyOpts { tdp: args.tdp, ..Default::default() }.meter_config()?;
