@@ -20,7 +20,7 @@ fn quick_demo_writes_a_report_and_resumes() {
         "--quick",
         "--modality",
         "mri",
-        "--simulated-llm",
+        "--show-all",
         "--out",
         out.to_str().unwrap(),
         "--store",
@@ -33,9 +33,14 @@ fn quick_demo_writes_a_report_and_resumes() {
         .stdout(predicate::str::contains("SIMULATED"))
         .stdout(predicate::str::contains("report.html"));
     let html = std::fs::read_to_string(out.join("mri/report.html")).unwrap();
-    for needle in ["cnn:small", "cnn:mobilenet", "baseline", "SIMULATED", "<svg"] {
+    for needle in ["cnn:small", "baseline", "SIMULATED", "<svg"] {
         assert!(html.contains(needle), "report.html lacks {needle}");
     }
+    // The LLM arm runs on the simulator by default, in a section of its own, never in the
+    // headline table.
+    let headline = html.split("id=\"headline\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(!headline.contains("SIMULATED"), "a simulated row is in the headline table");
+    assert!(html.contains("id=\"simulated-arm\""), "no simulated section");
     // Nothing in the report may reach the network: one self-contained file.
     assert!(!html.contains("<script src") && !html.contains("href=\"http"), "report loads external resources");
     let metrics = out.join("mri/cnn-small/metrics.json");
@@ -48,6 +53,29 @@ fn quick_demo_writes_a_report_and_resumes() {
         .success()
         .stderr(predicate::str::contains("reused"));
     assert_eq!(std::fs::read(&metrics).unwrap(), before);
+
+    // Without --show-all, a CNN under the 80 % bar is left out of the tables, with the reason.
+    let output = mica()
+        .args(["demo", "--quick", "--modality", "mri", "--out", out.to_str().unwrap(), "--store", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let html = std::fs::read_to_string(out.join("mri/report.html")).unwrap();
+    let headline = html.split("id=\"headline\"").nth(1).unwrap().split("</table>").next().unwrap().to_string();
+    for arch in ["small"] {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(format!("mri/cnn-{arch}/metrics.json"))).unwrap()).unwrap();
+        let accuracy = m["all"]["accuracy"].as_f64().unwrap();
+        let name = format!("cnn:{arch}");
+        if accuracy < 0.8 {
+            assert!(stdout.contains(&format!("not shown: {name} reached")), "{name} at {accuracy} not hidden: {stdout}");
+            assert!(!headline.contains(&format!(">{name}<")), "{name} still in the headline");
+            assert!(html.contains("below the demo&#39;s 80 % bar") || html.contains("below the demo's 80 % bar"));
+        } else {
+            assert!(headline.contains(&name), "{name} at {accuracy} hidden");
+        }
+    }
 
     mica()
         .args(["runs", "list", "--store", store.to_str().unwrap()])

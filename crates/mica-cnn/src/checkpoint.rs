@@ -77,14 +77,23 @@ pub fn model_from_bytes<B: Backend>(
     path: &Path,
 ) -> Result<Net<B>, CnnError> {
     let err = |message: String| CnnError::Checkpoint { path: path.to_path_buf(), message };
-    let fresh = Net::<B>::new(meta.arch, meta.in_channels, meta.labels.len(), device);
-    let record = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Recorder::<B>::load::<<Net<B> as Module<B>>::Record>(&Rec::default(), bytes, device)
-    }))
-    .map_err(|_| err("weights do not decode as this architecture".into()))?
-    .map_err(|e| err(format!("weights do not decode: {e}")))?;
-    let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fresh.load_record(record)))
-        .map_err(|_| err("weights do not fit this architecture".into()))?;
+    let load = |layout: u32, bytes: Vec<u8>| -> Result<Net<B>, CnnError> {
+        let fresh = Net::<B>::with_layout(meta.arch, layout, meta.in_channels, meta.labels.len(), device);
+        let record = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Recorder::<B>::load::<<Net<B> as Module<B>>::Record>(&Rec::default(), bytes, device)
+        }))
+        .map_err(|_| err("weights do not decode as this architecture".into()))?
+        .map_err(|e| err(format!("weights do not decode: {e}")))?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fresh.load_record(record)))
+            .map_err(|_| err("weights do not fit this architecture".into()))
+    };
+    let mut model = load(crate::model::MOBILENET_LAYOUT, bytes.clone())?;
+    // The MobileNet layouts share every parameter but the classifier's input width (mean
+    // pooling in layout 0, mean and maximum since): a checkpoint of the earlier layout is
+    // recognised by it and rebuilt with that layout's strides and pooling.
+    if meta.arch == crate::Arch::Mobilenet && model.fc.weight.dims()[0] == crate::model::MobileNetV2::<B>::LAST {
+        model = load(0, bytes)?;
+    }
     check_shapes(&model, meta).map_err(err)?;
     Ok(model)
 }
@@ -179,4 +188,50 @@ pub fn save<B: Backend>(dir: &Path, meta: &mut CheckpointMeta, model: &Net<B>) -
         let _ = std::fs::remove_file(dir.join(old));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Tensor, TensorData};
+
+    fn meta(arch: Arch) -> CheckpointMeta {
+        CheckpointMeta {
+            format: FORMAT_VERSION,
+            arch,
+            labels: LabelSet::new(vec!["a".into(), "b".into(), "c".into()]).unwrap(),
+            modality: Modality::Other,
+            in_channels: 1,
+            input_size: 32,
+            normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
+            weights_file: "model.mpk".into(),
+            weights_fnv64: "0".into(),
+            epoch: 1,
+            val_macro_f1: 0.0,
+            val_accuracy: 0.0,
+            seed: 1,
+            mica_version: "test".into(),
+            pretrained_from: None,
+        }
+    }
+
+    /// A MobileNet saved before layout 1 loads as layout 0 and gives the same logits; one
+    /// saved now loads as the current layout.
+    #[test]
+    fn mobilenet_checkpoints_of_both_layouts_load_as_saved() {
+        let d = Default::default();
+        let v: Vec<f32> = (0..2 * 32 * 32).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let x = Tensor::<Flex, 4>::from_data(TensorData::new(v, [2, 1, 32, 32]), &d);
+        for layout in [0, crate::model::MOBILENET_LAYOUT] {
+            let saved = Net::<Flex>::with_layout(Arch::Mobilenet, layout, 1, 3, &d);
+            let want: Vec<f32> = saved.forward(x.clone(), None).into_data().to_vec().unwrap();
+            let bytes = model_bytes(&saved).unwrap();
+            let loaded = model_from_bytes::<Flex>(&meta(Arch::Mobilenet), bytes, &d, Path::new("model.mpk")).unwrap();
+            let crate::model::Backbone::Mobilenet(m) = &loaded.backbone else { panic!("not a MobileNet") };
+            assert_eq!(m.layout, layout);
+            let got: Vec<f32> = loaded.forward(x.clone(), None).into_data().to_vec().unwrap();
+            assert_eq!(got, want, "layout {layout}");
+        }
+    }
 }

@@ -562,7 +562,7 @@ const DISCLAIMER: &str = "Decision support only: these are model predictions wit
 const PILOT_COLUMNS: [&str; 10] = [
     "Option",
     "Images",
-    "Accuracy",
+    "Accuracy %",
     "Physician cases",
     "API fees (USD)",
     "Electricity (USD)",
@@ -574,10 +574,10 @@ const PILOT_COLUMNS: [&str; 10] = [
 
 const SWEEP_COLUMNS: [&str; 8] = [
     "Threshold",
-    "Accuracy",
-    "Accuracy on accepted",
-    "Coverage",
-    "Asked the LLM",
+    "Accuracy %",
+    "Accuracy on accepted %",
+    "Coverage %",
+    "Asked the LLM %",
     "To a physician",
     "USD / 1,000 images",
     "Wh / 1,000 images",

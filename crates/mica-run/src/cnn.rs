@@ -82,7 +82,10 @@ pub(crate) fn build(
                     let s = mica_cnn::train(ctx.ds, &tc, &dir, &mut |p| match p {
                         Progress::Notice(m) => progress(Event::Notice(format!("{name}: {m}"))),
                         Progress::EpochEnd(s) => progress(Event::Epoch {
+                            slug: ctx.slug.to_string(),
                             name: name.to_string(),
+                            epoch: s.epoch,
+                            epochs: tc.epochs,
                             line: format!(
                                 "epoch {} val accuracy {:.1} % macro F1 {:.3}{}",
                                 s.epoch,

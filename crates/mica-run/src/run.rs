@@ -51,8 +51,9 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub enum Event {
     Notice(String),
-    /// One training epoch of a CNN trained for the run.
-    Epoch { name: String, line: String },
+    /// One training epoch of a CNN trained for the run: `epoch` of at most `epochs` (early
+    /// stopping may end sooner), with the epoch's figures as one line.
+    Epoch { slug: String, name: String, epoch: usize, epochs: usize, line: String },
     /// A classifier starts: `todo` of `total` images remain (the rest were done before).
     Start { slug: String, name: String, total: usize, todo: usize },
     Progress { slug: String, done: usize, total: usize },

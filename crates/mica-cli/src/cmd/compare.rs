@@ -11,6 +11,10 @@ use crate::exit::usage;
 
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
+    /// Print every training epoch's figures (by default a progress bar per classifier and one
+    /// line when training ends).
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Experiment TOML file (see experiments/). Flags below override or replace it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -160,17 +164,45 @@ pub fn experiment(args: &CompareArgs) -> anyhow::Result<Experiment> {
 }
 
 /// Runs an experiment with progress bars on stderr; shared with `mica demo`.
-pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<mica_run::RunOutcome> {
+///
+/// One progress bar per classifier: a CNN trained for the run first shows its epochs, then its
+/// images. Each epoch's figures are printed only with `verbose`; otherwise one line per trained
+/// CNN says how training ended, so a log without a terminal still records it.
+pub fn run_with_progress(exp: &Experiment, opts: &RunOptions, verbose: bool) -> anyhow::Result<mica_run::RunOutcome> {
     let style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})")
         .expect("valid template")
         .progress_chars("=> ");
+    let train_style = ProgressStyle::with_template("{prefix:>28} [{bar:30}] epoch {pos}/{len} {msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
+    // (slug, bar, last epoch line) of the CNN being trained.
+    let mut training: Option<(String, ProgressBar, String)> = None;
     // The same warning (world-average grid, TDP estimate) applies to every classifier: say it once.
     let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
     let result = mica_run::run_experiment(exp, opts, &mut |e| match e {
         Event::Notice(m) => say(&bar, format!("note: {m}")),
-        Event::Epoch { name, line } => say(&bar, format!("note: {name}: {line}")),
+        Event::Epoch { slug, name, epoch, epochs, line } => {
+            if training.as_ref().is_none_or(|(s, _, _)| *s != slug) {
+                let b = ProgressBar::new(epochs as u64);
+                b.set_style(train_style.clone());
+                b.set_prefix(format!("{slug} training"));
+                training = Some((slug.clone(), b, String::new()));
+            }
+            // The image bar of this classifier waits, hidden, while it trains.
+            if let Some(b) = &bar {
+                b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let (_, b, last) = training.as_mut().expect("set above");
+            b.set_position(epoch as u64);
+            b.set_message(line.clone());
+            if verbose {
+                b.suspend(|| eprintln!("{name}: {line}"));
+            }
+            *last = format!("epoch {epoch}/{epochs}: {line}");
+        }
         Event::Energy { slug, summary, warnings } => {
+            end_training(&mut training, &bar);
             say(&bar, format!("{slug}: {summary}"));
             for w in warnings {
                 if warned.insert(w.clone()) {
@@ -189,6 +221,7 @@ pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<
             bar = Some(b);
         }
         Event::Progress { done, .. } => {
+            end_training(&mut training, &bar);
             if let Some(b) = &bar {
                 b.set_position(done as u64);
             }
@@ -208,6 +241,18 @@ pub fn run_with_progress(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<
         b.abandon();
     }
     result.map_err(|e| if e.is_usage() { usage(e.to_string()) } else { anyhow::Error::new(e) })
+}
+
+/// Closes the training bar of a CNN that has finished training (its images are being
+/// classified now) with one line saying how training ended, and shows its image bar again.
+fn end_training(training: &mut Option<(String, ProgressBar, String)>, bar: &Option<ProgressBar>) {
+    if let Some((slug, b, last)) = training.take() {
+        b.finish_and_clear();
+        eprintln!("{slug}: trained, {last}");
+        if let Some(b) = bar {
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+    }
 }
 
 fn say(bar: &Option<ProgressBar>, line: String) {
@@ -326,7 +371,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         meter: args.energy.meter_config()?,
         ..Default::default()
     };
-    let outcome = run_with_progress(&exp, &opts)?;
+    let outcome = run_with_progress(&exp, &opts, args.verbose)?;
     if let Some((k, n)) = shard {
         println!(
             "shard {k}/{n}: {} test images done in {}; when every shard is done, run `mica report {}`",

@@ -15,6 +15,11 @@ pub struct ReportArgs {
     /// Print the headline table.
     #[arg(long)]
     pub table: bool,
+    /// API budget in USD per 1,000 images: the "Cost of a pilot" section then prices the most
+    /// accurate cascade threshold within it (by default, the cheapest that reaches the LLM's
+    /// accuracy).
+    #[arg(long, value_name = "USD_PER_1000")]
+    pub budget: Option<f64>,
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
@@ -22,7 +27,13 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     if !args.run_dir.is_dir() {
         return Err(usage(format!("{}: run directory not found", args.run_dir.display())));
     }
-    let (run, cmp) = mica_report::load(&args.run_dir)?;
+    if let Some(b) = args.budget {
+        if !(b.is_finite() && b >= 0.0) {
+            return Err(usage(format!("--budget {b}: expected USD per 1,000 images, 0 or more")));
+        }
+    }
+    let options = mica_report::pilot::PilotOptions { budget_usd_per_1000: args.budget };
+    let (run, cmp) = mica_report::load_with(&args.run_dir, options)?;
     let path = mica_report::render::write_report(&run, &cmp, format)?;
     if let Some(store) = &args.store {
         let mut st = mica_report::Store::open(store)?;
