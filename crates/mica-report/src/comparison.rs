@@ -263,6 +263,11 @@ impl HeadlineRow {
 
 fn family(m: &RunMetrics, preds: &[Prediction]) -> Family {
     let name = m.classifier.to_ascii_lowercase();
+    // A cascade is its own kind (a CNN and an LLM together): never counted as either family
+    // in the CNN-against-LLM sentences, break-even points or the pilot's arms.
+    if name.starts_with("cascade") {
+        return Family::Other;
+    }
     if name.starts_with("cnn") {
         Family::Cnn
     } else if name.starts_with("onnx") {
