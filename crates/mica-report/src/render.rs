@@ -795,6 +795,16 @@ fn html_table(header: &[&str], rows: &[Vec<String>], class: &str) -> String {
 }
 
 /// Strips the XML prolog-free plotters SVG of its fixed size so it scales with the page.
+/// One figure of the HTML report: the plot inline (no file to fetch) with its caption.
+fn figure_html(p: &Plot) -> String {
+    format!(
+        "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
+        html_escape(&p.stem),
+        inline_svg(&p.svg),
+        html_escape(&p.title)
+    )
+}
+
 fn inline_svg(svg: &str) -> String {
     match svg.find('>') {
         Some(end) if svg.starts_with("<svg") => {
@@ -882,13 +892,7 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
             }
             s.push_str("<div class=\"figs\">");
             for p in plots.iter().filter(|p| p.stem.starts_with(&format!("cascade-{i}-"))) {
-                let _ = write!(
-                    s,
-                    "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
-                    html_escape(&p.stem),
-                    inline_svg(&p.svg),
-                    html_escape(&p.title)
-                );
+                s.push_str(&figure_html(p));
             }
             s.push_str("</div>\n");
         }
@@ -905,13 +909,8 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
     }
     s.push_str("<h2 id=\"figures\">Accuracy, energy, cost, latency, selective prediction, calibration</h2><div class=\"figs\">\n");
     for p in plots.iter().filter(|p| !p.stem.starts_with("confusion-")) {
-        let _ = writeln!(
-            s,
-            "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
-            html_escape(&p.stem),
-            inline_svg(&p.svg),
-            html_escape(&p.title)
-        );
+        s.push_str(&figure_html(p));
+        s.push('\n');
     }
     s.push_str("</div>\n<h2 id=\"per-class\">Per-class results and confusion matrices</h2>\n");
     let _ = writeln!(s, "<p>{}</p>", html_escape(CLASS_NOTE));
@@ -927,13 +926,7 @@ pub fn html(cmp: &Comparison, plots: &[Plot]) -> String {
         s.push_str(&html_table(&CLASS_COLUMNS, &rows, "per-class"));
         s.push_str("</div>");
         if let Some(p) = plots.iter().find(|p| p.stem == format!("confusion-{}", t.slug)) {
-            let _ = write!(
-                s,
-                "<figure id=\"fig-{}\">{}<figcaption>{}</figcaption></figure>",
-                html_escape(&p.stem),
-                inline_svg(&p.svg),
-                html_escape(&p.title)
-            );
+            s.push_str(&figure_html(p));
         }
         s.push_str("</div>\n");
     }
