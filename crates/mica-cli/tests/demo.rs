@@ -63,18 +63,17 @@ fn quick_demo_writes_a_report_and_resumes() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let html = std::fs::read_to_string(out.join("mri/report.html")).unwrap();
     let headline = html.split("id=\"headline\"").nth(1).unwrap().split("</table>").next().unwrap().to_string();
-    for arch in ["small"] {
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(format!("mri/cnn-{arch}/metrics.json"))).unwrap()).unwrap();
-        let accuracy = m["all"]["accuracy"].as_f64().unwrap();
-        let name = format!("cnn:{arch}");
-        if accuracy < 0.8 {
-            assert!(stdout.contains(&format!("not shown: {name} reached")), "{name} at {accuracy} not hidden: {stdout}");
-            assert!(!headline.contains(&format!(">{name}<")), "{name} still in the headline");
-            assert!(html.contains("below the demo&#39;s 80 % bar") || html.contains("below the demo's 80 % bar"));
-        } else {
-            assert!(headline.contains(&name), "{name} at {accuracy} hidden");
-        }
+    // The quick demo's one CNN: shown when it reached the bar, left out with the reason when not.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("mri/cnn-small/metrics.json")).unwrap()).unwrap();
+    let accuracy = m["all"]["accuracy"].as_f64().unwrap();
+    let name = "cnn:small";
+    if accuracy < 0.8 {
+        assert!(stdout.contains(&format!("not shown: {name} reached")), "{name} at {accuracy} not hidden: {stdout}");
+        assert!(!headline.contains(&format!(">{name}<")), "{name} still in the headline");
+        assert!(html.contains("below the demo&#39;s 80 % bar") || html.contains("below the demo's 80 % bar"));
+    } else {
+        assert!(headline.contains(name), "{name} at {accuracy} hidden");
     }
 
     mica()
