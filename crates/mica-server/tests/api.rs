@@ -1,9 +1,11 @@
 //! The JSON API and pages, exercised in process (`tower::ServiceExt::oneshot`) and over a real
 //! loopback socket, with an untrained CNN checkpoint written here and the LLM simulator.
 
+mod common;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
@@ -17,34 +19,6 @@ use tower::ServiceExt;
 
 const PATIENT_NAME: &str = "DOE^JANE-SECRETNAME";
 const PATIENT_ID: &str = "MRN-0042-SECRETID";
-
-/// A small CNN checkpoint with its initial (random) weights: enough to exercise the whole
-/// path (inference, energy window, Grad-CAM) in milliseconds.
-fn write_checkpoint(dir: &Path) {
-    use mica_cnn::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
-    use mica_cnn::{Arch, CpuBackend, Net, Normalization};
-    std::fs::create_dir_all(dir).unwrap();
-    let labels = Modality::Mri.canonical_labels().unwrap();
-    let model = Net::<CpuBackend>::new(Arch::Small, 1, labels.len(), &Default::default());
-    let mut meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        arch: Arch::Small,
-        labels,
-        modality: Modality::Mri,
-        in_channels: 1,
-        input_size: 32,
-        normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
-        weights_file: String::new(),
-        weights_fnv64: String::new(),
-        epoch: 1,
-        val_macro_f1: 0.0,
-        val_accuracy: 0.0,
-        seed: 7,
-        mica_version: "test".into(),
-        pretrained_from: None,
-    };
-    checkpoint::save(dir, &mut meta, &model).unwrap();
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -71,7 +45,7 @@ impl Default for Opts {
 async fn fixture(o: Opts) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let sim = SimServer::start(SimConfig::default(), TruthTable::new(), "127.0.0.1:0".parse().unwrap(), false)
         .await
         .unwrap();

@@ -2,6 +2,8 @@
 //! card says whether the LLM was consulted and why; the LLM stub's request log shows it was
 //! asked only when the CNN was unsure.
 
+mod common;
+
 use std::io::Write as _;
 use std::path::Path;
 
@@ -14,34 +16,6 @@ use mica_llm::testing::Server;
 use mica_server::{App, LlmOptions, Panel, Settings};
 use serde_json::Value;
 use tower::ServiceExt;
-
-/// A small CNN checkpoint with its initial (random) weights: its confidences on four classes
-/// are far below 0.99 and at or above 0.
-fn write_checkpoint(dir: &Path) {
-    use mica_cnn::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
-    use mica_cnn::{Arch, CpuBackend, Net, Normalization};
-    std::fs::create_dir_all(dir).unwrap();
-    let labels = Modality::Mri.canonical_labels().unwrap();
-    let model = Net::<CpuBackend>::new(Arch::Small, 1, labels.len(), &Default::default());
-    let mut meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        arch: Arch::Small,
-        labels,
-        modality: Modality::Mri,
-        in_channels: 1,
-        input_size: 32,
-        normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
-        weights_file: String::new(),
-        weights_fnv64: String::new(),
-        epoch: 1,
-        val_macro_f1: 0.0,
-        val_accuracy: 0.0,
-        seed: 7,
-        mica_version: "test".into(),
-        pretrained_from: None,
-    };
-    checkpoint::save(dir, &mut meta, &model).unwrap();
-}
 
 /// OpenAI's documented `chat.completion` naming `label` at confidence 0.9.
 fn completion(label: &str) -> String {
@@ -91,7 +65,7 @@ async fn classify(router: &Router) -> Value {
 async fn the_cnn_answers_at_once_and_the_llm_is_asked_only_when_it_is_unsure() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let server = Server::start(|_| (200, completion("glioma")));
     let llm = format!("llm:openai-compatible/m@{}", server.url);
     let specs = [
@@ -138,7 +112,7 @@ async fn the_cnn_answers_at_once_and_the_llm_is_asked_only_when_it_is_unsure() {
 async fn with_cascade_context_the_llm_reads_the_cnns_top_two() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let server = Server::start(|_| (200, completion("meningioma")));
     let specs = [format!("cascade:cnn:{},llm:openai-compatible/m@{}@0.99/0.95", run.display(), server.url)];
     let router = app(&specs, true, tmp.path());

@@ -6,8 +6,9 @@
 //! The slow LLM is the test HTTP stub (`mica_llm::testing`) held on a gate the test opens,
 //! so the assertions are about states, never about how long anything took.
 
+mod common;
+
 use std::io::Write as _;
-use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -22,32 +23,6 @@ use tower::ServiceExt;
 
 /// A rationale that would run script if the page put it in as HTML.
 const XSS: &str = "</blockquote><img src=x onerror=\"document.title='pwned'\"><script>alert(1)</script>";
-
-fn write_checkpoint(dir: &Path, modality: Modality) {
-    use mica_cnn::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
-    use mica_cnn::{Arch, CpuBackend, Net, Normalization};
-    std::fs::create_dir_all(dir).unwrap();
-    let labels = modality.canonical_labels().unwrap();
-    let model = Net::<CpuBackend>::new(Arch::Small, 1, labels.len(), &Default::default());
-    let mut meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        arch: Arch::Small,
-        labels,
-        modality,
-        in_channels: 1,
-        input_size: 32,
-        normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
-        weights_file: String::new(),
-        weights_fnv64: String::new(),
-        epoch: 1,
-        val_macro_f1: 0.0,
-        val_accuracy: 0.0,
-        seed: 7,
-        mica_version: "test".into(),
-        pretrained_from: None,
-    };
-    checkpoint::save(dir, &mut meta, &model).unwrap();
-}
 
 /// A gate the stub LLM waits on before answering.
 #[derive(Clone, Default)]
@@ -101,8 +76,8 @@ fn server(tasks: &[&str], options: ServeOptions) -> Fx {
     let tmp = tempfile::tempdir().unwrap();
     let mri = tmp.path().join("mri-run");
     let xray = tmp.path().join("xray-run");
-    write_checkpoint(&mri, Modality::Mri);
-    write_checkpoint(&xray, Modality::Xray);
+    common::write_checkpoint(&mri, Modality::Mri);
+    common::write_checkpoint(&xray, Modality::Xray);
     let specs: Vec<TaskSpec> = tasks
         .iter()
         .map(|t| {

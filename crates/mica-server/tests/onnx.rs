@@ -2,6 +2,8 @@
 //! through the JSON API like the CNN does, in the panel's label order, with an occlusion-map
 //! overlay that says what it is.
 
+mod common;
+
 use std::io::Write as _;
 use std::path::Path;
 
@@ -15,34 +17,6 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 const BOUNDARY: &str = "mica-onnx-test-boundary";
-
-/// A small CNN checkpoint with its initial weights (as in api.rs): the member whose labels the
-/// ONNX model must share.
-fn write_checkpoint(dir: &Path) {
-    use mica_cnn::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
-    use mica_cnn::{Arch, CpuBackend, Net, Normalization};
-    std::fs::create_dir_all(dir).unwrap();
-    let labels = Modality::Mri.canonical_labels().unwrap();
-    let model = Net::<CpuBackend>::new(Arch::Small, 1, labels.len(), &Default::default());
-    let mut meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        arch: Arch::Small,
-        labels,
-        modality: Modality::Mri,
-        in_channels: 1,
-        input_size: 32,
-        normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
-        weights_file: String::new(),
-        weights_fnv64: String::new(),
-        epoch: 1,
-        val_macro_f1: 0.0,
-        val_accuracy: 0.0,
-        seed: 7,
-        mica_version: "test".into(),
-        pretrained_from: None,
-    };
-    checkpoint::save(dir, &mut meta, &model).unwrap();
-}
 
 /// logits = w_k * m + b_k over the mean brightness `m`: bright images are `pituitary`,
 /// dark ones `glioma`. Output order differs from mica's MRI order.
@@ -63,7 +37,7 @@ fn write_onnx(dir: &Path, sidecar_labels: &[&str]) -> std::path::PathBuf {
 async fn an_onnx_member_answers_an_upload_like_a_cnn() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let onnx = write_onnx(tmp.path(), &OUTPUT_LABELS);
     let specs = vec![format!("cnn:{}", run.display()), format!("onnx:{}", onnx.display())];
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
@@ -121,7 +95,7 @@ async fn an_onnx_member_answers_an_upload_like_a_cnn() {
 fn an_onnx_member_with_other_labels_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let onnx = write_onnx(tmp.path(), &["covid", "normal", "lung_opacity", "viral_pneumonia"]);
     let specs = vec![format!("cnn:{}", run.display()), format!("onnx:{}", onnx.display())];
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };

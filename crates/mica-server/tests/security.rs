@@ -2,8 +2,9 @@
 //! sign-in with a session cookie, sign-out, the trusted proxy header, the Host allow-list,
 //! same-origin POSTs, local-only redirects, and a note that stays text.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 
 use mica_core::Modality;
 use mica_server::auth::{self, Role, TrustedProxy, Users};
@@ -15,32 +16,6 @@ use serde_json::{json, Value};
 const PHYSICIAN: (&str, &str) = ("Dr Ada Lovelace", "physician-secret-1842");
 const VIEWER: (&str, &str) = ("Vic Viewer", "viewer-secret-of-20c");
 const XSS: &str = "<img src=x onerror=alert(1)><script>alert('note')</script>";
-
-fn write_checkpoint(dir: &Path) {
-    use mica_cnn::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
-    use mica_cnn::{Arch, CpuBackend, Net, Normalization};
-    std::fs::create_dir_all(dir).unwrap();
-    let labels = Modality::Mri.canonical_labels().unwrap();
-    let model = Net::<CpuBackend>::new(Arch::Small, 1, labels.len(), &Default::default());
-    let mut meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        arch: Arch::Small,
-        labels,
-        modality: Modality::Mri,
-        in_channels: 1,
-        input_size: 32,
-        normalization: Normalization { mean: vec![0.5], std: vec![0.25] },
-        weights_file: String::new(),
-        weights_fnv64: String::new(),
-        epoch: 1,
-        val_macro_f1: 0.0,
-        val_accuracy: 0.0,
-        seed: 7,
-        mica_version: "test".into(),
-        pretrained_from: None,
-    };
-    checkpoint::save(dir, &mut meta, &model).unwrap();
-}
 
 struct Server {
     _tmp: tempfile::TempDir,
@@ -68,7 +43,7 @@ fn users() -> Users {
 async fn start(token: Option<&str>, access: AccessConfig) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn-run");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
     let panel = Panel::load(&[format!("cnn:{}", run.display())], None, &LlmOptions::default(), &meter).unwrap();
     let store = tmp.path().join("store.sqlite");
@@ -360,7 +335,7 @@ async fn the_shared_token_must_be_long_and_signs_in_by_post() {
     for bad in ["", "   ", "short-token"] {
         let tmp = tempfile::tempdir().unwrap();
         let run = tmp.path().join("cnn");
-        write_checkpoint(&run);
+        common::write_checkpoint(&run, Modality::Mri);
         let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
         let panel = Panel::load(&[format!("cnn:{}", run.display())], None, &LlmOptions::default(), &meter).unwrap();
         let st = mica_report::Store::open(tmp.path().join("s.sqlite")).unwrap();
@@ -383,7 +358,7 @@ async fn the_shared_token_must_be_long_and_signs_in_by_post() {
 fn start_err(token: Option<&str>, access: AccessConfig) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("cnn");
-    write_checkpoint(&run);
+    common::write_checkpoint(&run, Modality::Mri);
     let meter = mica_energy::MeterConfig { try_nvml: false, ..Default::default() };
     let panel = Panel::load(&[format!("cnn:{}", run.display())], None, &LlmOptions::default(), &meter).unwrap();
     let st = mica_report::Store::open(tmp.path().join("s.sqlite")).unwrap();
