@@ -86,7 +86,7 @@ pub struct Pilot {
 }
 
 /// Share of `preds` a physician must read first-hand (see [`PilotRow::physician_cases`]).
-fn physician_share(preds: &[&Prediction]) -> f64 {
+fn physician_share(preds: &[Prediction]) -> f64 {
     if preds.is_empty() {
         return 0.0;
     }
@@ -136,25 +136,32 @@ pub fn build(run: &RunDir, rows: &[HeadlineRow], usd_per_kwh: Option<f64>, optio
         return pilot;
     };
     let first_run = by_slug(&first.slug).expect("filtered above");
-    for llm in llms.iter().filter(|r| !r.simulated) {
-        let Some(second_run) = by_slug(&llm.slug) else { continue };
-        pilot.sweeps.push(sweep_pair(first, &first_run.predictions, llm, &second_run.predictions, options));
+    // The real LLMs, each with its predictions; one sweep each, in the same order.
+    let arms: Vec<(&HeadlineRow, &[Prediction])> = llms
+        .iter()
+        .filter(|r| !r.simulated)
+        .filter_map(|r| by_slug(&r.slug).map(|c| (*r, c.predictions.as_slice())))
+        .collect();
+    let live_cascades: Vec<(&HeadlineRow, &[Prediction])> = rows
+        .iter()
+        .filter(|r| is_cascade(r) && !r.simulated)
+        .filter_map(|r| by_slug(&r.slug).map(|c| (r, c.predictions.as_slice())))
+        .collect();
+    let first_preds = first_run.predictions.as_slice();
+    for (llm, preds) in &arms {
+        pilot.sweeps.push(sweep_pair(first, first_preds, llm, preds, options));
     }
 
     for &n in &PILOT_SIZES {
-        let mut table = Vec::new();
-        let first_preds: Vec<&Prediction> = first_run.predictions.iter().collect();
-        table.push(standalone_row(first, &first_preds, n, usd_per_kwh, true));
-        for (llm, sw) in llms.iter().filter(|r| !r.simulated).zip(&pilot.sweeps) {
-            let preds: Vec<&Prediction> = by_slug(&llm.slug).map(|c| c.predictions.iter().collect()).unwrap_or_default();
-            table.push(standalone_row(llm, &preds, n, usd_per_kwh, false));
+        let mut table = vec![standalone_row(first, first_preds, n, usd_per_kwh, true)];
+        for ((llm, preds), sw) in arms.iter().zip(&pilot.sweeps) {
+            table.push(standalone_row(llm, preds, n, usd_per_kwh, false));
             if let Some(c) = &sw.chosen {
                 table.push(cascade_row(first, llm, c, sw, n, usd_per_kwh));
             }
         }
-        for r in rows.iter().filter(|r| is_cascade(r) && !r.simulated) {
-            let preds: Vec<&Prediction> = by_slug(&r.slug).map(|c| c.predictions.iter().collect()).unwrap_or_default();
-            table.push(standalone_row(r, &preds, n, usd_per_kwh, false));
+        for (r, preds) in &live_cascades {
+            table.push(standalone_row(r, preds, n, usd_per_kwh, false));
         }
         pilot.tables.push((n, table));
     }
@@ -229,7 +236,7 @@ fn sweep_pair(
     }
 }
 
-fn standalone_row(r: &HeadlineRow, preds: &[&Prediction], n: usize, usd_per_kwh: Option<f64>, local_training: bool) -> PilotRow {
+fn standalone_row(r: &HeadlineRow, preds: &[Prediction], n: usize, usd_per_kwh: Option<f64>, local_training: bool) -> PilotRow {
     let scale = n as f64;
     let mut notes = Vec::new();
     let training = r.training.as_ref().filter(|_| local_training);
