@@ -52,74 +52,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q torch
 fi
 
-echo "== PyTorch, same model written out by hand (torchvision layout), $THREADS threads" >&2
-TORCH=$("$VENV/bin/python" - "$SIZE" "$BATCH" "$STEPS" "$THREADS" "$MODEL" <<'PY'
-import json, resource, sys, time
-import torch, torch.nn as nn, torch.nn.functional as F
-size, batch, steps, threads, model_name = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-torch.set_num_threads(threads)
-torch.manual_seed(1)
-
-class Block(nn.Module):
-    def __init__(s, cin, cout, stride):
-        super().__init__()
-        s.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False); s.bn1 = nn.BatchNorm2d(cout)
-        s.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False); s.bn2 = nn.BatchNorm2d(cout)
-        s.down = None
-        if stride != 1 or cin != cout:
-            s.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-    def forward(s, x):
-        idt = x if s.down is None else s.down(x)
-        y = F.relu(s.bn1(s.conv1(x)))
-        return F.relu(s.bn2(s.conv2(y)) + idt)
-
-class ResNet18(nn.Module):
-    def __init__(s, classes=4):
-        super().__init__()
-        s.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False); s.bn1 = nn.BatchNorm2d(64)
-        s.pool = nn.MaxPool2d(3, 2, 1)
-        cfg = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
-        s.layers = nn.Sequential(*[nn.Sequential(Block(a, b, st), Block(b, b, 1)) for a, b, st in cfg])
-        s.drop = nn.Dropout(0.3); s.fc = nn.Linear(512, classes)
-    def forward(s, x):
-        x = s.pool(F.relu(s.bn1(s.conv1(x))))
-        x = s.layers(x)
-        return s.fc(s.drop(x.mean((2, 3))))
-
-if model_name != "resnet18":
-    print(json.dumps({"error": "the PyTorch side implements resnet18 only"})); sys.exit(0)
-m = ResNet18()
-opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
-x = torch.rand(batch, 1, size, size) - 0.5
-y = torch.arange(batch) % 4
-times = []
-m.train()
-for s in range(steps + 1):
-    t0 = time.perf_counter()
-    opt.zero_grad()
-    loss = F.cross_entropy(m(x), y)
-    loss.backward(); opt.step()
-    loss.item()
-    if s > 0: times.append(time.perf_counter() - t0)
-m.eval()
-with torch.no_grad():
-    m(x)
-    t0 = time.perf_counter()
-    for _ in range(10): m(x)
-    secs = time.perf_counter() - t0
-print(json.dumps({"framework": f"pytorch-{torch.__version__}", "model": model_name, "size": size, "batch": batch,
-                  "train_step_ms": round(1000 * sum(times) / len(times), 2),
-                  "infer_images_per_s": round(10 * batch / secs, 2),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
-PY
-)
+echo "== PyTorch, same model written out by hand (bench/torch_resnet18.py), $THREADS threads" >&2
+if [ "$MODEL" != resnet18 ]; then echo "the PyTorch side implements resnet18 only"; exit 0; fi
+TORCH=$("$VENV/bin/python" bench/torch_resnet18.py --size "$SIZE" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS")
 echo "$TORCH"
 
-python3 - "$MICA" "$TORCH" <<'PY'
-import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-if "error" in b: print(b["error"]); sys.exit(0)
-print(f"train step   mica {a['train_step_ms']:.1f} ms  pytorch {b['train_step_ms']:.1f} ms  ratio mica/pytorch {a['train_step_ms']/b['train_step_ms']:.2f} (target <= 2)")
-print(f"inference    mica {a['infer_images_per_s']:.1f} img/s  pytorch {b['infer_images_per_s']:.1f} img/s  ratio mica/pytorch {a['infer_images_per_s']/b['infer_images_per_s']:.2f} (target >= 1)")
-print(f"peak memory  mica {a['peak_rss_mb']:.0f} MB  pytorch {b['peak_rss_mb']:.0f} MB  ratio {a['peak_rss_mb']/b['peak_rss_mb']:.2f}")
-PY
+python3 bench/ratios.py "$MICA" "$TORCH"

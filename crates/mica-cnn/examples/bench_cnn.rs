@@ -1,16 +1,23 @@
 //! Step-time and inference benchmark of one architecture on random data, for
-//! `bench/cnn_vs_pytorch.sh` (which runs the same measurement in PyTorch and prints ratios).
+//! `bench/cnn_vs_pytorch.sh` and `bench/gpu.sh` (which run the same measurement in PyTorch and
+//! print ratios).
 //!
 //! Usage: `cargo run --release -p mica-cnn --example bench_cnn -- [--model resnet18]
-//! [--size 128] [--batch 32] [--steps 10] [--infer-batches 10]`; prints one JSON line.
+//! [--size 128] [--batch 32] [--steps 10] [--infer-batches 10] [--device cpu|cuda]`; prints one
+//! JSON line. `--device cuda` needs a build with `--features cuda` and an NVIDIA driver.
+//!
+//! CPU utilisation is the process's user+system CPU time over wall time during the timed
+//! steps (2.0 = both cores of a 2-core machine busy), read from `getrusage`-equivalent
+//! `/proc/self/stat`, so a kernel that leaves cores idle shows up in the output.
 
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use mica_cnn::{Arch, CpuBackend, CpuTrainBackend, Net};
+use mica_cnn::{Arch, Net};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
@@ -31,18 +38,33 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arch: Arch = arg(&args, "--model", "resnet18".to_string()).parse().expect("model");
-    let size: usize = arg(&args, "--size", 128);
-    let batch: usize = arg(&args, "--batch", 32);
-    let steps: usize = arg(&args, "--steps", 10);
-    let infer_batches: usize = arg(&args, "--infer-batches", 10);
-    let classes = 4;
-    let device = Default::default();
+/// Process CPU seconds (user + system) from `/proc/self/stat`, in clock ticks of 1/100 s
+/// (`CLK_TCK` is 100 on every Linux this runs on).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
 
-    let mut model: Net<CpuTrainBackend> = Net::seeded(arch, 1, classes, 1, &device);
-    let mut optim = AdamWConfig::new().init::<CpuTrainBackend, Net<CpuTrainBackend>>();
+struct Setup {
+    arch: Arch,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    infer_batches: usize,
+}
+
+fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
+    let (size, batch) = (s.size, s.batch);
+    let classes = 4;
+    let mut model: Net<B> = Net::seeded(s.arch, 1, classes, 1, &device);
+    let mut optim = AdamWConfig::new().init::<B, Net<B>>();
     let x: Vec<f32> = (0..batch * size * size).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut target = vec![0.0f32; batch * classes];
     for i in 0..batch {
@@ -50,33 +72,63 @@ fn main() {
     }
     let mut times = Vec::new();
     let mut last_loss = 0.0;
-    for s in 0..steps + 1 {
+    let (mut wall0, mut cpu0) = (Instant::now(), cpu_seconds());
+    for step in 0..s.steps + 1 {
+        if step == 1 {
+            // The first step includes one-off allocation, thread start-up and (on a GPU)
+            // kernel compilation.
+            (wall0, cpu0) = (Instant::now(), cpu_seconds());
+        }
         let t0 = Instant::now();
-        let xt = Tensor::<CpuTrainBackend, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
-        let tt = Tensor::<CpuTrainBackend, 2>::from_data(TensorData::new(target.clone(), [batch, classes]), &device);
+        let xt = Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
+        let tt = Tensor::<B, 2>::from_data(TensorData::new(target.clone(), [batch, classes]), &device);
         let logits = model.forward(xt, None);
         let loss = (log_softmax(logits, 1) * tt).sum().neg();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        // Reading the loss waits for the device (a GPU runs asynchronously).
         last_loss = loss.into_scalar().elem::<f64>();
         model = optim.step(1e-3, model, grads);
-        if s > 0 {
-            // The first step includes one-off allocation and thread start-up.
+        if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    let train_cores = (cpu_seconds() - cpu0) / wall0.elapsed().as_secs_f64();
     let train_step_ms = 1000.0 * times.iter().sum::<f64>() / times.len().max(1) as f64;
 
-    let inner: Net<CpuBackend> = model.valid();
-    let xi = Tensor::<CpuBackend, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
+    let inner: Net<B::InnerBackend> = model.valid();
+    let xi = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
     let _ = inner.forward(xi.clone(), None).into_data(); // warm-up
-    let t0 = Instant::now();
-    for _ in 0..infer_batches {
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    for _ in 0..s.infer_batches {
+        // `into_data` copies the logits back to the host, as a classifier does.
         let _ = inner.forward(xi.clone(), None).into_data();
     }
     let secs = t0.elapsed().as_secs_f64();
-    let infer_ips = (infer_batches * batch) as f64 / secs;
+    let infer_cores = (cpu_seconds() - c0) / secs;
+    let infer_ips = (s.infer_batches * batch) as f64 / secs;
     println!(
-        "{{\"framework\":\"mica-burn-flex\",\"model\":\"{arch}\",\"size\":{size},\"batch\":{batch},\"train_step_ms\":{train_step_ms:.2},\"infer_images_per_s\":{infer_ips:.2},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
+        "{{\"framework\":\"mica-burn-0.21\",\"device\":\"{device_name}\",\"model\":\"{}\",\"size\":{size},\"batch\":{batch},\"train_step_ms\":{train_step_ms:.2},\"train_cpu_cores\":{train_cores:.2},\"infer_images_per_s\":{infer_ips:.2},\"infer_cpu_cores\":{infer_cores:.2},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
+        s.arch,
         peak_rss_mb()
     );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let s = Setup {
+        arch: arg(&args, "--model", "resnet18".to_string()).parse().expect("--model"),
+        size: arg(&args, "--size", 128),
+        batch: arg(&args, "--batch", 32),
+        steps: arg(&args, "--steps", 10),
+        infer_batches: arg(&args, "--infer-batches", 10),
+    };
+    match arg(&args, "--device", "cpu".to_string()).as_str() {
+        "cpu" => bench::<mica_cnn::CpuTrainBackend>(&s, Default::default(), "cpu"),
+        #[cfg(feature = "cuda")]
+        "cuda" => bench::<burn::backend::Autodiff<burn::backend::Cuda>>(&s, Default::default(), "cuda"),
+        other => {
+            eprintln!("--device {other}: this build knows cpu{}", if cfg!(feature = "cuda") { " and cuda" } else { " only (build with --features cuda for cuda)" });
+            std::process::exit(2);
+        }
+    }
 }

@@ -71,4 +71,6 @@ pub enum CnnError {
 }
 
 #[cfg(test)]
+mod conv_patch_tests;
+#[cfg(test)]
 mod tests;

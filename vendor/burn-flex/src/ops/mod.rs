@@ -97,6 +97,8 @@ pub mod comparison;
 #[macro_use]
 mod conv_common;
 pub mod conv;
+// mica patch: GEMM convolution passes (MICA-PATCH.md).
+mod conv_gemm;
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;

@@ -64,6 +64,10 @@ impl ModuleOps<Flex> for Flex {
         bias: Option<FloatTensor<Flex>>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
+        // mica patch (MICA-PATCH.md): GEMM per image where it applies.
+        if let Some(y) = crate::ops::conv_gemm::conv2d(&x, &weight, bias.as_ref(), &options) {
+            return y;
+        }
         match x.dtype() {
             DType::F32 => conv::conv2d_f32(x, weight, bias, &options),
             DType::F64 => conv::conv2d_f64(x, weight, bias, &options),
@@ -71,6 +75,34 @@ impl ModuleOps<Flex> for Flex {
             DType::BF16 => conv::conv2d_bf16(x, weight, bias, &options),
             dtype => panic!("conv2d: unsupported dtype {:?}", dtype),
         }
+    }
+
+    // mica patch (MICA-PATCH.md): both gradients as GEMMs per image. burn's defaults (a
+    // transposed convolution, and a convolution with the output gradient as its kernel) remain
+    // for other dtypes and for `MICA_FLEX_STOCK_CONV=1`; their code is copied from burn-backend
+    // 0.21.0's `ops::modules::conv`, where it is crate-private.
+    fn conv2d_x_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Flex> {
+        if let Some(dx) = crate::ops::conv_gemm::conv2d_x_backward(&x, &weight, &output_grad, &options) {
+            return dx;
+        }
+        crate::ops::conv_gemm::stock_x_backward(x, weight, output_grad, options)
+    }
+
+    fn conv2d_weight_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Flex> {
+        if let Some(dw) = crate::ops::conv_gemm::conv2d_weight_backward(&x, &weight, &output_grad, &options) {
+            return dw;
+        }
+        crate::ops::conv_gemm::stock_weight_backward(x, weight, output_grad, options)
     }
 
     fn deform_conv2d(
