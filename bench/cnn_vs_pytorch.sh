@@ -7,7 +7,7 @@
 #   bench/cnn_vs_pytorch.sh [--size 128] [--batch 32] [--steps 10] [--model resnet18]
 #
 # Environment: VENV (default bench/.venv-torch), THREADS (default: all cores), PROFILE
-# (cargo profile, default release),
+# (cargo profile, default release; dev reuses the test build, same kernels),
 # SKIP_TORCH=1 to run only the mica side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,16 +31,22 @@ echo "== mica (burn flex), $MODEL 1x${SIZE}x${SIZE}, batch $BATCH, $THREADS thre
 # too, so the kernels are the same code; release adds fat codegen units and takes a cold build.
 PROFILE=${PROFILE:-release}
 cargo build --profile "$PROFILE" -q -p mica-cnn --example bench_cnn
-dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
-MICA=$(./target/$dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+dir=${CARGO_TARGET_DIR:-target}/$PROFILE; [ "$PROFILE" = dev ] && dir=${CARGO_TARGET_DIR:-target}/debug
+MICA=$($dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
 echo "$MICA"
-# The same build with the vendored burn-flex patch switched off (vendor/burn-flex/MICA-PATCH.md),
-# so the patch's gain is measured in the same run, not against a number from another day.
-GENERIC=$(MICA_FLEX_GENERIC_COPY=1 ./target/$dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
-python3 - "$MICA" "$GENERIC" <<'PY'
+# The same build with each vendored burn-flex patch switched off (vendor/burn-flex/MICA-PATCH.md),
+# so each patch's gain is measured in the same run, not against a number from another day.
+ARGS=(--model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+STOCK_CONV=$(MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
+GENERIC=$(MICA_FLEX_GENERIC_COPY=1 MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
+python3 - "$MICA" "$STOCK_CONV" "$GENERIC" <<'PY'
 import json, sys
-a, b = json.loads(sys.argv[1])["train_step_ms"], json.loads(sys.argv[2])["train_step_ms"]
-print(f"burn-flex patch: train step {a:.1f} ms patched vs {b:.1f} ms unpatched (ratio {a / b:.2f})")
+a, b, c = (json.loads(v) for v in sys.argv[1:4])
+print(f"burn-flex GEMM convolution patch: train step {a['train_step_ms']:.1f} ms vs {b['train_step_ms']:.1f} ms stock "
+      f"(x{b['train_step_ms'] / a['train_step_ms']:.2f}), inference {a['infer_images_per_s']:.1f} vs {b['infer_images_per_s']:.1f} img/s "
+      f"(x{a['infer_images_per_s'] / b['infer_images_per_s']:.2f})")
+print(f"burn-flex copy patch (on stock convolutions): train step {b['train_step_ms']:.1f} ms vs {c['train_step_ms']:.1f} ms unpatched "
+      f"(x{c['train_step_ms'] / b['train_step_ms']:.2f})")
 PY
 
 if [ "${SKIP_TORCH:-0}" = 1 ]; then exit 0; fi

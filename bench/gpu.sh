@@ -22,7 +22,7 @@ case "$cmd" in
   build)
     cargo build --release -q -p mica-cnn --features cuda --example bench_cnn
     mkdir -p bench/out
-    cp target/release/examples/bench_cnn "$BIN"
+    cp "${CARGO_TARGET_DIR:-target}/release/examples/bench_cnn" "$BIN"
     strip "$BIN" 2>/dev/null || true
     bytes=$(stat -c %s "$BIN")
     echo "built $BIN: $((bytes / 1024 / 1024)) MB; dynamic libraries it needs:"

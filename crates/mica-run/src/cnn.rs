@@ -66,6 +66,9 @@ pub(crate) fn build(
                 let arch = arch.parse().map_err(RunError::Invalid)?;
                 let mut tc = TrainConfig::new(arch);
                 tc.epochs = cfg.epochs.unwrap_or(5);
+                if let Some(p) = cfg.patience {
+                    tc.patience = p.max(1);
+                }
                 if let Some(b) = cfg.batch {
                     tc.batch = b;
                 }

@@ -17,6 +17,7 @@
 //! kind = "cnn"
 //! train = "small"               # or: run = "runs/brain/cnn" (a `mica train` run directory)
 //! epochs = 5
+//! patience = 5                  # early stopping (default 6); = epochs trains the whole schedule
 //!
 //! [[classifier]]
 //! kind = "llm"
@@ -179,6 +180,12 @@ pub struct ClassifierConfig {
     pub train: Option<String>,
     #[serde(default)]
     pub epochs: Option<usize>,
+    /// CNN trained in the run: epochs without a better validation macro F1 before training
+    /// stops early, counted in the second half of the schedule only (default 6, as `mica
+    /// train`). Set it to `epochs` to train the whole schedule; the best checkpoint is kept
+    /// either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patience: Option<usize>,
     /// ONNX: the model file; its sidecar `PATH.toml` (how to feed it) lies beside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onnx: Option<PathBuf>,
@@ -335,6 +342,7 @@ impl ClassifierConfig {
             run: None,
             train: None,
             epochs: None,
+            patience: None,
             onnx: None,
             batch: None,
             review_below: None,
@@ -385,7 +393,7 @@ impl ClassifierConfig {
 
     /// The entry one stage of a cascade runs as. The rule for the cascade entry's settings:
     /// the LLM settings (`context`, `template`, `filter`, `simulated`, `[classifier.llm]`)
-    /// apply to every LLM stage, the CNN settings (`epochs`, `batch`, `review_below`) to every
+    /// apply to every LLM stage, the CNN settings (`epochs`, `patience`, `batch`, `review_below`) to every
     /// CNN stage; `slug` becomes `<slug>-first` / `<slug>-second`, so a `cnn-train:` stage
     /// trains into its own model directory.
     pub fn stage(&self, which: CascadeStage) -> Result<ClassifierConfig, String> {
@@ -405,6 +413,7 @@ impl ClassifierConfig {
             }
             Kind::Cnn => {
                 c.epochs = self.epochs;
+                c.patience = self.patience;
                 c.batch = self.batch;
                 c.review_below = self.review_below;
             }
