@@ -125,7 +125,14 @@ fn main() {
     match arg(&args, "--device", "cpu".to_string()).as_str() {
         "cpu" => bench::<mica_cnn::CpuTrainBackend>(&s, Default::default(), "cpu"),
         #[cfg(feature = "cuda")]
-        "cuda" => bench::<burn::backend::Autodiff<burn::backend::Cuda>>(&s, Default::default(), "cuda"),
+        "cuda" => {
+            // burn's CUDA device panics on first use without a driver; say so in one line.
+            if !mica_cnn::device::nvidia_gpu_present() {
+                eprintln!("--device cuda: no NVIDIA GPU here (no /proc/driver/nvidia/version or /dev/nvidia0)");
+                std::process::exit(2);
+            }
+            bench::<burn::backend::Autodiff<burn::backend::Cuda>>(&s, Default::default(), "cuda")
+        }
         other => {
             eprintln!("--device {other}: this build knows cpu{}", if cfg!(feature = "cuda") { " and cuda" } else { " only (build with --features cuda for cuda)" });
             std::process::exit(2);
