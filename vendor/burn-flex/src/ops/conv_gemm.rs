@@ -29,6 +29,7 @@ use burn_backend::ops::ConvOptions;
 use burn_backend::ops::conv::calculate_conv_output_size;
 use burn_std::{Bytes, Shape};
 
+use super::conv::valid_out_range;
 use crate::{FlexTensor, Layout};
 
 /// True unless `MICA_FLEX_STOCK_CONV=1`.
@@ -130,16 +131,8 @@ impl Geo {
 
     /// Output columns `[lo, hi)` whose input column `ox*sw + kj*dw - pw` lies in `[0, w)`.
     fn cols(&self, kj: usize) -> (usize, usize) {
-        valid(kj * self.dw, self.pw, self.sw, self.w, self.ow)
+        valid_out_range(kj, self.dw, self.pw, self.sw, self.w, self.ow)
     }
-}
-
-/// Half-open range of output positions `o` with `0 <= o*stride + offset - pad < size`.
-fn valid(offset: usize, pad: usize, stride: usize, size: usize, out: usize) -> (usize, usize) {
-    let lo = if offset >= pad { 0 } else { (pad - offset).div_ceil(stride) };
-    let hi = if offset >= size + pad { 0 } else { (size + pad - offset).div_ceil(stride) };
-    let hi = hi.min(out);
-    (lo.min(hi), hi)
 }
 
 /// Writes one group of one image, `[C/groups, H, W]`, into columns `off..off+P` of `col`
@@ -148,7 +141,7 @@ fn im2col(g: &Geo, x: &[f32], col: &mut [f32], ld: usize, off: usize) {
     for c in 0..g.cg() {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
-            let (ylo, yhi) = valid(ki * g.dh, g.ph, g.sh, g.h, g.oh);
+            let (ylo, yhi) = valid_out_range(ki, g.dh, g.ph, g.sh, g.h, g.oh);
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let dst = &mut col[row * ld + off..row * ld + off + g.p()];
@@ -183,7 +176,7 @@ fn col2im(g: &Geo, col: &[f32], ld: usize, off: usize, dx: &mut [f32]) {
     for c in 0..g.cg() {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
-            let (ylo, yhi) = valid(ki * g.dh, g.ph, g.sh, g.h, g.oh);
+            let (ylo, yhi) = valid_out_range(ki, g.dh, g.ph, g.sh, g.h, g.oh);
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let src = &col[row * ld + off..row * ld + off + g.p()];
