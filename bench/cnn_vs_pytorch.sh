@@ -32,21 +32,26 @@ echo "== mica (burn flex), $MODEL 1x${SIZE}x${SIZE}, batch $BATCH, $THREADS thre
 PROFILE=${PROFILE:-release}
 cargo build --profile "$PROFILE" -q -p mica-cnn --example bench_cnn
 dir=${CARGO_TARGET_DIR:-target}/$PROFILE; [ "$PROFILE" = dev ] && dir=${CARGO_TARGET_DIR:-target}/debug
-MICA=$($dir/examples/bench_cnn --model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+ARGS=(--model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
+MICA=$($dir/examples/bench_cnn "${ARGS[@]}")
 echo "$MICA"
 # The same build with each vendored burn-flex patch switched off (vendor/burn-flex/MICA-PATCH.md),
-# so each patch's gain is measured in the same run, not against a number from another day.
-ARGS=(--model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
-STOCK_CONV=$(MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
-GENERIC=$(MICA_FLEX_GENERIC_COPY=1 MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
+# so each patch's gain is measured in the same run, not against a number from another day. These
+# runs time burn's own forward pass only (MICA_CNN_ENGINE=burn): the patches act on burn's path.
+STOCK_CONV=$(MICA_CNN_ENGINE=burn MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
+GENERIC=$(MICA_CNN_ENGINE=burn MICA_FLEX_GENERIC_COPY=1 MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
 python3 - "$MICA" "$STOCK_CONV" "$GENERIC" <<'PY'
 import json, sys
 a, b, c = (json.loads(v) for v in sys.argv[1:4])
+burn = a.get("infer_burn_images_per_s", a["infer_images_per_s"])
 print(f"burn-flex GEMM convolution patch: train step {a['train_step_ms']:.1f} ms vs {b['train_step_ms']:.1f} ms stock "
-      f"(x{b['train_step_ms'] / a['train_step_ms']:.2f}), inference {a['infer_images_per_s']:.1f} vs {b['infer_images_per_s']:.1f} img/s "
-      f"(x{a['infer_images_per_s'] / b['infer_images_per_s']:.2f})")
+      f"(x{b['train_step_ms'] / a['train_step_ms']:.2f}), burn's inference {burn:.1f} vs {b['infer_images_per_s']:.1f} img/s "
+      f"(x{burn / b['infer_images_per_s']:.2f})")
 print(f"burn-flex copy patch (on stock convolutions): train step {b['train_step_ms']:.1f} ms vs {c['train_step_ms']:.1f} ms unpatched "
       f"(x{c['train_step_ms'] / b['train_step_ms']:.2f})")
+if a.get("infer_engine") == "fused":
+    print(f"fused inference engine (mica_cnn::fused): {a['infer_images_per_s']:.1f} img/s vs burn's forward pass {burn:.1f} img/s "
+          f"(x{a['infer_images_per_s'] / burn:.2f}), same weights, same build")
 PY
 
 if [ "${SKIP_TORCH:-0}" = 1 ]; then exit 0; fi

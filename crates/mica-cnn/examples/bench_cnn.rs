@@ -58,6 +58,9 @@ struct Setup {
     batch: usize,
     steps: usize,
     infer_batches: usize,
+    /// Batches timed through burn's own forward pass when the fused engine is timed as well
+    /// (0 profiles the fused engine alone).
+    burn_infer_batches: usize,
 }
 
 fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
@@ -99,15 +102,30 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
     let xi = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
     let _ = inner.forward(xi.clone(), None).into_data(); // warm-up
     let (t0, c0) = (Instant::now(), cpu_seconds());
-    for _ in 0..s.infer_batches {
+    for _ in 0..s.burn_infer_batches {
         // `into_data` copies the logits back to the host, as a classifier does.
         let _ = inner.forward(xi.clone(), None).into_data();
     }
     let secs = t0.elapsed().as_secs_f64();
-    let infer_cores = (cpu_seconds() - c0) / secs;
-    let infer_ips = (s.infer_batches * batch) as f64 / secs;
+    let burn_cores = (cpu_seconds() - c0) / secs;
+    let burn_ips = (s.burn_infer_batches * batch) as f64 / secs;
+    let mut infer = format!("\"infer_engine\":\"burn\",\"infer_images_per_s\":{burn_ips:.2},\"infer_cpu_cores\":{burn_cores:.2}");
+    // On the CPU, mica classifies through the fused engine (mica_cnn::fused) unless
+    // MICA_CNN_ENGINE=burn: time that, the same images, logits copied out as well.
+    if device_name == "cpu" && mica_cnn::fused::enabled() {
+        let fused = mica_cnn::fused::FusedNet::compile(&inner).expect("mica's architectures compile");
+        let _ = fused.forward(&x, batch, size, size); // warm-up
+        let (t0, c0) = (Instant::now(), cpu_seconds());
+        for _ in 0..s.infer_batches {
+            let _ = fused.forward(&x, batch, size, size);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cores = (cpu_seconds() - c0) / secs;
+        let ips = (s.infer_batches * batch) as f64 / secs;
+        infer = format!("\"infer_engine\":\"fused\",\"infer_images_per_s\":{ips:.2},\"infer_cpu_cores\":{cores:.2},\"infer_burn_images_per_s\":{burn_ips:.2},\"infer_burn_cpu_cores\":{burn_cores:.2}");
+    }
     println!(
-        "{{\"framework\":\"mica-burn-0.21\",\"device\":\"{device_name}\",\"model\":\"{}\",\"size\":{size},\"batch\":{batch},\"train_step_ms\":{train_step_ms:.2},\"train_cpu_cores\":{train_cores:.2},\"infer_images_per_s\":{infer_ips:.2},\"infer_cpu_cores\":{infer_cores:.2},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
+        "{{\"framework\":\"mica-burn-0.21\",\"device\":\"{device_name}\",\"model\":\"{}\",\"size\":{size},\"batch\":{batch},\"train_step_ms\":{train_step_ms:.2},\"train_cpu_cores\":{train_cores:.2},{infer},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
         s.arch,
         peak_rss_mb()
     );
@@ -121,7 +139,9 @@ fn main() {
         batch: arg(&args, "--batch", 32),
         steps: arg(&args, "--steps", 10),
         infer_batches: arg(&args, "--infer-batches", 10),
+        burn_infer_batches: 0,
     };
+    let s = Setup { burn_infer_batches: arg(&args, "--burn-infer-batches", s.infer_batches), ..s };
     match arg(&args, "--device", "cpu".to_string()).as_str() {
         "cpu" => bench::<mica_cnn::CpuTrainBackend>(&s, Default::default(), "cpu"),
         #[cfg(feature = "cuda")]

@@ -10,12 +10,15 @@ use mica_core::{Classifier, ClassifyError, LabelSet, Outcome, Prediction, Sample
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, ImageCache};
 use crate::device::{self, DeviceKind};
+use crate::fused::FusedNet;
 use crate::model::Net;
 use crate::ood::{OodStats, OodVerdict, EXTRA_KEY};
 use crate::{CnnError, CpuBackend};
 
 enum Engine {
-    Cpu(Net<CpuBackend>),
+    /// burn's network, and its compiled form when [`crate::fused`] implements every layer
+    /// and is not switched off; the forward pass then runs through the compiled one.
+    Cpu(Net<CpuBackend>, Option<FusedNet>),
     #[cfg(feature = "cuda")]
     Cuda(Net<burn::backend::Cuda>),
 }
@@ -54,7 +57,8 @@ impl CnnClassifier {
         let (meta, engine) = match kind {
             DeviceKind::Cpu => {
                 let c = Checkpoint::<CpuBackend>::load(dir, &Default::default())?;
-                (c.meta, Engine::Cpu(c.model))
+                let fused = if crate::fused::enabled() { FusedNet::compile(&c.model) } else { None };
+                (c.meta, Engine::Cpu(c.model, fused))
             }
             #[cfg(feature = "cuda")]
             DeviceKind::Cuda => {
@@ -65,7 +69,7 @@ impl CnnClassifier {
             DeviceKind::Cuda => unreachable!("cuda is only selected in cuda builds"),
         };
         let width = match &engine {
-            Engine::Cpu(m) => m.feature_width(),
+            Engine::Cpu(m, _) => m.feature_width(),
             #[cfg(feature = "cuda")]
             Engine::Cuda(m) => m.feature_width(),
         };
@@ -100,6 +104,18 @@ impl CnnClassifier {
         self.device
     }
 
+    /// Which forward pass classifies (recorded beside the latency figures it produced):
+    /// `fused-cpu` ([`crate::fused`]), `burn-cpu` (a layer the fused engine lacks, or
+    /// `MICA_CNN_ENGINE=burn`) or `burn-cuda`.
+    pub fn engine(&self) -> &'static str {
+        match &self.engine {
+            Engine::Cpu(_, Some(_)) => "fused-cpu",
+            Engine::Cpu(_, None) => "burn-cpu",
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => "burn-cuda",
+        }
+    }
+
     /// The checkpoint's training-feature statistics (`ood.json`), or why the out-of-distribution
     /// check is not available for it.
     pub fn ood_stats(&self) -> Result<&OodStats, &str> {
@@ -122,7 +138,8 @@ impl CnnClassifier {
     pub fn probabilities(&self, cache: &ImageCache) -> Vec<Vec<f32>> {
         let norm = &self.meta.normalization;
         match &self.engine {
-            Engine::Cpu(m) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
+            Engine::Cpu(_, Some(f)) => crate::fused::predict_with_features(f, cache, norm, self.batch).0,
+            Engine::Cpu(m, None) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
             #[cfg(feature = "cuda")]
             Engine::Cuda(m) => crate::train::predict(m, cache, norm, self.batch, &Default::default()),
         }
@@ -140,7 +157,8 @@ impl CnnClassifier {
         };
         let norm = &self.meta.normalization;
         let (probs, feats) = match &self.engine {
-            Engine::Cpu(m) => crate::train::predict_with_features(m, cache, norm, self.batch, &Default::default()),
+            Engine::Cpu(_, Some(f)) => crate::fused::predict_with_features(f, cache, norm, self.batch),
+            Engine::Cpu(m, None) => crate::train::predict_with_features(m, cache, norm, self.batch, &Default::default()),
             #[cfg(feature = "cuda")]
             Engine::Cuda(m) => crate::train::predict_with_features(m, cache, norm, self.batch, &Default::default()),
         };

@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod fused;
 pub mod gradcam;
 pub mod infer;
 pub mod model;

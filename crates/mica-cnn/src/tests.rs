@@ -155,6 +155,15 @@ fn checkpoint_round_trip_and_classifier() {
     let acc = correct as f64 / val.len() as f64;
     assert!((acc - meta.val_accuracy).abs() < 1e-9, "{acc} vs {}", meta.val_accuracy);
 
+    // On the CPU the classifier runs the fused engine, and its probabilities are burn's.
+    assert_eq!(clf.engine(), "fused-cpu");
+    let cache = crate::data::ImageCache::load(ds.split(Split::Val), SIZE as usize, 1).unwrap();
+    let fused = clf.probabilities(&cache);
+    let burn = crate::train::predict(&ck.model, &cache, &meta.normalization, 32, &Default::default());
+    for (f, b) in fused.iter().flatten().zip(burn.iter().flatten()) {
+        assert!((f - b).abs() < 1e-5, "fused {f} vs burn {b}");
+    }
+
     // An unreadable image is its own failure, not a failed batch.
     let mut bad = val[0].clone();
     bad.id = "missing.png".into();

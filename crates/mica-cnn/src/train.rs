@@ -271,6 +271,19 @@ pub(crate) fn batch_tensor<B: Backend>(
     augment: Option<(&Augment, &mut rand_chacha::ChaCha8Rng)>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
+    Tensor::from_data(
+        TensorData::new(batch_values(cache, rows, norm, augment), [rows.len(), cache.channels, cache.size, cache.size]),
+        device,
+    )
+}
+
+/// [`batch_tensor`]'s values, `[n, c, s, s]` row-major (the fused CPU engine's input).
+pub(crate) fn batch_values(
+    cache: &ImageCache,
+    rows: &[usize],
+    norm: &Normalization,
+    augment: Option<(&Augment, &mut rand_chacha::ChaCha8Rng)>,
+) -> Vec<f32> {
     let p = cache.pixels_per_image();
     let mut buf = vec![0.0f32; rows.len() * p];
     match augment {
@@ -288,10 +301,7 @@ pub(crate) fn batch_tensor<B: Backend>(
     for k in 0..rows.len() {
         norm.apply(&mut buf[k * p..(k + 1) * p], cache.size);
     }
-    Tensor::from_data(
-        TensorData::new(buf, [rows.len(), cache.channels, cache.size, cache.size]),
-        device,
-    )
+    buf
 }
 
 /// Softmax probabilities for every cached image, in batches, without autodiff.

@@ -143,6 +143,7 @@ pub(crate) fn build(
     let mut extra = serde_json::Map::new();
     extra.insert("model_dir".into(), serde_json::json!(model_dir.display().to_string()));
     extra.insert("device".into(), serde_json::json!(c.device().as_str()));
+    extra.insert("engine".into(), serde_json::json!(c.engine()));
     extra.insert("batch".into(), serde_json::json!(c.batch));
     extra.insert("checkpoint".into(), serde_json::to_value(c.meta()).expect("meta serialises"));
     let summary_path = model_dir.join(TRAIN_SUMMARY);
