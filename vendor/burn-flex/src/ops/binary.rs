@@ -4,6 +4,7 @@ use alloc::vec::Vec;
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape, bf16, f16};
 
+use crate::ops::par_elementwise as par;
 use crate::FlexTensor;
 use crate::layout::Layout;
 use crate::strided_index::StridedIter;
@@ -35,8 +36,8 @@ pub fn binary_op<F32Op, F64Op>(
     simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    F32Op: Fn(f32, f32) -> f32 + Copy,
-    F64Op: Fn(f64, f64) -> f64 + Copy,
+    F32Op: Fn(f32, f32) -> f32 + Copy + Sync + Send,
+    F64Op: Fn(f64, f64) -> f64 + Copy + Sync + Send,
 {
     debug_assert_eq!(lhs.dtype(), rhs.dtype(), "binary_op: dtype mismatch");
 
@@ -67,7 +68,7 @@ fn binary_op_f32<Op>(
     simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    Op: Fn(f32, f32) -> f32,
+    Op: Fn(f32, f32) -> f32 + Sync + Send,
 {
     // Permuted lhs + broadcast rhs (e.g. `x.permute(...) - mean`):
     // the generic path would walk the permuted lhs with a scalar
@@ -96,11 +97,12 @@ where
         let lhs_storage: &mut [f32] = lhs.storage_mut();
         let l_slice = &mut lhs_storage[..l_end];
 
+        // mica patch: large buffers in parallel chunks (par_elementwise.rs).
         match simd_op {
-            BinaryOp::Add => simd::add_inplace_f32(l_slice, r_slice),
-            BinaryOp::Sub => simd::sub_inplace_f32(l_slice, r_slice),
-            BinaryOp::Mul => simd::mul_inplace_f32(l_slice, r_slice),
-            BinaryOp::Div => simd::div_inplace_f32(l_slice, r_slice),
+            BinaryOp::Add => par::zip_mut(l_slice, r_slice, simd::add_inplace_f32),
+            BinaryOp::Sub => par::zip_mut(l_slice, r_slice, simd::sub_inplace_f32),
+            BinaryOp::Mul => par::zip_mut(l_slice, r_slice, simd::mul_inplace_f32),
+            BinaryOp::Div => par::zip_mut(l_slice, r_slice, simd::div_inplace_f32),
         }
         return lhs;
     }
@@ -285,11 +287,12 @@ fn run_broadcast_pattern_f32(
             // lengths, and pays the macerator feature-detection cost
             // exactly once.
             let dst_full = &mut dst[..total];
+            // mica patch: whole rows per parallel chunk (par_elementwise.rs).
             match simd_op {
-                BinaryOp::Add => simd::add_shared_row_inplace_f32(dst_full, rhs_row),
-                BinaryOp::Sub => simd::sub_shared_row_inplace_f32(dst_full, rhs_row),
-                BinaryOp::Mul => simd::mul_shared_row_inplace_f32(dst_full, rhs_row),
-                BinaryOp::Div => simd::div_shared_row_inplace_f32(dst_full, rhs_row),
+                BinaryOp::Add => par::chunks_mut(dst_full, row_len, |_, d| simd::add_shared_row_inplace_f32(d, rhs_row)),
+                BinaryOp::Sub => par::chunks_mut(dst_full, row_len, |_, d| simd::sub_shared_row_inplace_f32(d, rhs_row)),
+                BinaryOp::Mul => par::chunks_mut(dst_full, row_len, |_, d| simd::mul_shared_row_inplace_f32(d, rhs_row)),
+                BinaryOp::Div => par::chunks_mut(dst_full, row_len, |_, d| simd::div_shared_row_inplace_f32(d, rhs_row)),
             }
         }
         BroadcastView::PerRowScalar {
@@ -301,11 +304,14 @@ fn run_broadcast_pattern_f32(
             // One monomorphized helper per op. The closure is statically
             // known at each call site so LLVM still autovectorizes the
             // inner scalar loop, and the outer op dispatch happens once.
+            // mica patch: whole rows per parallel chunk (par_elementwise.rs).
+            let dst = &mut dst[..outer_count * row_len];
+            let rows = |off: usize, d: &[f32]| &scalars[off / row_len.max(1)..][..d.len() / row_len.max(1)];
             match simd_op {
-                BinaryOp::Add => per_row_scalar_apply(dst, scalars, row_len, |a, b| a + b),
-                BinaryOp::Sub => per_row_scalar_apply(dst, scalars, row_len, |a, b| a - b),
-                BinaryOp::Mul => per_row_scalar_apply(dst, scalars, row_len, |a, b| a * b),
-                BinaryOp::Div => per_row_scalar_apply(dst, scalars, row_len, |a, b| a / b),
+                BinaryOp::Add => par::chunks_mut(dst, row_len, |off, d| per_row_scalar_apply(d, rows(off, d), row_len, |a, b| a + b)),
+                BinaryOp::Sub => par::chunks_mut(dst, row_len, |off, d| per_row_scalar_apply(d, rows(off, d), row_len, |a, b| a - b)),
+                BinaryOp::Mul => par::chunks_mut(dst, row_len, |off, d| per_row_scalar_apply(d, rows(off, d), row_len, |a, b| a * b)),
+                BinaryOp::Div => par::chunks_mut(dst, row_len, |off, d| per_row_scalar_apply(d, rows(off, d), row_len, |a, b| a / b)),
             }
         }
     }
@@ -318,7 +324,7 @@ fn run_broadcast_pattern_f32(
 #[inline]
 fn per_row_scalar_apply<Op>(dst: &mut [f32], scalars: &[f32], row_len: usize, op: Op)
 where
-    Op: Fn(f32, f32) -> f32,
+    Op: Fn(f32, f32) -> f32 + Sync + Send,
 {
     for (i, &scalar) in scalars.iter().enumerate() {
         let start = i * row_len;
@@ -337,7 +343,7 @@ fn binary_op_f32<Op>(
     _simd_hint: Option<BinaryOp>,
 ) -> FlexTensor
 where
-    Op: Fn(f32, f32) -> f32,
+    Op: Fn(f32, f32) -> f32 + Sync + Send,
 {
     binary_op_typed(lhs, rhs, op)
 }
@@ -346,7 +352,7 @@ where
 pub(crate) fn binary_op_typed<E, Op>(mut lhs: FlexTensor, rhs: &FlexTensor, op: Op) -> FlexTensor
 where
     E: Element + bytemuck::Pod,
-    Op: Fn(E, E) -> E,
+    Op: Fn(E, E) -> E + Sync + Send,
 {
     let rhs_storage: &[E] = rhs.storage();
 
@@ -359,9 +365,12 @@ where
     {
         let lhs_storage: &mut [E] = lhs.storage_mut();
         let r_slice = &rhs_storage[r_start..r_end];
-        for (l, &r) in lhs_storage[..l_end].iter_mut().zip(r_slice) {
-            *l = op(*l, r);
-        }
+        // mica patch: large buffers in parallel chunks (par_elementwise.rs).
+        par::zip_mut(&mut lhs_storage[..l_end], r_slice, |d, r| {
+            for (l, &r) in d.iter_mut().zip(r) {
+                *l = op(*l, r);
+            }
+        });
         return lhs;
     }
 
@@ -378,11 +387,19 @@ where
         (Some((l_start, l_end)), Some((r_start, r_end))) => {
             let l_slice = &lhs_storage[l_start..l_end];
             let r_slice = &rhs_storage[r_start..r_end];
-            l_slice
-                .iter()
-                .zip(r_slice)
-                .map(|(&a, &b)| op(a, b))
-                .collect()
+            if par::worth(l_slice.len()) {
+                par::fill_new(l_slice.len(), |off, d| {
+                    for (i, v) in d.iter_mut().enumerate() {
+                        *v = op(l_slice[off + i], r_slice[off + i]);
+                    }
+                })
+            } else {
+                l_slice
+                    .iter()
+                    .zip(r_slice)
+                    .map(|(&a, &b)| op(a, b))
+                    .collect()
+            }
         }
         // Fast path for 2D non-contiguous (common for transpose)
         _ if lhs.layout().num_dims() == 2 => {
@@ -445,8 +462,8 @@ pub fn scalar_op<F32Op, F64Op>(
     f64_op: F64Op,
 ) -> FlexTensor
 where
-    F32Op: Fn(f32, f32) -> f32 + Copy,
-    F64Op: Fn(f64, f64) -> f64 + Copy,
+    F32Op: Fn(f32, f32) -> f32 + Copy + Sync + Send,
+    F64Op: Fn(f64, f64) -> f64 + Copy + Sync + Send,
 {
     let dtype = tensor.dtype();
 
@@ -474,16 +491,19 @@ where
 pub(crate) fn scalar_op_typed<E, Op>(mut tensor: FlexTensor, scalar: E, op: Op) -> FlexTensor
 where
     E: Element + bytemuck::Pod,
-    Op: Fn(E, E) -> E,
+    Op: Fn(E, E) -> E + Sync + Send,
 {
     // In-place fast path: unique, contiguous at offset 0
     if tensor.is_unique()
         && let Some((0, end)) = tensor.layout().contiguous_offsets()
     {
         let storage: &mut [E] = tensor.storage_mut();
-        for x in storage[..end].iter_mut() {
-            *x = op(*x, scalar);
-        }
+        // mica patch: large buffers in parallel chunks (par_elementwise.rs).
+        par::chunks_mut(&mut storage[..end], 1, |_, d| {
+            for x in d.iter_mut() {
+                *x = op(*x, scalar);
+            }
+        });
         return tensor;
     }
 
@@ -493,6 +513,14 @@ where
     let storage: &[E] = tensor.storage();
 
     let result: Vec<E> = match tensor.layout().contiguous_offsets() {
+        Some((start, end)) if par::worth(end - start) => {
+            let src = &storage[start..end];
+            par::fill_new(src.len(), |off, d| {
+                for (i, v) in d.iter_mut().enumerate() {
+                    *v = op(src[off + i], scalar);
+                }
+            })
+        }
         Some((start, end)) => storage[start..end].iter().map(|&x| op(x, scalar)).collect(),
         None => StridedIter::new(tensor.layout())
             .map(|i| op(storage[i], scalar))
@@ -518,7 +546,7 @@ fn make_tensor<E: bytemuck::Pod + Send + Sync>(
 /// Supports all integer dtypes: I64, I32, I16, I8, U64, U32, U16, U8.
 pub fn int_binary_op<Op>(lhs: FlexTensor, rhs: FlexTensor, op: Op) -> FlexTensor
 where
-    Op: Fn(i64, i64) -> i64 + Copy,
+    Op: Fn(i64, i64) -> i64 + Copy + Sync + Send,
 {
     debug_assert_eq!(lhs.dtype(), rhs.dtype(), "int_binary_op: dtype mismatch");
 
@@ -546,7 +574,7 @@ where
 /// Note: scalar is truncated to target dtype (matches PyTorch).
 pub fn int_scalar_op<Op>(tensor: FlexTensor, scalar: i64, op: Op) -> FlexTensor
 where
-    Op: Fn(i64, i64) -> i64 + Copy,
+    Op: Fn(i64, i64) -> i64 + Copy + Sync + Send,
 {
     let dtype = tensor.dtype();
 

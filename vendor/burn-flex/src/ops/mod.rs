@@ -99,6 +99,7 @@ mod conv_common;
 pub mod conv;
 // mica patch: GEMM convolution passes (MICA-PATCH.md).
 mod conv_gemm;
+pub(crate) mod par_elementwise;
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;
