@@ -89,6 +89,11 @@ fn convolution_and_its_gradients_match_the_definition() {
         // from the input.
         Case { n: 2, c: 3, h: 24, w: 24, o: 5, k: [1, 1], stride: [1, 1], pad: [0, 0], dil: [1, 1], groups: 1, bias: true },
         Case { n: 3, c: 2, h: 24, w: 23, o: 3, k: [3, 3], stride: [1, 1], pad: [1, 1], dil: [1, 1], groups: 1, bias: false },
+        // Stride 1 on wide maps takes the per-tap path (conv_gemm.rs `taps`): the one above, a
+        // rectangular kernel with unequal padding on a single image (GEMMs on every thread),
+        // and an unpadded kernel whose output is smaller than its input.
+        Case { n: 1, c: 5, h: 20, w: 17, o: 7, k: [5, 3], stride: [1, 1], pad: [2, 1], dil: [1, 1], groups: 1, bias: true },
+        Case { n: 3, c: 3, h: 20, w: 20, o: 4, k: [3, 3], stride: [1, 1], pad: [0, 0], dil: [1, 1], groups: 1, bias: false },
     ];
     let device = Default::default();
     for (ci, t) in cases.iter().enumerate() {

@@ -124,6 +124,35 @@ impl Geo {
         self.c * self.h * self.w
     }
 
+    /// Padded height and width.
+    fn hp(&self) -> usize {
+        self.h + 2 * self.ph
+    }
+
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pw
+    }
+
+    /// Columns of the per-tap GEMMs ([`taps`]): output pixel (oy, ox) sits at `oy·Wp + ox`, so
+    /// the last one is at `(oh-1)·Wp + ow - 1`.
+    fn q(&self) -> usize {
+        (self.oh - 1) * self.wp() + self.ow
+    }
+
+    /// Whether the per-tap path ([`taps`]) handles this convolution: stride 1, no dilation, no
+    /// groups, a real kernel, and maps wide enough that the padded grid wastes little.
+    fn taps(&self) -> bool {
+        self.groups == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.dh == 1
+            && self.dw == 1
+            && !self.pointwise()
+            && self.oh > 0
+            && self.ow > 0
+            && self.q() >= TAPS_MIN_COLUMNS
+    }
+
     /// A 1x1, stride-1, unpadded convolution: the image already is its im2col matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
@@ -248,6 +277,52 @@ fn gemm(
     }
 }
 
+/// [`gemm`] with the destination's row stride given (`dst_rs` floats; columns contiguous).
+#[allow(clippy::too_many_arguments)]
+fn gemm_any(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[f32],
+    rhs_rs: isize,
+    rhs_cs: isize,
+    threads: gemm::Parallelism,
+) {
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    // SAFETY: the destination is checked above; each operand is a slice starting at its first
+    // element, and the callers' strides stay inside it (the per-tap shifts are at most
+    // `(kh-1)·Wp + kw-1`, which `Geo::q` leaves room for).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
+}
+
 /// GEMM columns a block of images should give at least: a feature map of a few pixels (the
 /// last stages of a ResNet) makes a per-image GEMM too thin to use the vector units well, so
 /// such images are laid side by side in one im2col matrix.
@@ -291,6 +366,14 @@ impl Plan {
         Plan { block, per_task }
     }
 
+    /// One image per block (the per-tap path's GEMMs are wide enough on one image), tasks as
+    /// [`Plan::new`] would cut them.
+    fn per_image(g: &Geo) -> Plan {
+        let t = threads();
+        let per_task = (t > 1 && g.n >= t).then(|| g.n.div_ceil(t));
+        Plan { block: 1, per_task }
+    }
+
     /// The image ranges of task `i`'s blocks.
     fn blocks(&self, g: &Geo, first_block: usize, count: usize) -> impl Iterator<Item = core::ops::Range<usize>> {
         let (block, n) = (self.block, g.n);
@@ -307,10 +390,18 @@ impl Plan {
     where
         F: Fn(&mut dyn Iterator<Item = core::ops::Range<usize>>, (&mut [f32], &mut [f32]), gemm::Parallelism) -> R + Sync,
     {
-        let blocks = g.n.div_ceil(self.block);
         let cols = self.block * g.p();
         let direct = self.block == 1 && g.pointwise();
         let lens = (if direct { 0 } else { g.k() * cols }, if self.block > 1 { rows * cols } else { 0 });
+        self.run_with(g, lens, f)
+    }
+
+    /// [`Plan::run`] with scratch buffers of the given lengths.
+    fn run_with<R: Send, F>(&self, g: &Geo, lens: (usize, usize), f: F) -> Vec<R>
+    where
+        F: Fn(&mut dyn Iterator<Item = core::ops::Range<usize>>, (&mut [f32], &mut [f32]), gemm::Parallelism) -> R + Sync,
+    {
+        let blocks = g.n.div_ceil(self.block);
         match self.per_task {
             #[cfg(feature = "rayon")]
             Some(per_task) => {
@@ -412,6 +503,10 @@ pub(crate) fn conv2d(
     let x = x.to_contiguous();
     let weight = weight.to_contiguous();
     let bias = bias.map(|b| b.to_contiguous());
+    if g.taps() && taps_enabled() {
+        let bd: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
+        return Some(taps::forward(&g, x.storage(), weight.storage(), bd));
+    }
     let (xd, wd): (&[f32], &[f32]) = (x.storage(), weight.storage());
     let bd: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
     let (k, p) = (g.k(), g.p());
@@ -473,6 +568,9 @@ pub(crate) fn conv2d_x_backward(
     let weight = weight.to_contiguous();
     let dy = output_grad.to_contiguous();
     let (wd, dyd): (&[f32], &[f32]) = (weight.storage(), dy.storage());
+    if g.taps() && taps_enabled() {
+        return Some(taps::x_backward(&g, wd, dyd));
+    }
     let (k, p, og, gin) = (g.k(), g.p(), g.og(), g.cg() * g.h * g.w);
     let plan = Plan::new(&g);
     let mut dx = vec![0.0f32; g.n * g.image()];
@@ -524,6 +622,9 @@ pub(crate) fn conv2d_weight_backward(
     let x = x.to_contiguous();
     let dy = output_grad.to_contiguous();
     let (xd, dyd): (&[f32], &[f32]) = (x.storage(), dy.storage());
+    if g.taps() && taps_enabled() {
+        return Some(taps::weight_backward(&g, xd, dyd));
+    }
     let (k, p, og, gin) = (g.k(), g.p(), g.og(), g.cg() * g.h * g.w);
     let plan = Plan::new(&g);
     let direct = plan.block == 1 && g.pointwise();
@@ -566,6 +667,159 @@ pub(crate) fn conv2d_weight_backward(
         dw.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
     }
     Some(tensor(dw, [g.o, g.cg(), g.kh, g.kw]))
+}
+
+/// Padded rows at least this long take the per-tap path ([`taps`]); shorter ones (the 8x8
+/// and 4x4 stages of a ResNet at 128 px) keep im2col with images side by side.
+const TAPS_MIN_COLUMNS: usize = 256;
+
+/// True unless `MICA_FLEX_IM2COL_ONLY=1` (for the benchmark's A/B of the per-tap path).
+#[cfg(feature = "std")]
+fn taps_enabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var_os("MICA_FLEX_IM2COL_ONLY").is_some_and(|v| v == "1"))
+}
+
+#[cfg(not(feature = "std"))]
+fn taps_enabled() -> bool {
+    true
+}
+
+/// Stride-1 convolutions without im2col.
+///
+/// On one zero-padded image `[C, Hp, Wp]`, output pixel (oy, ox) placed at column
+/// `q = oy·Wp + ox` reads tap (ky, kx) from padded pixel `q + ky·Wp + kx` of every channel. So
+/// each tap is one GEMM against the padded image shifted by a constant, with no copy:
+///
+/// - forward:      `y [O, Q] = Σ_tap W_tap [O, C] · x_pad[shift..] [C, Q]`
+/// - weight grad:  `dW_tap [O, C] = Σ_n dy_pad [O, Q] · x_pad[shift..]ᵀ [Q, C]`
+/// - input grad:   `dx_pad[shift..] [C, Q] += W_tapᵀ [C, O] · dy_pad [O, Q]`
+///
+/// where the columns with `ox >= ow` fall on the padding: the forward pass drops them and the
+/// backward passes set `dy` there to zero. im2col writes and reads a `kh·kw` times larger
+/// buffer through memory; here each GEMM reads the image from cache (the first two stages of
+/// a ResNet-18 at 128 px, and the small CNN's wide layers: MICA-PATCH.md).
+mod taps {
+    use super::{Geo, Out, Plan, gemm_any, tensor};
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use crate::FlexTensor;
+
+    /// Copies image `[C, H, W]` into the middle of `xp` `[C, Hp, Wp]`, zeros around it.
+    fn pad(g: &Geo, x: &[f32], xp: &mut [f32]) {
+        let (hp, wp) = (g.hp(), g.wp());
+        xp.fill(0.0);
+        for c in 0..g.c {
+            for y in 0..g.h {
+                let s = &x[(c * g.h + y) * g.w..][..g.w];
+                xp[(c * hp + y + g.ph) * wp + g.pw..][..g.w].copy_from_slice(s);
+            }
+        }
+    }
+
+    /// Spreads `dy` `[O, oh, ow]` over `[O, Q]` at `oy·Wp + ox`, zeros in between.
+    fn spread(g: &Geo, dy: &[f32], dq: &mut [f32]) {
+        let (q, wp) = (g.q(), g.wp());
+        dq.fill(0.0);
+        for o in 0..g.o {
+            for oy in 0..g.oh {
+                dq[o * q + oy * wp..][..g.ow].copy_from_slice(&dy[(o * g.oh + oy) * g.ow..][..g.ow]);
+            }
+        }
+    }
+
+    fn shift(g: &Geo, tap: usize) -> usize {
+        (tap / g.kw) * g.wp() + tap % g.kw
+    }
+
+    fn images(plan: &Plan, blocks: &mut dyn Iterator<Item = core::ops::Range<usize>>) -> Vec<usize> {
+        let _ = plan;
+        blocks.flatten().collect()
+    }
+
+    pub(super) fn forward(g: &Geo, xd: &[f32], wd: &[f32], bd: Option<&[f32]>) -> FlexTensor {
+        let (q, k, taps, plane) = (g.q(), g.k(), g.kh * g.kw, g.hp() * g.wp());
+        let plan = Plan::per_image(g);
+        let mut out = vec![0.0f32; g.n * g.o * g.p()];
+        let dst = Out(out.as_mut_ptr());
+        plan.run_with(g, (g.c * plane, g.o * q), |blocks, (xp, yq), threads| {
+            for i in images(&plan, blocks) {
+                pad(g, &xd[i * g.image()..][..g.image()], xp);
+                for tap in 0..taps {
+                    // W_tap: element (o, c) is w[o·K + c·taps + tap].
+                    gemm_any(g.o, q, g.c, yq, q, tap > 0, &wd[tap..], k as isize, taps as isize, &xp[shift(g, tap)..], plane as isize, 1, threads);
+                }
+                // SAFETY: image i's output is written by this task only.
+                let yi = unsafe { dst.slice(i * g.o * g.p(), g.o * g.p()) };
+                for o in 0..g.o {
+                    let b = bd.map_or(0.0, |b| b[o]);
+                    for oy in 0..g.oh {
+                        let (d, s) = (&mut yi[(o * g.oh + oy) * g.ow..][..g.ow], &yq[o * q + oy * g.wp()..][..g.ow]);
+                        d.iter_mut().zip(s).for_each(|(d, s)| *d = s + b);
+                    }
+                }
+            }
+        });
+        tensor(out, [g.n, g.o, g.oh, g.ow])
+    }
+
+    pub(super) fn x_backward(g: &Geo, wd: &[f32], dyd: &[f32]) -> FlexTensor {
+        let (q, k, taps, plane) = (g.q(), g.k(), g.kh * g.kw, g.hp() * g.wp());
+        let plan = Plan::per_image(g);
+        let mut dx = vec![0.0f32; g.n * g.image()];
+        let dst = Out(dx.as_mut_ptr());
+        plan.run_with(g, (g.o * q, g.c * plane), |blocks, (dq, dxp), threads| {
+            for i in images(&plan, blocks) {
+                spread(g, &dyd[i * g.o * g.p()..][..g.o * g.p()], dq);
+                dxp.fill(0.0);
+                for tap in 0..taps {
+                    // W_tapᵀ: element (c, o) is w[o·K + c·taps + tap].
+                    gemm_any(g.c, q, g.o, &mut dxp[shift(g, tap)..], plane, true, &wd[tap..], taps as isize, k as isize, dq, q as isize, 1, threads);
+                }
+                // SAFETY: image i's gradient is written by this task only.
+                let dxi = unsafe { dst.slice(i * g.image(), g.image()) };
+                for c in 0..g.c {
+                    for y in 0..g.h {
+                        dxi[(c * g.h + y) * g.w..][..g.w].copy_from_slice(&dxp[(c * g.hp() + y + g.ph) * g.wp() + g.pw..][..g.w]);
+                    }
+                }
+            }
+        });
+        tensor(dx, [g.n, g.c, g.h, g.w])
+    }
+
+    pub(super) fn weight_backward(g: &Geo, xd: &[f32], dyd: &[f32]) -> FlexTensor {
+        let (q, taps, plane) = (g.q(), g.kh * g.kw, g.hp() * g.wp());
+        let plan = Plan::per_image(g);
+        // One partial sum per task, `[taps, O, C]`, added in task order.
+        let parts = plan.run_with(g, (g.c * plane, g.o * q), |blocks, (xp, dq), threads| {
+            let mut acc = vec![0.0f32; taps * g.o * g.c];
+            for i in images(&plan, blocks) {
+                pad(g, &xd[i * g.image()..][..g.image()], xp);
+                spread(g, &dyd[i * g.o * g.p()..][..g.o * g.p()], dq);
+                for tap in 0..taps {
+                    // x_pad[shift..]ᵀ: element (q, c) is xp[shift + c·plane + q].
+                    let a = &mut acc[tap * g.o * g.c..][..g.o * g.c];
+                    gemm_any(g.o, g.c, q, a, g.c, true, dq, q as isize, 1, &xp[shift(g, tap)..], 1, plane as isize, threads);
+                }
+            }
+            acc
+        });
+        let mut parts = parts.into_iter();
+        let mut sum = parts.next().unwrap_or_else(|| vec![0.0; taps * g.o * g.c]);
+        for part in parts {
+            sum.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
+        }
+        let mut dw = vec![0.0f32; g.o * g.c * taps];
+        for tap in 0..taps {
+            for o in 0..g.o {
+                for c in 0..g.c {
+                    dw[(o * g.c + c) * taps + tap] = sum[(tap * g.o + o) * g.c + c];
+                }
+            }
+        }
+        tensor(dw, [g.o, g.c, g.kh, g.kw])
+    }
 }
 
 // burn's default backward passes, for other dtypes and `MICA_FLEX_STOCK_CONV=1`. Copied from
