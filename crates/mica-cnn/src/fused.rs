@@ -517,8 +517,8 @@ fn conv(cv: &Conv, x: &Map, residual: Option<Map>) -> Map {
 
 /// A stride-1 convolution without im2col. On the zero-padded input `[N, Hp, Wp, C]`, output
 /// pixel (image, oy, ox) placed at padded row `q = (image·Hp + oy)·Wp + ox` reads tap
-/// (ky, kx) from padded pixel `q + ky·Wp + kx`, so each tap is one GEMM of `x_pad` shifted
-/// by a constant (`[rows, C] · W_tap [C, O]`), accumulated. Rows that fall on the padding
+/// (ky, kx) from padded pixel `q + ky·Wp + kx`, so each kernel row ky is one GEMM of `x_pad`
+/// shifted by a constant (`[rows, kw·C] · W_ky [kw·C, O]`), accumulated. Rows that fall on the padding
 /// compute values nobody reads; the epilogue keeps the valid ones. Compared with im2col this
 /// reads each input pixel from cache once per tap instead of writing and reading a
 /// `kh·kw`-times larger buffer through memory (the 3x3 layers of the first two ResNet stages:
@@ -546,35 +546,36 @@ fn conv_taps(cv: &Conv, x: &Map, oh: usize, ow: usize, has_res: bool, out: &mut 
                 acc.resize(len * o, 0.0);
             }
             let acc = &mut acc[..len * o];
+            // The taps (ky, 0..kw) read kw adjacent pixels, which NHWC stores as one run of
+            // kw·C values: a row of the kernel is one GEMM with K = kw·C whose input rows
+            // overlap (row q starts C values after row q-1).
+            let kc = cv.kw * c;
             for ky in 0..cv.kh {
-                for kx in 0..cv.kw {
-                    let tap = ky * cv.kw + kx;
-                    let lhs = &xp[(q0 + ky * wp + kx) * c..][..len * c];
-                    // SAFETY: `lhs` is `len` rows of `c`, the tap's weights `[c, o]`, `acc`
-                    // `len` rows of `o`.
-                    unsafe {
-                        gemm::gemm(
-                            len,
-                            o,
-                            c,
-                            acc.as_mut_ptr(),
-                            1,
-                            o as isize,
-                            tap > 0,
-                            lhs.as_ptr(),
-                            1,
-                            c as isize,
-                            cv.w[tap * c * o..].as_ptr(),
-                            1,
-                            o as isize,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            par,
-                        );
-                    }
+                let lhs = &xp[(q0 + ky * wp) * c..][..(len - 1) * c + kc];
+                // SAFETY: `lhs` is `len` rows of `kc` at stride `c`, the kernel row's weights
+                // `[kc, o]`, `acc` `len` rows of `o`.
+                unsafe {
+                    gemm::gemm(
+                        len,
+                        o,
+                        kc,
+                        acc.as_mut_ptr(),
+                        1,
+                        o as isize,
+                        ky > 0,
+                        lhs.as_ptr(),
+                        1,
+                        c as isize,
+                        cv.w[ky * kc * o..][..kc * o].as_ptr(),
+                        1,
+                        o as isize,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
                 }
             }
             let (mut img, mut rem) = (q0 / (hp * wp), q0 % (hp * wp));
