@@ -70,6 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mica_cnn::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -132,6 +132,8 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
 }
 
 fn main() {
+    // As `mica` does (mica_cnn::tune_allocator); MICA_DEFAULT_MALLOC=1 measures without it.
+    mica_cnn::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let s = Setup {
         arch: arg(&args, "--model", "resnet18".to_string()).parse().expect("--model"),

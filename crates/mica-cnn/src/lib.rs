@@ -11,6 +11,7 @@
 //! The CPU backend is burn's pure-Rust `flex`; with the `cuda` feature a present NVIDIA GPU is
 //! used instead (see [`device`]).
 
+mod alloc_tuning;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
@@ -25,6 +26,7 @@ pub mod transfer;
 
 use std::path::PathBuf;
 
+pub use alloc_tuning::tune_allocator;
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use data::{Augment, ImageCache, Normalization};
 pub use device::DeviceKind;
