@@ -463,34 +463,8 @@ fn conv(cv: &Conv, x: &Map, residual: Option<Map>) -> Map {
         if cv.depthwise {
             depthwise(cv, x, oh, ow, j0, has_res, dst);
         } else {
-            let dst_ptr = dst.as_mut_ptr();
-            let gemm_into = |lhs: &[f32], lhs_rs: usize| unsafe {
-                // SAFETY: `lhs` holds `len` rows of `k` values at stride `lhs_rs`, the weights
-                // are [k, o] and `dst` is `len` rows of `o`.
-                gemm::gemm(
-                    len,
-                    o,
-                    k,
-                    dst_ptr,
-                    1,
-                    o as isize,
-                    has_res,
-                    lhs.as_ptr(),
-                    1,
-                    lhs_rs as isize,
-                    cv.w.as_ptr(),
-                    1,
-                    o as isize,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            };
             if pointwise {
-                gemm_into(&x.d[j0 * k..][..len * k], k);
+                gemm_rows(len, o, k, dst, has_res, &x.d[j0 * k..][..len * k], k, &cv.w, par);
             } else {
                 COL.with(|buf| {
                     let mut buf = buf.borrow_mut();
@@ -498,7 +472,7 @@ fn conv(cv: &Conv, x: &Map, residual: Option<Map>) -> Map {
                         buf.resize(k * len, 0.0);
                     }
                     im2col(cv, x, oh, ow, j0, &mut buf[..k * len]);
-                    gemm_into(&buf[..k * len], k);
+                    gemm_rows(len, o, k, dst, has_res, &buf[..k * len], k, &cv.w, par);
                 });
             }
         }
@@ -513,6 +487,37 @@ fn conv(cv: &Conv, x: &Map, residual: Option<Map>) -> Map {
         out.chunks_mut(block * o).enumerate().for_each(|(t, dst)| run(t, dst, gemm::Parallelism::Rayon(threads)));
     }
     Map { n: x.n, h: oh, w: ow, c: o, d: out }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`: `dst` and `rhs` row-major, `lhs` rows `lhs_rs`
+/// apart with contiguous columns (rows may overlap: see [`conv_taps`]).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], lhs_rs: usize, rhs: &[f32], par: gemm::Parallelism) {
+    assert!(dst.len() >= m * n && rhs.len() >= k * n && (m == 0 || lhs.len() >= (m - 1) * lhs_rs + k));
+    // SAFETY: the assert above keeps every element the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 /// A stride-1 convolution without im2col. On the zero-padded input `[N, Hp, Wp, C]`, output
@@ -552,31 +557,7 @@ fn conv_taps(cv: &Conv, x: &Map, oh: usize, ow: usize, has_res: bool, out: &mut 
             let kc = cv.kw * c;
             for ky in 0..cv.kh {
                 let lhs = &xp[(q0 + ky * wp) * c..][..(len - 1) * c + kc];
-                // SAFETY: `lhs` is `len` rows of `kc` at stride `c`, the kernel row's weights
-                // `[kc, o]`, `acc` `len` rows of `o`.
-                unsafe {
-                    gemm::gemm(
-                        len,
-                        o,
-                        kc,
-                        acc.as_mut_ptr(),
-                        1,
-                        o as isize,
-                        ky > 0,
-                        lhs.as_ptr(),
-                        1,
-                        c as isize,
-                        cv.w[ky * kc * o..][..kc * o].as_ptr(),
-                        1,
-                        o as isize,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                }
+                gemm_rows(len, o, kc, acc, ky > 0, lhs, c, &cv.w[ky * kc * o..][..kc * o], par);
             }
             let (mut img, mut rem) = (q0 / (hp * wp), q0 % (hp * wp));
             for row in acc.chunks_exact_mut(o) {
