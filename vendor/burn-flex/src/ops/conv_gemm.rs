@@ -249,32 +249,7 @@ fn gemm(
     rhs_cs: isize,
     threads: gemm::Parallelism,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the callers size every buffer for the strides they pass (checked above for the
-    // destination, by construction for the operands: each is a whole contiguous matrix).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            threads,
-        );
-    }
+    gemm_any(m, n, k, dst, n, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads);
 }
 
 /// [`gemm`] with the destination's row stride given (`dst_rs` floats; columns contiguous).
