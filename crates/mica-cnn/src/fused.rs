@@ -390,6 +390,24 @@ thread_local! {
     static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// `f` on `len` floats of this thread's buffer `key` (contents left by the last use: callers
+/// write before they read). If the buffer is in use, because this thread took up another
+/// forward pass's task while waiting inside a GEMM on all threads, `f` gets a fresh one.
+fn with_buf<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut f = Some(f);
+    let reused = key.with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Some((f.take().expect("called once"))(&mut buf[..len]))
+    });
+    match reused {
+        Some(r) => r,
+        None => (f.take().expect("called once"))(&mut vec![0.0; len]),
+    }
+}
+
 /// How `rows` output pixels are cut into parallel tasks: `(rows per task, tasks)`. Each task's
 /// scratch stays under `bytes_per_task` for `floats_per_row` floats a row, and the task count
 /// is a multiple of the thread count so no core idles at the end of a layer. Fewer rows than
@@ -466,13 +484,9 @@ fn conv(cv: &Conv, x: &Map, residual: Option<Map>) -> Map {
             if pointwise {
                 gemm_rows(len, o, k, dst, has_res, &x.d[j0 * k..][..len * k], k, &cv.w, par);
             } else {
-                COL.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    if buf.len() < k * len {
-                        buf.resize(k * len, 0.0);
-                    }
-                    im2col(cv, x, oh, ow, j0, &mut buf[..k * len]);
-                    gemm_rows(len, o, k, dst, has_res, &buf[..k * len], k, &cv.w, par);
+                with_buf(&COL, k * len, |buf| {
+                    im2col(cv, x, oh, ow, j0, buf);
+                    gemm_rows(len, o, k, dst, has_res, buf, k, &cv.w, par);
                 });
             }
         }
@@ -545,12 +559,7 @@ fn conv_taps(cv: &Conv, x: &Map, oh: usize, ow: usize, has_res: bool, out: &mut 
     let run = |t: usize, par: gemm::Parallelism| {
         let q0 = t * block;
         let len = block.min(rows - q0);
-        ACC.with(|acc| {
-            let mut acc = acc.borrow_mut();
-            if acc.len() < len * o {
-                acc.resize(len * o, 0.0);
-            }
-            let acc = &mut acc[..len * o];
+        with_buf(&ACC, len * o, |acc| {
             // The taps (ky, 0..kw) read kw adjacent pixels, which NHWC stores as one run of
             // kw·C values: a row of the kernel is one GEMM with K = kw·C whose input rows
             // overlap (row q starts C values after row q-1).
@@ -792,6 +801,21 @@ mod tests {
         let (all, _) = fused.forward(&x, n, s, s);
         let (third, _) = fused.forward(&x[2 * s * s..3 * s * s], 1, s, s);
         assert!(max_rel_diff(&third, &all[6..9]) < 1e-5);
+    }
+
+    /// A thread that takes up a second forward pass while its buffer is in use (rayon work
+    /// stealing inside a GEMM on all threads) gets a fresh buffer instead of a borrow panic.
+    #[test]
+    fn a_busy_thread_buffer_gives_way_to_a_fresh_one() {
+        let r = with_buf(&COL, 4, |outer| {
+            outer.fill(1.0);
+            let inner = with_buf(&COL, 3, |inner| {
+                inner.fill(2.0);
+                inner.iter().sum::<f32>()
+            });
+            inner + outer.iter().sum::<f32>()
+        });
+        assert_eq!(r, 6.0 + 4.0);
     }
 
     #[test]
