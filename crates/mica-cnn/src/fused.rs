@@ -16,8 +16,8 @@
 //!   `col [N·H·W, K] · W [K, O]` over the whole batch, cut into blocks of output pixels, one
 //!   parallel task each, whatever the feature map's size; a pointwise convolution reads the
 //!   input directly as its `col`;
-//! - a stride-1 convolution on a map at least [`TAPS_MIN_WIDTH`] wide skips im2col: one GEMM per
-//!   kernel row on the zero-padded map ([`conv_taps`]);
+//! - a stride-1 convolution on a map at least `TAPS_MIN_WIDTH` wide skips im2col: one GEMM per
+//!   kernel row on the zero-padded map (`conv_taps`);
 //! - each task reuses thread-local scratch buffers instead of allocating them.
 //!
 //! Training, Grad-CAM and the GPU keep burn's graph; this only replaces the CPU forward pass of
