@@ -348,23 +348,10 @@ pub fn predict_with_features(
     for rows in idx.chunks(batch.max(1)) {
         let x = crate::train::batch_values(cache, rows, norm, None);
         let (logits, pooled) = net.forward(&x, rows.len(), cache.size, cache.size);
-        probs.extend(softmax(&logits, net.classes));
+        probs.extend(logits.chunks(net.classes).map(mica_core::softmax));
         feats.extend(pooled.chunks(net.width).map(<[f32]>::to_vec));
     }
     (probs, feats)
-}
-
-/// Row-wise softmax of `[n, k]` logits.
-pub fn softmax(logits: &[f32], k: usize) -> Vec<Vec<f32>> {
-    logits
-        .chunks(k)
-        .map(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
-            let s: f32 = e.iter().sum();
-            e.into_iter().map(|v| v / s).collect()
-        })
-        .collect()
 }
 
 fn out_size(len: usize, k: usize, s: usize, before: usize, after: usize) -> usize {
@@ -818,15 +805,5 @@ mod tests {
             inner + outer.iter().sum::<f32>()
         });
         assert_eq!(r, 6.0 + 4.0);
-    }
-
-    #[test]
-    fn softmax_rows_sum_to_one_and_keep_order() {
-        let p = softmax(&[1.0, 2.0, 3.0, 1000.0, 0.0, -1000.0], 3);
-        for row in &p {
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        }
-        assert!(p[0][2] > p[0][1] && p[0][1] > p[0][0]);
-        assert_eq!(p[1][0], 1.0);
     }
 }

@@ -14,7 +14,7 @@ pub mod sample;
 pub mod time;
 
 pub use labels::{LabelSet, Modality};
-pub use prediction::{FilterStage, Outcome, Prediction, TokenUsage};
+pub use prediction::{softmax, FilterStage, Outcome, Prediction, TokenUsage};
 pub use run::{read_predictions, write_atomic, FailedOnResume, PredictionLog, RunManifest};
 pub use rundir::{ClassifierDir, RunLock, RunRoot};
 pub use sample::{Dataset, ImageSource, Layout, Sample, SharedPixels, SkippedFile, Split};

@@ -195,6 +195,15 @@ impl Prediction {
     }
 }
 
+/// Numerically stable softmax of one row of logits: the class probabilities every local
+/// classifier (mica's CNN engine, ONNX models that output logits) reports.
+pub fn softmax(z: &[f32]) -> Vec<f32> {
+    let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = z.iter().map(|v| (v - max).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +233,15 @@ mod tests {
             assert_eq!(serde_json::from_str::<Outcome>(&s).unwrap(), o);
         }
         assert!(!Outcome::Answered.is_no_answer() && !Outcome::Deferred.is_no_answer());
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_keep_order() {
+        let p: Vec<Vec<f32>> = [[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]].iter().map(|r| softmax(r)).collect();
+        for row in &p {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        assert!(p[0][2] > p[0][1] && p[0][1] > p[0][0]);
+        assert_eq!(p[1][0], 1.0);
     }
 }

@@ -338,13 +338,7 @@ impl OnnxModel {
     }
 }
 
-/// Numerically stable softmax.
-pub fn softmax(z: &[f32]) -> Vec<f32> {
-    let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = z.iter().map(|v| (v - max).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|v| v / s).collect()
-}
+pub use mica_core::softmax;
 
 /// Fills the sidecar's gaps from the input's declared shape, and refuses contradictions.
 pub fn resolve(s: &Sidecar, input: &TensorInfo, sidecar_path: &Path, model_path: &Path) -> Result<Preprocess, OnnxError> {
