@@ -135,15 +135,15 @@ fn main() {
     // As `mica` does (mica_cnn::tune_allocator); MICA_DEFAULT_MALLOC=1 measures without it.
     mica_cnn::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
+    let infer_batches = arg(&args, "--infer-batches", 10);
     let s = Setup {
         arch: arg(&args, "--model", "resnet18".to_string()).parse().expect("--model"),
         size: arg(&args, "--size", 128),
         batch: arg(&args, "--batch", 32),
         steps: arg(&args, "--steps", 10),
-        infer_batches: arg(&args, "--infer-batches", 10),
-        burn_infer_batches: 0,
+        infer_batches,
+        burn_infer_batches: arg(&args, "--burn-infer-batches", infer_batches),
     };
-    let s = Setup { burn_infer_batches: arg(&args, "--burn-infer-batches", s.infer_batches), ..s };
     match arg(&args, "--device", "cpu".to_string()).as_str() {
         "cpu" => bench::<mica_cnn::CpuTrainBackend>(&s, Default::default(), "cpu"),
         #[cfg(feature = "cuda")]

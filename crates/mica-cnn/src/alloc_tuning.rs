@@ -6,8 +6,9 @@
 //! a few MiB each, so nearly every one came back as fresh pages: `perf stat` on
 //! `bench_cnn` (ResNet-18, 128 px, batch 32, 6 training steps and 6 inference batches) counted
 //! 1.06 million page faults, each a trap and a 4 KiB zeroing in the kernel. With the thresholds
-//! below the same run took 208 000 page faults and 18 % less CPU time (25.5 -> 20.8 s); the
-//! peak resident memory rose from about 560 to 600 MB (bench/README.md).
+//! below the same run took 0.18-0.21 million. CPU time fell 18 % (25.5 -> 20.8 s) in the first
+//! pair measured and was within this machine's noise in two later pairs; peak resident memory
+//! stayed within 536-600 MB either way (bench/README.md).
 //!
 //! The cost: memory a finished run freed stays in the process (up to 1 GiB at the top of the
 //! heap) until it exits, instead of going back to the system at once.

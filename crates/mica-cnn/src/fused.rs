@@ -10,8 +10,8 @@
 //!
 //! - batch norm is folded into the convolution's weights and a per-channel bias;
 //! - the bias, the residual and the activation are applied to each output block while it is
-//!   still in cache: the GEMM accumulates onto the bias (and the shortcut, which is consumed in
-//!   place), and the activation runs on the block it just wrote;
+//!   still in cache: the GEMM accumulates onto the shortcut (consumed in place), and bias and
+//!   activation run in one pass over the block it just wrote;
 //! - feature maps are laid out `[N, H, W, C]`, so a convolution is one GEMM
 //!   `col [N·H·W, K] · W [K, O]` over the whole batch, cut into blocks of output pixels, one
 //!   parallel task each, whatever the feature map's size; a pointwise convolution reads the
