@@ -387,19 +387,10 @@ where
         (Some((l_start, l_end)), Some((r_start, r_end))) => {
             let l_slice = &lhs_storage[l_start..l_end];
             let r_slice = &rhs_storage[r_start..r_end];
-            if par::worth(l_slice.len()) {
-                par::fill_new(l_slice.len(), |off, d| {
-                    for (i, v) in d.iter_mut().enumerate() {
-                        *v = op(l_slice[off + i], r_slice[off + i]);
-                    }
-                })
-            } else {
-                l_slice
-                    .iter()
-                    .zip(r_slice)
-                    .map(|(&a, &b)| op(a, b))
-                    .collect()
-            }
+            // mica patch: large buffers in parallel chunks (par_elementwise.rs). Both slices
+            // cut to one length, so the indexing needs no bounds checks.
+            let r_slice = &r_slice[..l_slice.len()];
+            par::map_new(l_slice.len(), |i| op(l_slice[i], r_slice[i]))
         }
         // Fast path for 2D non-contiguous (common for transpose)
         _ if lhs.layout().num_dims() == 2 => {
@@ -513,15 +504,11 @@ where
     let storage: &[E] = tensor.storage();
 
     let result: Vec<E> = match tensor.layout().contiguous_offsets() {
-        Some((start, end)) if par::worth(end - start) => {
+        Some((start, end)) => {
+            // mica patch: large buffers in parallel chunks (par_elementwise.rs).
             let src = &storage[start..end];
-            par::fill_new(src.len(), |off, d| {
-                for (i, v) in d.iter_mut().enumerate() {
-                    *v = op(src[off + i], scalar);
-                }
-            })
+            par::map_new(src.len(), |i| op(src[i], scalar))
         }
-        Some((start, end)) => storage[start..end].iter().map(|&x| op(x, scalar)).collect(),
         None => StridedIter::new(tensor.layout())
             .map(|i| op(storage[i], scalar))
             .collect(),

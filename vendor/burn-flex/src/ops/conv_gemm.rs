@@ -334,19 +334,21 @@ struct Plan {
 
 impl Plan {
     fn new(g: &Geo) -> Plan {
+        let block = BLOCK_COLUMNS.div_ceil(g.p().max(1)).min(g.n.div_ceil(threads())).max(1);
+        Plan::with_block(g, block)
+    }
+
+    /// One image per block (the per-tap path's GEMMs are wide enough on one image).
+    fn per_image(g: &Geo) -> Plan {
+        Plan::with_block(g, 1)
+    }
+
+    /// `block` images per block; one task per thread where there are blocks enough.
+    fn with_block(g: &Geo, block: usize) -> Plan {
         let t = threads();
-        let block = BLOCK_COLUMNS.div_ceil(g.p().max(1)).min(g.n.div_ceil(t)).max(1);
         let blocks = g.n.div_ceil(block);
         let per_task = (t > 1 && blocks >= t).then(|| blocks.div_ceil(t));
         Plan { block, per_task }
-    }
-
-    /// One image per block (the per-tap path's GEMMs are wide enough on one image), tasks as
-    /// [`Plan::new`] would cut them.
-    fn per_image(g: &Geo) -> Plan {
-        let t = threads();
-        let per_task = (t > 1 && g.n >= t).then(|| g.n.div_ceil(t));
-        Plan { block: 1, per_task }
     }
 
     /// The image ranges of task `i`'s blocks.
@@ -636,12 +638,18 @@ pub(crate) fn conv2d_weight_backward(
             acc
         },
     );
+    Some(tensor(sum_in_order(parts, g.o * k), [g.o, g.cg(), g.kh, g.kw]))
+}
+
+/// The tasks' partial weight gradients added in task order (so a run is deterministic for a
+/// thread count); zeros of `len` when there were no tasks.
+fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut parts = parts.into_iter();
-    let mut dw = parts.next().unwrap_or_else(|| vec![0.0; g.o * k]);
+    let mut sum = parts.next().unwrap_or_else(|| vec![0.0; len]);
     for part in parts {
-        dw.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
+        sum.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
     }
-    Some(tensor(dw, [g.o, g.cg(), g.kh, g.kw]))
+    sum
 }
 
 /// Padded rows at least this long take the per-tap path ([`taps`]); shorter ones (the 8x8
@@ -675,9 +683,8 @@ fn taps_enabled() -> bool {
 /// buffer through memory; here each GEMM reads the image from cache (the first two stages of
 /// a ResNet-18 at 128 px, and the small CNN's wide layers: MICA-PATCH.md).
 mod taps {
-    use super::{Geo, Out, Plan, gemm_any, tensor};
+    use super::{Geo, Out, Plan, gemm_any, sum_in_order, tensor};
     use alloc::vec;
-    use alloc::vec::Vec;
     use crate::FlexTensor;
 
     /// Copies image `[C, H, W]` into the middle of `xp` `[C, Hp, Wp]`, zeros around it.
@@ -707,18 +714,13 @@ mod taps {
         (tap / g.kw) * g.wp() + tap % g.kw
     }
 
-    fn images(plan: &Plan, blocks: &mut dyn Iterator<Item = core::ops::Range<usize>>) -> Vec<usize> {
-        let _ = plan;
-        blocks.flatten().collect()
-    }
-
     pub(super) fn forward(g: &Geo, xd: &[f32], wd: &[f32], bd: Option<&[f32]>) -> FlexTensor {
         let (q, k, taps, plane) = (g.q(), g.k(), g.kh * g.kw, g.hp() * g.wp());
         let plan = Plan::per_image(g);
         let mut out = vec![0.0f32; g.n * g.o * g.p()];
         let dst = Out(out.as_mut_ptr());
         plan.run_with(g, (g.c * plane, g.o * q), |blocks, (xp, yq), threads| {
-            for i in images(&plan, blocks) {
+            for i in blocks.flatten() {
                 pad(g, &xd[i * g.image()..][..g.image()], xp);
                 for tap in 0..taps {
                     // W_tap: element (o, c) is w[o·K + c·taps + tap].
@@ -744,7 +746,7 @@ mod taps {
         let mut dx = vec![0.0f32; g.n * g.image()];
         let dst = Out(dx.as_mut_ptr());
         plan.run_with(g, (g.o * q, g.c * plane), |blocks, (dq, dxp), threads| {
-            for i in images(&plan, blocks) {
+            for i in blocks.flatten() {
                 spread(g, &dyd[i * g.o * g.p()..][..g.o * g.p()], dq);
                 dxp.fill(0.0);
                 for tap in 0..taps {
@@ -769,7 +771,7 @@ mod taps {
         // One partial sum per task, `[taps, O, C]`, added in task order.
         let parts = plan.run_with(g, (g.c * plane, g.o * q), |blocks, (xp, dq), threads| {
             let mut acc = vec![0.0f32; taps * g.o * g.c];
-            for i in images(&plan, blocks) {
+            for i in blocks.flatten() {
                 pad(g, &xd[i * g.image()..][..g.image()], xp);
                 spread(g, &dyd[i * g.o * g.p()..][..g.o * g.p()], dq);
                 for tap in 0..taps {
@@ -780,11 +782,7 @@ mod taps {
             }
             acc
         });
-        let mut parts = parts.into_iter();
-        let mut sum = parts.next().unwrap_or_else(|| vec![0.0; taps * g.o * g.c]);
-        for part in parts {
-            sum.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
-        }
+        let sum = sum_in_order(parts, taps * g.o * g.c);
         let mut dw = vec![0.0f32; g.o * g.c * taps];
         for tap in 0..taps {
             for o in 0..g.o {

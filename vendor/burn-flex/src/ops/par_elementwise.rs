@@ -69,13 +69,21 @@ where
     chunks_mut(dst, 1, |off, d| f(d, &src[off..off + d.len()]));
 }
 
-/// A new buffer of `n` elements filled by `f` chunk by chunk (`f` gets the chunk's offset).
-pub(crate) fn fill_new<E, F>(n: usize, f: F) -> alloc::vec::Vec<E>
+/// A new buffer of `n` elements, element `i` being `f(i)`: collected on the calling thread
+/// when not [`worth`] splitting, else zero-filled and written chunk by chunk.
+pub(crate) fn map_new<E, F>(n: usize, f: F) -> alloc::vec::Vec<E>
 where
     E: Send + Copy + Default,
-    F: Fn(usize, &mut [E]) + Sync + Send,
+    F: Fn(usize) -> E + Sync + Send,
 {
+    if !worth(n) {
+        return (0..n).map(f).collect();
+    }
     let mut out = alloc::vec![E::default(); n];
-    chunks_mut(&mut out, 1, f);
+    chunks_mut(&mut out, 1, |off, d| {
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = f(off + i);
+        }
+    });
     out
 }

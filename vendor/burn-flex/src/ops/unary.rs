@@ -101,16 +101,8 @@ where
     // Iterate in storage order (contiguous) and preserve original layout.
     // Only valid when all strides are positive.
     if !has_negative_strides && layout.start_offset() == 0 && src.len() == n {
-        let result: Vec<E> = if crate::ops::par_elementwise::worth(n) {
-            // mica patch: large buffers in parallel chunks (par_elementwise.rs).
-            crate::ops::par_elementwise::fill_new(n, |off, d| {
-                for (i, v) in d.iter_mut().enumerate() {
-                    *v = op(src[off + i]);
-                }
-            })
-        } else {
-            src.iter().map(|&x| op(x)).collect()
-        };
+        // mica patch: large buffers in parallel chunks (par_elementwise.rs).
+        let result: Vec<E> = crate::ops::par_elementwise::map_new(n, |i| op(src[i]));
         let bytes = Bytes::from_elems(result);
         return FlexTensor::new(bytes, layout, E::dtype());
     }
