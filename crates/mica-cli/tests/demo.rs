@@ -91,3 +91,28 @@ fn demo_rejects_an_unknown_modality_as_usage_error() {
         .code(2)
         .stderr(predicate::str::contains("unknown modality"));
 }
+
+#[test]
+fn demo_trains_each_cnn_named_in_cnn_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let store = dir.path().join("runs.sqlite");
+    mica()
+        .args(["demo", "--quick", "--modality", "ct", "--no-llm", "--show-all", "--cnn", "small,resnet8"])
+        .args(["--out", out.to_str().unwrap(), "--store", store.to_str().unwrap()])
+        .assert()
+        .success();
+    for name in ["cnn-small", "cnn-resnet8"] {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("ct").join(name).join("metrics.json")).unwrap()).unwrap();
+        assert!(m["all"]["accuracy"].as_f64().is_some(), "{name}: no accuracy");
+    }
+    let html = std::fs::read_to_string(out.join("ct/report.html")).unwrap();
+    assert!(html.contains("cnn:resnet8"), "report.html lacks the second CNN");
+
+    mica()
+        .args(["demo", "--quick", "--cnn", "small,vgg", "--out", out.to_str().unwrap()])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--cnn: unknown model `vgg`"));
+}

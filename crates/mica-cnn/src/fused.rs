@@ -226,6 +226,14 @@ impl FusedNet {
                     }
                 }
             }
+            Backbone::Resnet8(m) => {
+                in_channels = m.stem.conv.weight.dims()[1];
+                stages.push(Stage::Conv(conv_bn(&m.stem, Act::Relu)?));
+                stages.push(max_pool(&m.pool)?);
+                for b in &m.blocks {
+                    stages.push(basic_block(b)?);
+                }
+            }
             Backbone::Resnet18(m) => {
                 in_channels = m.conv1.weight.dims()[1];
                 stages.push(Stage::Conv(fold(&m.conv1, Some(&m.bn1), Act::Relu)?));
@@ -243,11 +251,7 @@ impl FusedNet {
                 stages.push(Stage::Conv(conv_bn(&m.last, Act::Relu6)?));
             }
         }
-        let max_too = match &net.backbone {
-            Backbone::Small(_) => true,
-            Backbone::Mobilenet(m) => m.layout >= 1,
-            Backbone::Resnet18(_) => false,
-        };
+        let max_too = net.pools_max();
         let [width, classes] = net.fc.weight.dims();
         Some(FusedNet {
             in_channels,
@@ -709,6 +713,16 @@ mod tests {
         };
         match &mut net.backbone {
             Backbone::Small(m) => m.blocks.iter_mut().for_each(|b| bump(&mut b.bn)),
+            Backbone::Resnet8(m) => {
+                bump(&mut m.stem.bn);
+                for b in &mut m.blocks {
+                    bump(&mut b.bn1);
+                    bump(&mut b.bn2);
+                    if let Some(d) = &mut b.downsample {
+                        bump(&mut d.bn);
+                    }
+                }
+            }
             Backbone::Resnet18(m) => {
                 bump(&mut m.bn1);
                 for b in m.layer1.iter_mut().chain(&mut m.layer2).chain(&mut m.layer3).chain(&mut m.layer4) {

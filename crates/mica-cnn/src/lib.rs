@@ -76,4 +76,6 @@ pub enum CnnError {
 #[cfg(test)]
 mod conv_patch_tests;
 #[cfg(test)]
+mod pool_patch_tests;
+#[cfg(test)]
 mod tests;

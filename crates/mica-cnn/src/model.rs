@@ -21,16 +21,18 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Small,
+    Resnet8,
     Resnet18,
     Mobilenet,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 3] = [Arch::Small, Arch::Resnet18, Arch::Mobilenet];
+    pub const ALL: [Arch; 4] = [Arch::Small, Arch::Resnet8, Arch::Resnet18, Arch::Mobilenet];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Arch::Small => "small",
+            Arch::Resnet8 => "resnet8",
             Arch::Resnet18 => "resnet18",
             Arch::Mobilenet => "mobilenet",
         }
@@ -42,10 +44,11 @@ impl std::str::FromStr for Arch {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
             "small" | "smallcnn" => Ok(Arch::Small),
+            "resnet8" => Ok(Arch::Resnet8),
             "resnet18" => Ok(Arch::Resnet18),
             "mobilenet" | "mobilenetv2" => Ok(Arch::Mobilenet),
             _ => Err(format!(
-                "unknown model `{s}` (expected small, resnet18 or mobilenet)"
+                "unknown model `{s}` (expected small, resnet8, resnet18 or mobilenet)"
             )),
         }
     }
@@ -240,6 +243,54 @@ impl<B: Backend> ResNet<B> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ResNet-8: a compact residual net for small inputs
+
+/// A 3x3 stem, a 2x2 max-pool and three basic blocks (16-32-64-128 channels), ending on an 8x8
+/// map for 64 px inputs, like the small CNN.
+///
+/// The demo's second CNN. It has the small CNN's receptive field and about 1.5x its
+/// multiply-adds, but skip connections, two convolutions per stage and strided (learned)
+/// downsampling instead of pooling; ResNet-18 and the MobileNet are far beyond the demo's
+/// ten-minute budget on two cores (see `bench/README.md`).
+#[derive(Module, Debug)]
+pub struct ResNet8<B: Backend> {
+    pub stem: ConvBn<B>,
+    pub pool: MaxPool2d,
+    pub blocks: Vec<BasicBlock<B>>,
+}
+
+impl<B: Backend> ResNet8<B> {
+    /// (output channels, stride) of the three blocks.
+    pub const BLOCKS: [(usize, usize); 3] = [(32, 2), (64, 2), (128, 1)];
+    pub const STEM: usize = 16;
+
+    fn new(in_channels: usize, d: &B::Device) -> Self {
+        let mut c = Self::STEM;
+        let blocks = Self::BLOCKS
+            .iter()
+            .map(|&(out, s)| {
+                let b = BasicBlock::new(c, out, s, d);
+                c = out;
+                b
+            })
+            .collect();
+        ResNet8 {
+            stem: ConvBn::new(in_channels, Self::STEM, 3, 1, 1, d),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            blocks,
+        }
+    }
+
+    fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut x = self.pool.forward(self.stem.forward_relu(x));
+        for b in &self.blocks {
+            x = b.forward(x);
+        }
+        x
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // MobileNetV2-style net (width 0.5): depthwise-separable inverted residuals
 
 #[derive(Module, Debug)]
@@ -343,6 +394,7 @@ impl<B: Backend> MobileNetV2<B> {
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     Small(SmallCnn<B>),
+    Resnet8(ResNet8<B>),
     Resnet18(ResNet<B>),
     Mobilenet(MobileNetV2<B>),
 }
@@ -369,6 +421,10 @@ impl<B: Backend> Net<B> {
             Arch::Small => (
                 Backbone::Small(SmallCnn::new(in_channels, device)),
                 2 * SmallCnn::<B>::WIDTHS[3],
+            ),
+            Arch::Resnet8 => (
+                Backbone::Resnet8(ResNet8::new(in_channels, device)),
+                2 * ResNet8::<B>::BLOCKS[2].0,
             ),
             Arch::Resnet18 => (Backbone::Resnet18(ResNet::new18(in_channels, device)), 512),
             Arch::Mobilenet => (
@@ -398,6 +454,7 @@ impl<B: Backend> Net<B> {
     pub fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match &self.backbone {
             Backbone::Small(m) => m.features(x),
+            Backbone::Resnet8(m) => m.features(x),
             Backbone::Resnet18(m) => m.features(x),
             Backbone::Mobilenet(m) => m.features(x),
         }
@@ -407,7 +464,7 @@ impl<B: Backend> Net<B> {
     ///
     /// The small CNN also concatenates global max pooling: its lesions cover a few pixels of
     /// an 8x8 map, and an average over the whole map dilutes exactly that evidence (measured on
-    /// the synthetic chest X-rays: most errors were lesions called `normal`). So does the MobileNet
+    /// the synthetic chest X-rays: most errors were lesions called `normal`). So do ResNet-8 and the MobileNet
     /// since layout 1 ([`MOBILENET_LAYOUT`]); ResNet-18 keeps plain average pooling, as in
     /// torchvision, so imported weights fit.
     ///
@@ -440,12 +497,7 @@ impl<B: Backend> Net<B> {
     pub fn pool(&self, f: Tensor<B, 4>) -> Tensor<B, 2> {
         let [b, c, _, _] = f.dims();
         let flat = f.flatten::<3>(2, 3);
-        let max_too = match &self.backbone {
-            Backbone::Small(_) => true,
-            Backbone::Mobilenet(m) => m.layout >= 1,
-            Backbone::Resnet18(_) => false,
-        };
-        if max_too {
+        if self.pools_max() {
             let avg = flat.clone().mean_dim(2).reshape([b, c]);
             let max = flat.max_dim(2).reshape([b, c]);
             Tensor::cat(vec![avg, max], 1)
@@ -461,6 +513,15 @@ impl<B: Backend> Net<B> {
         (self.fc.forward(pooled.clone()), pooled)
     }
 
+    /// Whether the head concatenates global max pooling to the average (see [`Net::head`]).
+    pub fn pools_max(&self) -> bool {
+        match &self.backbone {
+            Backbone::Small(_) | Backbone::Resnet8(_) => true,
+            Backbone::Mobilenet(m) => m.layout >= 1,
+            Backbone::Resnet18(_) => false,
+        }
+    }
+
     /// Width of the pooled feature vector (the linear layer's input).
     pub fn feature_width(&self) -> usize {
         self.fc.weight.dims()[0]
@@ -469,6 +530,7 @@ impl<B: Backend> Net<B> {
     pub fn arch(&self) -> Arch {
         match &self.backbone {
             Backbone::Small(_) => Arch::Small,
+            Backbone::Resnet8(_) => Arch::Resnet8,
             Backbone::Resnet18(_) => Arch::Resnet18,
             Backbone::Mobilenet(_) => Arch::Mobilenet,
         }

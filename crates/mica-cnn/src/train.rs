@@ -410,7 +410,7 @@ fn check_memory(arch: Arch, batch: usize, size: usize, channels: usize) -> Resul
     // Floats kept per image and pixel of input side squared (activations, their gradients and
     // autodiff's saved inputs), measured roughly from the architectures' feature map sizes.
     let per_px = match arch {
-        Arch::Small => 250.0,
+        Arch::Small | Arch::Resnet8 => 250.0,
         Arch::Resnet18 => 300.0,
         Arch::Mobilenet => 500.0,
     };

@@ -174,8 +174,8 @@ pub struct ClassifierConfig {
     /// CNN: a `mica train` run directory to load.
     #[serde(default)]
     pub run: Option<PathBuf>,
-    /// CNN: an architecture to train on the experiment's split (`small`, `resnet18`,
-    /// `mobilenet`).
+    /// CNN: an architecture to train on the experiment's split (`small`, `resnet8`,
+    /// `resnet18`, `mobilenet`).
     #[serde(default)]
     pub train: Option<String>,
     #[serde(default)]

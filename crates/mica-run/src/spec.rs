@@ -12,7 +12,7 @@ use mica_llm::ProviderSpec;
 /// | form | meaning |
 /// | --- | --- |
 /// | `cnn:RUN_DIR` | a CNN trained by `mica train` |
-/// | `cnn-train:ARCH` | a CNN to train on the run's own train split (`small`, `resnet18`, `mobilenet`) |
+/// | `cnn-train:ARCH` | a CNN to train on the run's own train split (`small`, `resnet8`, `resnet18`, `mobilenet`) |
 /// | `llm:PROVIDER/MODEL[@URL]` | a vision LLM (`openai`, `ollama`, `openai-compatible`) |
 /// | `baseline` | the nearest-class-centroid floor |
 /// | `onnx:PATH.onnx` | any trained model exported to ONNX, fed as its sidecar `PATH.toml` says |
@@ -222,6 +222,7 @@ mod tests {
             "cnn:runs/brain/cnn",
             "cnn:/abs/path with space/run",
             "cnn-train:small",
+            "cnn-train:resnet8",
             "cnn-train:resnet18",
             "cnn-train:mobilenet",
             "llm:openai/gpt-4o",

@@ -11,7 +11,7 @@ use crate::exit::usage;
 pub struct TrainArgs {
     #[arg(long)]
     pub dataset: PathBuf,
-    /// small, resnet18 or mobilenet.
+    /// small, resnet8, resnet18 or mobilenet.
     #[arg(long, default_value = "small")]
     pub model: String,
     #[arg(long)]

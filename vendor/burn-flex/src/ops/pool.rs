@@ -232,12 +232,34 @@ where
 
             let mut output = vec![neg_inf; batch_size * channels * spatial_out];
             let mut indices = vec![-1i64; batch_size * channels * spatial_out];
+            // mica patch: planes through `max_pool_plane` (valid kernel taps per output row
+            // and column worked out once, not bounds-checked per tap); `MICA_FLEX_STOCK_POOL=1`
+            // keeps flex's loop below.
+            let bc_total = batch_size * channels;
+            if !stock_pool() {
+                let geom = PoolGeom::new(
+                    [in_d, in_h, in_w],
+                    [out_d, out_h, out_w],
+                    kernel_size,
+                    stride,
+                    padding,
+                    dilation,
+                );
+                let plane_in = in_d * in_h * in_w;
+                output
+                    .par_chunks_mut(spatial_out.max(1))
+                    .zip(indices.par_chunks_mut(spatial_out.max(1)))
+                    .enumerate()
+                    .for_each(|(bc, (out, idx))| {
+                        let plane = &x_data[bc * plane_in..(bc + 1) * plane_in];
+                        max_pool_plane(plane, &geom, out, idx, neg_inf);
+                    });
+                return finish_max_pool(output, indices, [batch_size, channels, out_d, out_h, out_w], dtype);
+            }
             let out_ptr = crate::ops::SendMutPtr::new(output.as_mut_ptr());
             let idx_ptr = crate::ops::SendMutPtr::new(indices.as_mut_ptr());
-
             // Flatten batch*channels into a single par_iter so rayon chooses
             // the right granularity instead of creating one task per channel.
-            let bc_total = batch_size * channels;
             (0..bc_total).into_par_iter().for_each(|bc| {
                 let b = bc / channels;
                 let c = bc % channels;
@@ -361,7 +383,16 @@ where
         }
     };
 
-    let out_shape = Shape::from(vec![batch_size, channels, out_d, out_h, out_w]);
+    finish_max_pool(output, indices, [batch_size, channels, out_d, out_h, out_w], dtype)
+}
+
+fn finish_max_pool<T: bytemuck::Pod + Element>(
+    output: Vec<T>,
+    indices: Vec<i64>,
+    shape: [usize; 5],
+    dtype: DType,
+) -> (FlexTensor, FlexTensor) {
+    let out_shape = Shape::from(shape.to_vec());
     let output_tensor = FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(out_shape.clone()),
@@ -374,6 +405,98 @@ where
     );
 
     (output_tensor, indices_tensor)
+}
+
+// ----------------------------------------------------------------------------
+// mica patch: max pooling without per-tap bounds checks
+
+/// True when `MICA_FLEX_STOCK_POOL=1`: flex's own max-pool loops (for a benchmark's A/B).
+#[cfg(feature = "rayon")]
+fn stock_pool() -> bool {
+    static STOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STOCK.get_or_init(|| std::env::var_os("MICA_FLEX_STOCK_POOL").is_some_and(|v| v == "1"))
+}
+
+/// For each output position along one axis: the input index of kernel tap 0 (may be negative
+/// inside the padding) and the range of taps that land inside the input.
+fn valid_taps(input: usize, output: usize, k: usize, s: usize, p: usize, dil: usize) -> Vec<(isize, usize, usize)> {
+    (0..output)
+        .map(|o| {
+            let base = (o * s) as isize - p as isize;
+            let inside = |t: usize| {
+                let i = base + (t * dil) as isize;
+                i >= 0 && i < input as isize
+            };
+            let lo = (0..k).find(|&t| inside(t)).unwrap_or(k);
+            let hi = (lo..k).rev().find(|&t| inside(t)).map_or(lo, |t| t + 1);
+            (base, lo, hi)
+        })
+        .collect()
+}
+
+/// The per-axis tap tables of one pooling call, shared by all planes.
+struct PoolGeom {
+    in_hw: usize,
+    in_w: usize,
+    out_hw: usize,
+    out_w: usize,
+    dil: [usize; 3],
+    taps: [Vec<(isize, usize, usize)>; 3],
+}
+
+impl PoolGeom {
+    fn new(
+        input: [usize; 3],
+        output: [usize; 3],
+        k: [usize; 3],
+        s: [usize; 3],
+        p: [usize; 3],
+        dil: [usize; 3],
+    ) -> Self {
+        let axis = |a: usize| valid_taps(input[a], output[a], k[a], s[a], p[a], dil[a]);
+        PoolGeom {
+            in_hw: input[1] * input[2],
+            in_w: input[2],
+            out_hw: output[1] * output[2],
+            out_w: output[2],
+            dil,
+            taps: [axis(0), axis(1), axis(2)],
+        }
+    }
+}
+
+/// Max pooling of one `[d, h, w]` plane. Same taps in the same order as flex's loop (the
+/// first valid tap, then any strictly greater one), so values and indices are identical;
+/// an output whose window lies wholly in the padding keeps `neg_inf` and index -1.
+fn max_pool_plane<T: Copy + PartialOrd>(x: &[T], g: &PoolGeom, out: &mut [T], idx: &mut [i64], neg_inf: T) {
+    let [dd, dh, dw] = g.dil;
+    for (od, &(bd, d_lo, d_hi)) in g.taps[0].iter().enumerate() {
+        for (oh, &(bh, h_lo, h_hi)) in g.taps[1].iter().enumerate() {
+            let row = od * g.out_hw + oh * g.out_w;
+            let out_row = &mut out[row..row + g.out_w];
+            let idx_row = &mut idx[row..row + g.out_w];
+            for ((o, i), &(bw, w_lo, w_hi)) in out_row.iter_mut().zip(idx_row.iter_mut()).zip(&g.taps[2]) {
+                let mut best = neg_inf;
+                let mut at: i64 = -1;
+                for kd in d_lo..d_hi {
+                    let id = (bd + (kd * dd) as isize) as usize;
+                    for kh in h_lo..h_hi {
+                        let base = id * g.in_hw + (bh + (kh * dh) as isize) as usize * g.in_w;
+                        for kw in w_lo..w_hi {
+                            let pos = base + (bw + (kw * dw) as isize) as usize;
+                            let v = x[pos];
+                            if at < 0 || v > best {
+                                best = v;
+                                at = pos as i64;
+                            }
+                        }
+                    }
+                }
+                *o = best;
+                *i = at;
+            }
+        }
+    }
 }
 
 /// 3D max pooling (without returning indices) for f32.
@@ -1270,6 +1393,26 @@ where
 
     // Accumulate gradients back to input positions
     let mut output = vec![zero; batch_size * channels * spatial_in];
+
+    // mica patch: planes in parallel (each plane's sums in flex's order, so the result is
+    // identical); `MICA_FLEX_STOCK_POOL=1` keeps the serial loop.
+    #[cfg(feature = "rayon")]
+    if !stock_pool() && spatial_in > 0 && spatial_out > 0 {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(spatial_in)
+            .zip(grad_data.par_chunks(spatial_out))
+            .zip(indices_data.par_chunks(spatial_out))
+            .for_each(|((out, g), ix)| {
+                for (&i, &v) in ix.iter().zip(g) {
+                    if i >= 0 {
+                        out[i as usize] = add_fn(out[i as usize], v);
+                    }
+                }
+            });
+        let out_shape = Shape::from(vec![batch_size, channels, in_d, in_h, in_w]);
+        return FlexTensor::new(Bytes::from_elems(output), Layout::contiguous(out_shape), dtype);
+    }
 
     for b in 0..batch_size {
         for c in 0..channels {
