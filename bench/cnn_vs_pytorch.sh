@@ -40,15 +40,18 @@ echo "$MICA"
 # runs time burn's own forward pass only (MICA_CNN_ENGINE=burn): the patches act on burn's path.
 STOCK_CONV=$(MICA_CNN_ENGINE=burn MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
 GENERIC=$(MICA_CNN_ENGINE=burn MICA_FLEX_GENERIC_COPY=1 MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
-python3 - "$MICA" "$STOCK_CONV" "$GENERIC" <<'PY'
+STOCK_POOL=$(MICA_FLEX_STOCK_POOL=1 $dir/examples/bench_cnn "${ARGS[@]}")
+python3 - "$MICA" "$STOCK_CONV" "$GENERIC" "$STOCK_POOL" <<'PY'
 import json, sys
-a, b, c = (json.loads(v) for v in sys.argv[1:4])
+a, b, c, d = (json.loads(v) for v in sys.argv[1:5])
 burn = a.get("infer_burn_images_per_s", a["infer_images_per_s"])
 print(f"burn-flex GEMM convolution patch: train step {a['train_step_ms']:.1f} ms vs {b['train_step_ms']:.1f} ms stock "
       f"(x{b['train_step_ms'] / a['train_step_ms']:.2f}), burn's inference {burn:.1f} vs {b['infer_images_per_s']:.1f} img/s "
       f"(x{burn / b['infer_images_per_s']:.2f})")
 print(f"burn-flex copy patch (on stock convolutions): train step {b['train_step_ms']:.1f} ms vs {c['train_step_ms']:.1f} ms unpatched "
       f"(x{c['train_step_ms'] / b['train_step_ms']:.2f})")
+print(f"burn-flex max-pool patch: train step {a['train_step_ms']:.1f} ms vs {d['train_step_ms']:.1f} ms stock "
+      f"(x{d['train_step_ms'] / a['train_step_ms']:.2f})")
 if a.get("infer_engine") == "fused":
     print(f"fused inference engine (mica_cnn::fused): {a['infer_images_per_s']:.1f} img/s vs burn's forward pass {burn:.1f} img/s "
           f"(x{a['infer_images_per_s'] / burn:.2f}), same weights, same build")

@@ -1,4 +1,4 @@
-//! A CPU inference engine for mica's three architectures, compiled from a trained [`Net`].
+//! A CPU inference engine for mica's four architectures, compiled from a trained [`Net`].
 //!
 //! Why a second forward pass: burn-flex runs every layer as separate tensor operations, each a
 //! pass over memory with a fresh allocation (convolution, then batch norm's multiply and add,

@@ -1,4 +1,4 @@
-//! The three architectures: a small baseline CNN, ResNet-18 and a MobileNetV2-style net.
+//! The four architectures: a small baseline CNN, ResNet-8, ResNet-18 and a MobileNetV2-style net.
 //!
 //! All three end in the same head (global average pooling, dropout, one linear layer), and all
 //! expose the last convolutional feature map separately ([`Net::features`] / [`Net::head`]), so

@@ -153,7 +153,35 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         summary.train_images_per_s,
         args.out.display()
     );
+    if let Some(msg) = near_chance(summary.best_val_accuracy, ds.labels.len()) {
+        eprintln!("warning: {msg}");
+    }
     Ok(())
+}
+
+/// A warning when the best validation accuracy is within 15 points of guessing: such a model
+/// (the MobileNet on 64 px data, for one) would otherwise be saved and used without a word.
+fn near_chance(val_accuracy: f64, classes: usize) -> Option<String> {
+    let chance = 1.0 / classes.max(1) as f64;
+    (classes > 1 && val_accuracy < chance + 0.15).then(|| {
+        format!(
+            "NOT LEARNED: the best validation accuracy, {:.1} %, is within 15 points of chance ({:.1} % for {classes} \
+             classes). Do not use this model; try more epochs, another --lr or another --model.",
+            val_accuracy * 100.0,
+            chance * 100.0
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn near_chance_warns_only_near_guessing() {
+        assert!(super::near_chance(0.30, 4).unwrap().contains("25.0 % for 4 classes"));
+        assert!(super::near_chance(0.41, 4).is_none());
+        assert!(super::near_chance(0.60, 2).is_some());
+        assert!(super::near_chance(0.70, 2).is_none());
+    }
 }
 
 /// Trains with an indicatif bar per epoch (hidden when stderr is not a terminal) and one
