@@ -173,17 +173,6 @@ fn near_chance(val_accuracy: f64, classes: usize) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn near_chance_warns_only_near_guessing() {
-        assert!(super::near_chance(0.30, 4).unwrap().contains("25.0 % for 4 classes"));
-        assert!(super::near_chance(0.41, 4).is_none());
-        assert!(super::near_chance(0.60, 2).is_some());
-        assert!(super::near_chance(0.70, 2).is_none());
-    }
-}
-
 /// Trains with an indicatif bar per epoch (hidden when stderr is not a terminal) and one
 /// summary line per epoch on stderr. Shared with `mica demo`.
 pub fn train_with_progress(
@@ -231,4 +220,15 @@ pub fn train_with_progress(
     };
     mica_cnn::train(ds, cfg, out, &mut on_progress)
         .with_context(|| format!("training into {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn near_chance_warns_only_near_guessing() {
+        assert!(super::near_chance(0.30, 4).unwrap().contains("25.0 % for 4 classes"));
+        assert!(super::near_chance(0.41, 4).is_none());
+        assert!(super::near_chance(0.60, 2).is_some());
+        assert!(super::near_chance(0.70, 2).is_none());
+    }
 }
