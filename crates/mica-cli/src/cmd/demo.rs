@@ -36,7 +36,7 @@ pub struct DemoArgs {
     pub no_llm: bool,
     /// The CNN architectures to train, comma-separated (small, resnet8, resnet18, mobilenet).
     /// Only the small CNN fits the demo's ten-minute budget on two CPU cores; `small,resnet8`
-    /// takes about 13 minutes (see bench/README.md, "The demo").
+    /// takes about 14 minutes (see bench/README.md, "A second CNN").
     #[arg(long, default_value = "small", value_delimiter = ',')]
     pub cnn: Vec<String>,
     /// Print every training epoch's figures.
