@@ -248,10 +248,11 @@ impl<B: Backend> ResNet<B> {
 /// A 3x3 stem, a 2x2 max-pool and three basic blocks (16-32-64-128 channels), ending on an 8x8
 /// map for 64 px inputs, like the small CNN.
 ///
-/// The demo's second CNN. It has the small CNN's receptive field and about 1.5x its
-/// multiply-adds, but skip connections, two convolutions per stage and strided (learned)
-/// downsampling instead of pooling; ResNet-18 and the MobileNet are far beyond the demo's
-/// ten-minute budget on two cores (see `bench/README.md`).
+/// The second CNN of `mica demo --cnn small,resnet8`: about 1.5x the small CNN's
+/// multiply-adds, with skip connections, two convolutions per stage and strided (learned)
+/// downsampling in place of two of its pools. ResNet-18 and the MobileNet take far longer per
+/// epoch on two cores. On the synthetic sets it needs its 32 epochs (24 underfit, and a layout
+/// ending on a 4x4 map generalised worse); see `bench/README.md`, "A second CNN".
 #[derive(Module, Debug)]
 pub struct ResNet8<B: Backend> {
     pub stem: ConvBn<B>,
