@@ -705,6 +705,22 @@ mod tests {
         bn.beta = burn::module::Param::from_tensor(t(&|i| ((i as f32 * 0.71 + s) % 1.0 - 0.5) * 0.2));
     }
 
+    /// The stem's and every basic block's batch norms, in order (ResNet-8 and ResNet-18).
+    fn bump_resnet<'a>(
+        bump: &mut impl FnMut(&mut BatchNorm<B>),
+        stem: &mut BatchNorm<B>,
+        blocks: impl Iterator<Item = &'a mut BasicBlock<B>>,
+    ) {
+        bump(stem);
+        for b in blocks {
+            bump(&mut b.bn1);
+            bump(&mut b.bn2);
+            if let Some(d) = &mut b.downsample {
+                bump(&mut d.bn);
+            }
+        }
+    }
+
     fn perturb(net: &mut Net<B>) {
         let mut salt = 0;
         let mut bump = |bn: &mut BatchNorm<B>| {
@@ -713,25 +729,10 @@ mod tests {
         };
         match &mut net.backbone {
             Backbone::Small(m) => m.blocks.iter_mut().for_each(|b| bump(&mut b.bn)),
-            Backbone::Resnet8(m) => {
-                bump(&mut m.stem.bn);
-                for b in &mut m.blocks {
-                    bump(&mut b.bn1);
-                    bump(&mut b.bn2);
-                    if let Some(d) = &mut b.downsample {
-                        bump(&mut d.bn);
-                    }
-                }
-            }
+            Backbone::Resnet8(m) => bump_resnet(&mut bump, &mut m.stem.bn, m.blocks.iter_mut()),
             Backbone::Resnet18(m) => {
-                bump(&mut m.bn1);
-                for b in m.layer1.iter_mut().chain(&mut m.layer2).chain(&mut m.layer3).chain(&mut m.layer4) {
-                    bump(&mut b.bn1);
-                    bump(&mut b.bn2);
-                    if let Some(d) = &mut b.downsample {
-                        bump(&mut d.bn);
-                    }
-                }
+                let blocks = m.layer1.iter_mut().chain(&mut m.layer2).chain(&mut m.layer3).chain(&mut m.layer4);
+                bump_resnet(&mut bump, &mut m.bn1, blocks)
             }
             Backbone::Mobilenet(m) => {
                 bump(&mut m.stem.bn);

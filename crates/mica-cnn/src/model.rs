@@ -1,6 +1,6 @@
 //! The four architectures: a small baseline CNN, ResNet-8, ResNet-18 and a MobileNetV2-style net.
 //!
-//! All three end in the same head (global average pooling, dropout, one linear layer), and all
+//! All four end in the same head (global pooling, dropout, one linear layer; see [`Net::head`]), and all
 //! expose the last convolutional feature map separately ([`Net::features`] / [`Net::head`]), so
 //! training, inference and Grad-CAM treat them alike. Input channels are a parameter: 1 for the
 //! grayscale medical images (native, no channel replication), 3 for RGB datasets.

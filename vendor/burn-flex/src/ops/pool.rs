@@ -235,7 +235,6 @@ where
             // mica patch: planes through `max_pool_plane` (valid kernel taps per output row
             // and column worked out once, not bounds-checked per tap); `MICA_FLEX_STOCK_POOL=1`
             // keeps flex's loop below.
-            let bc_total = batch_size * channels;
             if !stock_pool() {
                 let geom = PoolGeom::new(
                     [in_d, in_h, in_w],
@@ -254,68 +253,71 @@ where
                         let plane = &x_data[bc * plane_in..(bc + 1) * plane_in];
                         max_pool_plane(plane, &geom, out, idx, neg_inf);
                     });
-                return finish_max_pool(output, indices, [batch_size, channels, out_d, out_h, out_w], dtype);
-            }
-            let out_ptr = crate::ops::SendMutPtr::new(output.as_mut_ptr());
-            let idx_ptr = crate::ops::SendMutPtr::new(indices.as_mut_ptr());
-            // Flatten batch*channels into a single par_iter so rayon chooses
-            // the right granularity instead of creating one task per channel.
-            (0..bc_total).into_par_iter().for_each(|bc| {
-                let b = bc / channels;
-                let c = bc % channels;
-                let x_offset = b * channels * in_d * in_h * in_w + c * in_d * in_h * in_w;
-                let out_offset = bc * spatial_out;
+            } else {
+                let out_ptr = crate::ops::SendMutPtr::new(output.as_mut_ptr());
+                let idx_ptr = crate::ops::SendMutPtr::new(indices.as_mut_ptr());
+                // Flatten batch*channels into a single par_iter so rayon chooses
+                // the right granularity instead of creating one task per channel.
+                let bc_total = batch_size * channels;
+                (0..bc_total).into_par_iter().for_each(|bc| {
+                    let b = bc / channels;
+                    let c = bc % channels;
+                    let x_offset = b * channels * in_d * in_h * in_w + c * in_d * in_h * in_w;
+                    let out_offset = bc * spatial_out;
 
-                for od in 0..out_d {
-                    for oh in 0..out_h {
-                        for ow in 0..out_w {
-                            let out_idx = out_offset + od * out_h * out_w + oh * out_w + ow;
-                            let mut max_val = neg_inf;
-                            let mut max_idx: i64 = -1;
+                    for od in 0..out_d {
+                        for oh in 0..out_h {
+                            for ow in 0..out_w {
+                                let out_idx = out_offset + od * out_h * out_w + oh * out_w + ow;
+                                let mut max_val = neg_inf;
+                                let mut max_idx: i64 = -1;
 
-                            for kd in 0..kernel_d {
-                                let id =
-                                    (od * stride_d + kd * dilation_d) as isize - pad_d as isize;
-                                if id < 0 || id >= in_d as isize {
-                                    continue;
-                                }
-                                let id = id as usize;
-
-                                for kh in 0..kernel_h {
-                                    let ih =
-                                        (oh * stride_h + kh * dilation_h) as isize - pad_h as isize;
-                                    if ih < 0 || ih >= in_h as isize {
+                                for kd in 0..kernel_d {
+                                    let id =
+                                        (od * stride_d + kd * dilation_d) as isize - pad_d as isize;
+                                    if id < 0 || id >= in_d as isize {
                                         continue;
                                     }
-                                    let ih = ih as usize;
+                                    let id = id as usize;
 
-                                    for kw in 0..kernel_w {
-                                        let iw = (ow * stride_w + kw * dilation_w) as isize
-                                            - pad_w as isize;
-                                        if iw < 0 || iw >= in_w as isize {
+                                    for kh in 0..kernel_h {
+                                        let ih = (oh * stride_h + kh * dilation_h) as isize
+                                            - pad_h as isize;
+                                        if ih < 0 || ih >= in_h as isize {
                                             continue;
                                         }
-                                        let iw = iw as usize;
+                                        let ih = ih as usize;
 
-                                        let x_idx = x_offset + id * in_h * in_w + ih * in_w + iw;
-                                        let val = x_data[x_idx];
+                                        for kw in 0..kernel_w {
+                                            let iw = (ow * stride_w + kw * dilation_w) as isize
+                                                - pad_w as isize;
+                                            if iw < 0 || iw >= in_w as isize {
+                                                continue;
+                                            }
+                                            let iw = iw as usize;
 
-                                        if max_idx < 0 || val > max_val {
-                                            max_val = val;
-                                            max_idx = (id * in_h * in_w + ih * in_w + iw) as i64;
+                                            let x_idx =
+                                                x_offset + id * in_h * in_w + ih * in_w + iw;
+                                            let val = x_data[x_idx];
+
+                                            if max_idx < 0 || val > max_val {
+                                                max_val = val;
+                                                max_idx =
+                                                    (id * in_h * in_w + ih * in_w + iw) as i64;
+                                            }
                                         }
                                     }
                                 }
-                            }
 
-                            unsafe {
-                                out_ptr.write(out_idx, max_val);
-                                idx_ptr.write(out_idx, max_idx);
+                                unsafe {
+                                    out_ptr.write(out_idx, max_val);
+                                    idx_ptr.write(out_idx, max_idx);
+                                }
                             }
                         }
                     }
-                }
-            });
+                });
+            }
             (output, indices)
         }
         #[cfg(not(feature = "rayon"))]
@@ -383,16 +385,7 @@ where
         }
     };
 
-    finish_max_pool(output, indices, [batch_size, channels, out_d, out_h, out_w], dtype)
-}
-
-fn finish_max_pool<T: bytemuck::Pod + Element>(
-    output: Vec<T>,
-    indices: Vec<i64>,
-    shape: [usize; 5],
-    dtype: DType,
-) -> (FlexTensor, FlexTensor) {
-    let out_shape = Shape::from(shape.to_vec());
+    let out_shape = Shape::from(vec![batch_size, channels, out_d, out_h, out_w]);
     let output_tensor = FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(out_shape.clone()),
@@ -419,7 +412,14 @@ fn stock_pool() -> bool {
 
 /// For each output position along one axis: the input index of kernel tap 0 (may be negative
 /// inside the padding) and the range of taps that land inside the input.
-fn valid_taps(input: usize, output: usize, k: usize, s: usize, p: usize, dil: usize) -> Vec<(isize, usize, usize)> {
+fn valid_taps(
+    input: usize,
+    output: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    dil: usize,
+) -> Vec<(isize, usize, usize)> {
     (0..output)
         .map(|o| {
             let base = (o * s) as isize - p as isize;
@@ -468,14 +468,22 @@ impl PoolGeom {
 /// Max pooling of one `[d, h, w]` plane. Same taps in the same order as flex's loop (the
 /// first valid tap, then any strictly greater one), so values and indices are identical;
 /// an output whose window lies wholly in the padding keeps `neg_inf` and index -1.
-fn max_pool_plane<T: Copy + PartialOrd>(x: &[T], g: &PoolGeom, out: &mut [T], idx: &mut [i64], neg_inf: T) {
+fn max_pool_plane<T: Copy + PartialOrd>(
+    x: &[T],
+    g: &PoolGeom,
+    out: &mut [T],
+    idx: &mut [i64],
+    neg_inf: T,
+) {
     let [dd, dh, dw] = g.dil;
     for (od, &(bd, d_lo, d_hi)) in g.taps[0].iter().enumerate() {
         for (oh, &(bh, h_lo, h_hi)) in g.taps[1].iter().enumerate() {
             let row = od * g.out_hw + oh * g.out_w;
             let out_row = &mut out[row..row + g.out_w];
             let idx_row = &mut idx[row..row + g.out_w];
-            for ((o, i), &(bw, w_lo, w_hi)) in out_row.iter_mut().zip(idx_row.iter_mut()).zip(&g.taps[2]) {
+            for ((o, i), &(bw, w_lo, w_hi)) in
+                out_row.iter_mut().zip(idx_row.iter_mut()).zip(&g.taps[2])
+            {
                 let mut best = neg_inf;
                 let mut at: i64 = -1;
                 for kd in d_lo..d_hi {
@@ -1397,7 +1405,11 @@ where
     // mica patch: planes in parallel (each plane's sums in flex's order, so the result is
     // identical); `MICA_FLEX_STOCK_POOL=1` keeps the serial loop.
     #[cfg(feature = "rayon")]
-    if !stock_pool() && spatial_in > 0 && spatial_out > 0 {
+    let parallel = !stock_pool() && spatial_in > 0 && spatial_out > 0;
+    #[cfg(not(feature = "rayon"))]
+    let parallel = false;
+    #[cfg(feature = "rayon")]
+    if parallel {
         use rayon::prelude::*;
         output
             .par_chunks_mut(spatial_in)
@@ -1410,20 +1422,20 @@ where
                     }
                 }
             });
-        let out_shape = Shape::from(vec![batch_size, channels, in_d, in_h, in_w]);
-        return FlexTensor::new(Bytes::from_elems(output), Layout::contiguous(out_shape), dtype);
     }
 
-    for b in 0..batch_size {
-        for c in 0..channels {
-            let grad_offset = b * channels * spatial_out + c * spatial_out;
-            let out_offset = b * channels * spatial_in + c * spatial_in;
+    if !parallel {
+        for b in 0..batch_size {
+            for c in 0..channels {
+                let grad_offset = b * channels * spatial_out + c * spatial_out;
+                let out_offset = b * channels * spatial_in + c * spatial_in;
 
-            for i in 0..spatial_out {
-                let idx = indices_data[grad_offset + i];
-                if idx >= 0 {
-                    let input_idx = out_offset + idx as usize;
-                    output[input_idx] = add_fn(output[input_idx], grad_data[grad_offset + i]);
+                for i in 0..spatial_out {
+                    let idx = indices_data[grad_offset + i];
+                    if idx >= 0 {
+                        let input_idx = out_offset + idx as usize;
+                        output[input_idx] = add_fn(output[input_idx], grad_data[grad_offset + i]);
+                    }
                 }
             }
         }
