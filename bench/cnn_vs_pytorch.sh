@@ -30,7 +30,7 @@ echo "== mica (burn flex), $MODEL 1x${SIZE}x${SIZE}, batch $BATCH, $THREADS thre
 # PROFILE=dev reuses the test build: its dependencies and mica-cnn are compiled at opt-level 3
 # too, so the kernels are the same code; release adds fat codegen units and takes a cold build.
 PROFILE=${PROFILE:-release}
-cargo build --profile "$PROFILE" -q -p mica-cnn --example bench_cnn
+cargo build --profile "$PROFILE" -q -p mica-cnn --features bench --example bench_cnn
 dir=${CARGO_TARGET_DIR:-target}/$PROFILE; [ "$PROFILE" = dev ] && dir=${CARGO_TARGET_DIR:-target}/debug
 ARGS=(--model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
 MICA=$($dir/examples/bench_cnn "${ARGS[@]}")

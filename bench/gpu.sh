@@ -20,7 +20,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   build)
-    cargo build --release -q -p mica-cnn --features cuda --example bench_cnn
+    cargo build --release -q -p mica-cnn --features cuda,bench --example bench_cnn
     mkdir -p bench/out
     cp "${CARGO_TARGET_DIR:-target}/release/examples/bench_cnn" "$BIN"
     strip "$BIN" 2>/dev/null || true

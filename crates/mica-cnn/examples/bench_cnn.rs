@@ -2,7 +2,7 @@
 //! `bench/cnn_vs_pytorch.sh` and `bench/gpu.sh` (which run the same measurement in PyTorch and
 //! print ratios).
 //!
-//! Usage: `cargo run --release -p mica-cnn --example bench_cnn -- [--model resnet18]
+//! Usage: `cargo run --release -p mica-cnn --features bench --example bench_cnn -- [--model resnet18]
 //! [--size 128] [--batch 32] [--steps 10] [--infer-batches 10] [--device cpu|cuda]`; prints one
 //! JSON line. `--device cuda` needs a build with `--features cuda` and an NVIDIA driver.
 //!
