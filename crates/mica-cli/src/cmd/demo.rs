@@ -36,7 +36,7 @@ pub struct DemoArgs {
     pub no_llm: bool,
     /// The CNN architectures to train, comma-separated (small, resnet8, resnet18, mobilenet).
     /// Only the small CNN fits the demo's ten-minute budget on two CPU cores; `small,resnet8`
-    /// takes about 14 minutes (see bench/README.md, "A second CNN").
+    /// takes 10 to 14 minutes, depending on the host (see bench/README.md, "A second CNN").
     #[arg(long, default_value = "small", value_delimiter = ',')]
     pub cnn: Vec<String>,
     /// Print every training epoch's figures.
@@ -82,9 +82,9 @@ fn plan(args: &DemoArgs) -> Plan {
     } else {
         Plan {
             synth: mica_data::synth::SynthConfig { seed: args.seed, ..Default::default() },
-            // Sized to the 10-minute budget on two CPU cores (about 3 s per small-CNN epoch
-            // here). A second CNN does not fit in it: ResNet-8 takes about 5 s an epoch and
-            // needs its 32 (24 gave 72.9 % test accuracy on the chest X-rays, underfitted:
+            // Sized to the 10-minute budget on two CPU cores (2.3-3.6 s per small-CNN epoch on
+            // the hosts measured). A second CNN does not fit in it: ResNet-8 takes 3.2-5 s an
+            // epoch and needs its 32 (24 gave 72.9 % test accuracy on the chest X-rays, underfitted:
             // 84 % on its training set); the MobileNet trains at 27 images/s (30 s an epoch) and
             // stays at chance in 8; ResNet-18 takes 30-60 s an epoch. `--cnn` adds them.
             cnn_epochs: 32,
