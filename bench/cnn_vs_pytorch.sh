@@ -7,7 +7,7 @@
 #   bench/cnn_vs_pytorch.sh [--size 128] [--batch 32] [--steps 10] [--model resnet18]
 #
 # Environment: VENV (default bench/.venv-torch), THREADS (default: all cores), PROFILE
-# (cargo profile, default release; dev reuses the test build, same kernels),
+# (cargo profile, default release; dev reuses the test build, whose kernels are less optimised),
 # SKIP_TORCH=1 to run only the mica side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +27,12 @@ VENV=${VENV:-bench/.venv-torch}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 echo "== mica (burn flex), $MODEL 1x${SIZE}x${SIZE}, batch $BATCH, $THREADS threads" >&2
-# PROFILE=dev reuses the test build: its dependencies and mica-cnn are compiled at opt-level 3
-# too, so the kernels are the same code; release adds fat codegen units and takes a cold build.
+# Release, always for figures: since 2026-12-04 the test profile builds mica-cnn at opt-level 1
+# and burn-flex at 2 (for build time), so PROFILE=dev no longer runs the same kernels as users do.
 PROFILE=${PROFILE:-release}
+if [ "$PROFILE" = dev ]; then
+  echo "note: PROFILE=dev runs the test profile (mica-cnn at opt-level 1, burn-flex at 2): slower than release, not for figures" >&2
+fi
 cargo build --profile "$PROFILE" -q -p mica-cnn --features bench --example bench_cnn
 dir=${CARGO_TARGET_DIR:-target}/$PROFILE; [ "$PROFILE" = dev ] && dir=${CARGO_TARGET_DIR:-target}/debug
 ARGS=(--model "$MODEL" --size "$SIZE" --batch "$BATCH" --steps "$STEPS")
