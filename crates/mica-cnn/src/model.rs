@@ -248,7 +248,7 @@ impl<B: Backend> ResNet<B> {
 /// A 3x3 stem, a 2x2 max-pool and three basic blocks (16-32-64-128 channels), ending on an 8x8
 /// map for 64 px inputs, like the small CNN.
 ///
-/// The second CNN of `mica demo --cnn small,resnet8`: about 1.5x the small CNN's
+/// The demo's second CNN (`mica demo` trains `small,resnet8`): about 1.5x the small CNN's
 /// multiply-adds, with skip connections, two convolutions per stage and strided (learned)
 /// downsampling in place of two of its pools. ResNet-18 and the MobileNet take far longer per
 /// epoch on two cores. On the synthetic sets it needs its 32 epochs (24 underfit, and a layout

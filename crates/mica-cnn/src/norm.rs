@@ -12,8 +12,108 @@
 //! momentum 0.1 by default), so checkpoints and torchvision imports are unaffected; a test
 //! compares the two implementations.
 
+use std::any::Any;
+use std::cell::RefCell;
+
+use burn::module::RunningState;
 use burn::nn::BatchNorm;
 use burn::prelude::*;
+
+thread_local! {
+    /// Set while a data-parallel training worker runs its share of a batch (see
+    /// [`deferring_running_stats`]): batch-norm calls then record their batch statistics here
+    /// instead of updating the running statistics.
+    static DEFERRED: RefCell<Option<Vec<Box<dyn Any + Send>>>> = const { RefCell::new(None) };
+}
+
+/// One training-mode batch-norm call's statistics, kept until the whole batch is known.
+struct BatchStats<B: Backend> {
+    running_mean: RunningState<Tensor<B, 1>>,
+    running_var: RunningState<Tensor<B, 1>>,
+    momentum: f64,
+    /// Values per channel the statistics were taken over (batch x height x width).
+    n: usize,
+    mean: Tensor<B, 1>,
+    /// Biased, as burn's.
+    var: Tensor<B, 1>,
+}
+
+/// Batch statistics recorded by one worker, in call order; see [`deferring_running_stats`].
+pub(crate) struct DeferredStats(Vec<Box<dyn Any + Send>>);
+
+/// Runs `f` (a forward pass over part of a batch) with every batch-norm running-statistics
+/// update deferred, and returns what it recorded.
+///
+/// Data-parallel training splits a batch between workers on their own threads. Each worker's
+/// forward pass normalises with its own part's statistics, but the running statistics must
+/// move once per batch, from the whole batch's statistics and in the same order on every run:
+/// letting each worker update them (burn keeps one pending value per thread and averages them)
+/// would make the result depend on thread timing. [`apply_deferred`] folds the parts together.
+pub(crate) fn deferring_running_stats<R>(f: impl FnOnce() -> R) -> (R, DeferredStats) {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    // Cleared even if `f` panics, so the thread (a pool worker) is left as it was.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEFERRED.with(|d| d.borrow_mut().take());
+        }
+    }
+    let reset = Reset;
+    let out = f();
+    let recorded = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    drop(reset);
+    (out, DeferredStats(recorded))
+}
+
+/// Updates the running statistics from the parts of one batch that workers recorded with
+/// [`deferring_running_stats`], as one batch-norm call over the whole batch would have: the
+/// pooled mean, and the pooled biased variance (within-part plus between-part).
+///
+/// Every part must come from the same model, so the calls line up one to one.
+pub(crate) fn apply_deferred<B: Backend>(parts: Vec<DeferredStats>) {
+    let mut parts: Vec<std::vec::IntoIter<Box<dyn Any + Send>>> = parts.into_iter().map(|p| p.0.into_iter()).collect();
+    let Some((first, rest)) = parts.split_first_mut() else {
+        return;
+    };
+    for call in first.by_ref() {
+        let call = *call.downcast::<BatchStats<B>>().expect("batch statistics of the training backend");
+        let others: Vec<BatchStats<B>> = rest
+            .iter_mut()
+            .map(|p| {
+                *p.next()
+                    .expect("every worker ran the same layers")
+                    .downcast::<BatchStats<B>>()
+                    .expect("batch statistics of the training backend")
+            })
+            .collect();
+        let total: usize = call.n + others.iter().map(|o| o.n).sum::<usize>();
+        let all = || std::iter::once(&call).chain(others.iter());
+        let mean = all()
+            .map(|p| p.mean.clone().mul_scalar(p.n as f64 / total as f64))
+            .reduce(|a, b| a + b)
+            .expect("one part at least");
+        let var = all()
+            .map(|p| (p.var.clone() + (p.mean.clone() - mean.clone()).square()).mul_scalar(p.n as f64 / total as f64))
+            .reduce(|a, b| a + b)
+            .expect("one part at least");
+        update_running(&call.running_mean, &call.running_var, call.momentum, mean, var);
+    }
+}
+
+/// burn's running-statistics update: `running = (1 - momentum) * running + momentum * batch`.
+fn update_running<B: Backend>(
+    running_mean: &RunningState<Tensor<B, 1>>,
+    running_var: &RunningState<Tensor<B, 1>>,
+    momentum: f64,
+    mean: Tensor<B, 1>,
+    var: Tensor<B, 1>,
+) {
+    let device = mean.device();
+    let old_mean = running_mean.value_sync().to_device(&device);
+    let old_var = running_var.value_sync().to_device(&device);
+    running_mean.update(old_mean.mul_scalar(1.0 - momentum).add(mean.mul_scalar(momentum)).detach());
+    running_var.update(old_var.mul_scalar(1.0 - momentum).add(var.mul_scalar(momentum)).detach());
+}
 
 /// Batch-norm forward with burn's semantics: batch statistics (and a running-statistics
 /// update) when autodiff is enabled, running statistics otherwise.
@@ -32,21 +132,26 @@ pub fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4
             .sum_dim(0)
             .div_scalar(n);
 
-        let momentum = bn.momentum;
-        let running_mean = bn.running_mean.value_sync().to_device(&device);
-        let running_var = bn.running_var.value_sync().to_device(&device);
-        bn.running_mean.update(
-            running_mean
-                .mul_scalar(1.0 - momentum)
-                .add(mean.detach().mul_scalar(momentum).reshape([channels]))
-                .detach(),
-        );
-        bn.running_var.update(
-            running_var
-                .mul_scalar(1.0 - momentum)
-                .add(var.clone().detach().mul_scalar(momentum).reshape([channels]))
-                .detach(),
-        );
+        let batch_mean = mean.detach().reshape([channels]);
+        let batch_var = var.clone().detach().reshape([channels]);
+        let stats = BatchStats {
+            running_mean: bn.running_mean.clone(),
+            running_var: bn.running_var.clone(),
+            momentum: bn.momentum,
+            n: batch * h * w,
+            mean: batch_mean,
+            var: batch_var,
+        };
+        let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(list) => {
+                list.push(Box::new(stats) as Box<dyn Any + Send>);
+                None
+            }
+            None => Some(stats),
+        });
+        if let Some(st) = deferred {
+            update_running(&st.running_mean, &st.running_var, st.momentum, st.mean, st.var);
+        }
 
         let scale = bn.gamma.val().reshape([1, channels, 1, 1]) / var.add_scalar(bn.epsilon).sqrt();
         let shift = bn.beta.val().reshape([1, channels, 1, 1]);
@@ -127,6 +232,52 @@ mod tests {
         batch_norm(&inner_ours, x.clone())
             .to_data()
             .assert_approx_eq::<f32>(&inner_ref.forward(x).to_data(), Tolerance::absolute(1e-5));
+    }
+
+    /// A batch split between two workers (on their own threads, as data-parallel training
+    /// runs them) moves the running statistics exactly as one call over the whole batch does,
+    /// and leaves them alone until the parts are applied.
+    #[test]
+    fn deferred_parts_update_running_stats_as_the_whole_batch() {
+        let device = Default::default();
+        let whole = BatchNormConfig::new(5).init::<CpuTrainBackend>(&device);
+        let split = BatchNormConfig::new(5).init::<CpuTrainBackend>(&device);
+        // Uneven parts (2 + 1 of 3 images) with different means, so the between-part variance
+        // counts.
+        let per_image = 5 * 4 * 6;
+        let v: Vec<f32> = (0..3 * per_image)
+            .map(|i| ((i * 37 % 101) as f32) / 17.0 - 2.0 + if i >= 2 * per_image { 3.0 } else { 0.0 })
+            .collect();
+        let x = Tensor::<CpuTrainBackend, 4>::from_data(TensorData::new(v, [3, 5, 4, 6]), &device);
+        let _ = batch_norm(&whole, x.clone());
+        let before = split.running_mean.value().into_data();
+        let parts: Vec<DeferredStats> = [0..2, 2..3]
+            .into_iter()
+            .map(|rows| {
+                let (bn, part) = (split.clone(), x.clone().slice([rows]));
+                std::thread::spawn(move || deferring_running_stats(|| drop(batch_norm(&bn, part))).1).join().unwrap()
+            })
+            .collect();
+        assert_eq!(split.running_mean.value().into_data(), before, "workers must not update running stats");
+        apply_deferred::<CpuTrainBackend>(parts);
+        split
+            .running_mean
+            .value_sync()
+            .to_data()
+            .assert_approx_eq::<f32>(&whole.running_mean.value_sync().to_data(), Tolerance::absolute(1e-5));
+        split
+            .running_var
+            .value_sync()
+            .to_data()
+            .assert_approx_eq::<f32>(&whole.running_var.value_sync().to_data(), Tolerance::absolute(1e-5));
+        // And away from the deferral, a call updates them at once again.
+        let _ = batch_norm(&split, x.clone());
+        let _ = batch_norm(&whole, x);
+        split
+            .running_var
+            .value_sync()
+            .to_data()
+            .assert_approx_eq::<f32>(&whole.running_var.value_sync().to_data(), Tolerance::absolute(1e-5));
     }
 
     /// The vendored burn-flex's fast copy of permuted tensors (vendor/burn-flex/MICA-PATCH.md)

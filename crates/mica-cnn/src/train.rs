@@ -612,6 +612,10 @@ fn train_on<B: AutodiffBackend>(
         .with_weight_decay(cfg.weight_decay as f32)
         .init::<B, Net<B>>();
 
+    // On the CPU each batch is split between two workers (see [`data_parallel_step`]); on a GPU
+    // one stream already takes the whole batch.
+    let workers = (kind == DeviceKind::Cpu).then(|| worker_pools(CPU_WORKERS)).transpose()?;
+
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let total_steps = steps_per_epoch * cfg.epochs;
     let warmup = ((cfg.warmup_epochs * steps_per_epoch as f64).round() as usize).min(total_steps / 2);
@@ -683,11 +687,10 @@ fn train_on<B: AutodiffBackend>(
                 }
             }
             let target = Tensor::<B, 2>::from_data(TensorData::new(target, [rows.len(), classes]), &device);
-            let logits = model.forward(x, Some(&mut drop_rng));
-            let loss = (log_softmax(logits.clone(), 1) * target).sum().neg();
-            let logits_host: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 data");
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lv: f64 = loss.into_scalar().elem::<f64>();
+            let (grads, logits_host, lv) = match &workers {
+                Some(pools) if rows.len() >= 2 * pools.len() => data_parallel_step(&model, x, target, &mut drop_rng, pools),
+                _ => forward_backward(&model, x, target, &mut drop_rng),
+            };
             if !lv.is_finite() {
                 return Err(run_err(
                     out_dir,
@@ -794,6 +797,107 @@ fn train_on<B: AutodiffBackend>(
         &serde_json::to_vec_pretty(&summary).expect("summary serialises"),
     )?;
     Ok(summary)
+}
+
+/// How many parts a training batch is split into on the CPU. Fixed rather than taken from the
+/// core count, so the same command gives the same model on any machine (each part's
+/// normalisation statistics, and so the training, depend on the split).
+pub const CPU_WORKERS: usize = 2;
+
+/// One thread pool per data-parallel worker, sharing the process's threads between them.
+fn worker_pools(workers: usize) -> Result<Vec<rayon::ThreadPool>, CnnError> {
+    let threads = (rayon::current_num_threads() / workers).max(1);
+    (0..workers)
+        .map(|k| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("mica-train-{k}-{i}"))
+                .build()
+                .map_err(|e| CnnError::Config(format!("cannot start training threads: {e}")))
+        })
+        .collect()
+}
+
+/// Forward and backward pass over one batch: the parameters' gradients, the logits (row-major,
+/// for the running training accuracy) and the loss.
+fn forward_backward<B: AutodiffBackend>(
+    model: &Net<B>,
+    x: Tensor<B, 4>,
+    target: Tensor<B, 2>,
+    drop_rng: &mut rand_chacha::ChaCha8Rng,
+) -> (GradientsParams, Vec<f32>, f64) {
+    let logits = model.forward(x, Some(drop_rng));
+    let loss = (log_softmax(logits.clone(), 1) * target).sum().neg();
+    let logits_host: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 data");
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    let lv: f64 = loss.into_scalar().elem::<f64>();
+    (grads, logits_host, lv)
+}
+
+/// [`forward_backward`] with the batch split between `pools.len()` workers, each on its own
+/// thread pool, and their gradients summed in a fixed order.
+///
+/// Why: burn-flex's kernels keep two cores only about 1.2-1.4 busy on the small maps these nets
+/// train on (element-wise passes, autodiff bookkeeping and thread wake-ups between short
+/// kernels), while two single-threaded workers keep both busy (bench/README.md, "Data-parallel
+/// training"). The loss is a sum over the batch's rows with weights normalised over the whole
+/// batch, so the summed gradients are the whole batch's. What differs from one pass over the
+/// batch is batch normalisation: each worker normalises with its own part's statistics (as
+/// data-parallel training on several GPUs does without synchronised batch norm), while the
+/// running statistics still move once, from the whole batch (see [`crate::norm::apply_deferred`]).
+/// Dropout masks come from per-worker streams drawn from `drop_rng`, so runs stay reproducible.
+fn data_parallel_step<B: AutodiffBackend>(
+    model: &Net<B>,
+    x: Tensor<B, 4>,
+    target: Tensor<B, 2>,
+    drop_rng: &mut rand_chacha::ChaCha8Rng,
+    pools: &[rayon::ThreadPool],
+) -> (GradientsParams, Vec<f32>, f64) {
+    use rand::{RngCore, SeedableRng};
+    let n = x.dims()[0];
+    let device = x.device();
+    let per = n.div_ceil(pools.len());
+    let parts: Vec<_> = pools
+        .iter()
+        .enumerate()
+        .map(|(k, pool)| {
+            let rows = k * per..((k + 1) * per).min(n);
+            // A fork has its own autodiff leaves (the same parameter ids), so the workers'
+            // graphs share no node.
+            let fork = burn::module::Module::fork(model.clone(), &device);
+            let seed = drop_rng.next_u64();
+            (pool, fork, x.clone().slice([rows.clone()]), target.clone().slice([rows]), seed)
+        })
+        .collect();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|(pool, fork, x, target, seed)| {
+                scope.spawn(move || {
+                    pool.install(move || {
+                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                        crate::norm::deferring_running_stats(|| forward_backward(&fork, x, target, &mut rng))
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    let mut acc = burn::optim::GradientsAccumulator::<Net<B>>::new();
+    let mut logits = Vec::with_capacity(n * 4);
+    let mut loss = 0.0;
+    let mut stats = Vec::with_capacity(results.len());
+    for ((grads, part_logits, part_loss), part_stats) in results {
+        acc.accumulate(model, grads);
+        logits.extend(part_logits);
+        loss += part_loss;
+        stats.push(part_stats);
+    }
+    crate::norm::apply_deferred::<B>(stats);
+    (acc.grads(), logits, loss)
 }
 
 #[allow(clippy::too_many_arguments)]

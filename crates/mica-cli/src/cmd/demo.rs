@@ -35,9 +35,10 @@ pub struct DemoArgs {
     #[arg(long, conflicts_with = "llm")]
     pub no_llm: bool,
     /// The CNN architectures to train, comma-separated (small, resnet8, resnet18, mobilenet).
-    /// Only the small CNN fits the demo's ten-minute budget on two CPU cores; `small,resnet8`
-    /// takes 10 to 14 minutes, depending on the host (see bench/README.md, "A second CNN").
-    #[arg(long, default_value = "small", value_delimiter = ',')]
+    /// The default pair fits the demo's ten-minute budget on two CPU cores (about 6 minutes in
+    /// all; bench/README.md, "A second CNN"); ResNet-18 and the MobileNet take far longer per
+    /// epoch and do not.
+    #[arg(long, default_value = "small,resnet8", value_delimiter = ',')]
     pub cnn: Vec<String>,
     /// Print every training epoch's figures.
     #[arg(short, long)]
@@ -60,6 +61,9 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Side of the synthetic images in pixels (the CNNs train at this size).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..=256))]
+    pub size: Option<u32>,
     /// Results store to index the runs in (default: `$MICA_STORE` or the user data folder).
     #[arg(long)]
     pub store: Option<PathBuf>,
@@ -81,12 +85,17 @@ fn plan(args: &DemoArgs) -> Plan {
         }
     } else {
         Plan {
-            synth: mica_data::synth::SynthConfig { seed: args.seed, ..Default::default() },
-            // Sized to the 10-minute budget on two CPU cores (2.3-3.6 s per small-CNN epoch on
-            // the hosts measured). A second CNN does not fit in it: ResNet-8 takes 3.2-5 s an
-            // epoch and needs its 32 (24 gave 72.9 % test accuracy on the chest X-rays, underfitted:
-            // 84 % on its training set); the MobileNet trains at 27 images/s (30 s an epoch) and
-            // stays at chance in 8; ResNet-18 takes 30-60 s an epoch. `--cnn` adds them.
+            synth: mica_data::synth::SynthConfig {
+                seed: args.seed,
+                size: args.size.unwrap_or(mica_data::synth::SynthConfig::default().size),
+                ..Default::default()
+            },
+            // Sized to the 10-minute budget on two CPU cores: with data-parallel training the
+            // small CNN takes 1.6 s an epoch and ResNet-8 2.1 s on the 2026-12-04 host (372 s
+            // for the whole demo). ResNet-8 needs its 32 epochs (24 gave 72.9 % test accuracy on
+            // the chest X-rays, underfitted: 84 % on its training set); the MobileNet trains at
+            // 27 images/s (30 s an epoch) and stays at chance in 8; ResNet-18 takes 30-60 s an
+            // epoch. `--cnn` adds them.
             cnn_epochs: 32,
             llm_limit_per_class: 25,
         }
