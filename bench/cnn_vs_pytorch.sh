@@ -44,9 +44,14 @@ echo "$MICA"
 STOCK_CONV=$(MICA_CNN_ENGINE=burn MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
 GENERIC=$(MICA_CNN_ENGINE=burn MICA_FLEX_GENERIC_COPY=1 MICA_FLEX_STOCK_CONV=1 $dir/examples/bench_cnn "${ARGS[@]}")
 STOCK_POOL=$(MICA_FLEX_STOCK_POOL=1 $dir/examples/bench_cnn "${ARGS[@]}")
-python3 - "$MICA" "$STOCK_CONV" "$GENERIC" "$STOCK_POOL" <<'PY'
+# mica's training step splits the batch between two data-parallel workers; this run times the
+# whole batch in one pass (the step before), in the same build.
+ONE_PASS=$($dir/examples/bench_cnn "${ARGS[@]}" --one-pass)
+python3 - "$MICA" "$STOCK_CONV" "$GENERIC" "$STOCK_POOL" "$ONE_PASS" <<'PY'
 import json, sys
-a, b, c, d = (json.loads(v) for v in sys.argv[1:5])
+a, b, c, d, e = (json.loads(v) for v in sys.argv[1:6])
+print(f"data-parallel training step ({a.get('train_path', '?')}): {a['train_step_ms']:.1f} ms on {a['train_cpu_cores']:.2f} cores "
+      f"vs one pass {e['train_step_ms']:.1f} ms on {e['train_cpu_cores']:.2f} cores (x{e['train_step_ms'] / a['train_step_ms']:.2f})")
 burn = a.get("infer_burn_images_per_s", a["infer_images_per_s"])
 print(f"burn-flex GEMM convolution patch: train step {a['train_step_ms']:.1f} ms vs {b['train_step_ms']:.1f} ms stock "
       f"(x{b['train_step_ms'] / a['train_step_ms']:.2f}), burn's inference {burn:.1f} vs {b['infer_images_per_s']:.1f} img/s "

@@ -3,8 +3,12 @@
 //! print ratios).
 //!
 //! Usage: `cargo run --release -p mica-cnn --features bench --example bench_cnn -- [--model resnet18]
-//! [--size 128] [--batch 32] [--steps 10] [--infer-batches 10] [--device cpu|cuda]`; prints one
-//! JSON line. `--device cuda` needs a build with `--features cuda` and an NVIDIA driver.
+//! [--size 128] [--batch 32] [--steps 10] [--infer-batches 10] [--device cpu|cuda] [--one-pass]`;
+//! prints one JSON line. `--device cuda` needs a build with `--features cuda` and an NVIDIA driver.
+//!
+//! The training step is `mica train`'s ([`mica_cnn::StepRunner`]): on the CPU the batch is split
+//! between two data-parallel workers; `--one-pass` times the whole batch in one pass instead
+//! (the step before data-parallel training, for the A/B).
 //!
 //! CPU utilisation is the process's user+system CPU time over wall time during the timed
 //! steps (2.0 = both cores of a 2-core machine busy), read from `getrusage`-equivalent
@@ -13,10 +17,9 @@
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::log_softmax;
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use mica_cnn::{Arch, Net};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -61,6 +64,8 @@ struct Setup {
     /// Batches timed through burn's own forward pass when the fused engine is timed as well
     /// (0 profiles the fused engine alone).
     burn_infer_batches: usize,
+    /// Time the training step as one pass over the batch instead of mica's data-parallel step.
+    one_pass: bool,
 }
 
 fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
@@ -73,6 +78,16 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
     for i in 0..batch {
         target[i * classes + i % classes] = 1.0 / batch as f32;
     }
+    let runner = if device_name == "cpu" && !s.one_pass {
+        mica_cnn::StepRunner::data_parallel(mica_cnn::train::CPU_WORKERS).expect("training threads")
+    } else {
+        mica_cnn::StepRunner::one_pass()
+    };
+    let train_path = if device_name == "cpu" && !s.one_pass {
+        format!("data-parallel x{}", mica_cnn::train::CPU_WORKERS)
+    } else {
+        "one pass".to_string()
+    };
     let mut times = Vec::new();
     let mut last_loss = 0.0;
     let (mut wall0, mut cpu0) = (Instant::now(), cpu_seconds());
@@ -85,11 +100,9 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
         let t0 = Instant::now();
         let xt = Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [batch, 1, size, size]), &device);
         let tt = Tensor::<B, 2>::from_data(TensorData::new(target.clone(), [batch, classes]), &device);
-        let logits = model.forward(xt, None);
-        let loss = (log_softmax(logits, 1) * tt).sum().neg();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        // Reading the loss waits for the device (a GPU runs asynchronously).
-        last_loss = loss.into_scalar().elem::<f64>();
+        // Reading the loss (and the logits) waits for the device (a GPU runs asynchronously).
+        let (grads, _logits, loss) = runner.gradients(&model, xt, tt, None);
+        last_loss = loss;
         model = optim.step(1e-3, model, grads);
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
@@ -125,7 +138,7 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
         infer = format!("\"infer_engine\":\"fused\",\"infer_images_per_s\":{ips:.2},\"infer_cpu_cores\":{cores:.2},\"infer_burn_images_per_s\":{burn_ips:.2},\"infer_burn_cpu_cores\":{burn_cores:.2}");
     }
     println!(
-        "{{\"framework\":\"mica-burn-0.21\",\"device\":\"{device_name}\",\"model\":\"{}\",\"size\":{size},\"batch\":{batch},\"train_step_ms\":{train_step_ms:.2},\"train_cpu_cores\":{train_cores:.2},{infer},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
+        "{{\"framework\":\"mica-burn-0.21\",\"device\":\"{device_name}\",\"model\":\"{}\",\"size\":{size},\"batch\":{batch},\"train_path\":\"{train_path}\",\"train_step_ms\":{train_step_ms:.2},\"train_cpu_cores\":{train_cores:.2},{infer},\"peak_rss_mb\":{:.1},\"last_loss\":{last_loss:.4}}}",
         s.arch,
         peak_rss_mb()
     );
@@ -143,6 +156,7 @@ fn main() {
         steps: arg(&args, "--steps", 10),
         infer_batches,
         burn_infer_batches: arg(&args, "--burn-infer-batches", infer_batches),
+        one_pass: args.iter().any(|a| a == "--one-pass"),
     };
     match arg(&args, "--device", "cpu".to_string()).as_str() {
         "cpu" => bench::<mica_cnn::CpuTrainBackend>(&s, Default::default(), "cpu"),

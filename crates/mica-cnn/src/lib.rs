@@ -33,7 +33,7 @@ pub use device::DeviceKind;
 pub use infer::{CnnClassifier, InferenceStats};
 pub use model::{Arch, Net};
 pub use ood::{OodStats, OodVerdict};
-pub use train::{train, EpochStats, Progress, TrainConfig, TrainSummary};
+pub use train::{train, EpochStats, Progress, StepRunner, TrainConfig, TrainSummary};
 
 /// burn's CPU backend.
 pub type CpuBackend = burn::backend::Flex;

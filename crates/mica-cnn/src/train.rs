@@ -612,9 +612,9 @@ fn train_on<B: AutodiffBackend>(
         .with_weight_decay(cfg.weight_decay as f32)
         .init::<B, Net<B>>();
 
-    // On the CPU each batch is split between two workers (see [`data_parallel_step`]); on a GPU
+    // On the CPU each batch is split between two workers (see [`StepRunner::gradients`]); on a GPU
     // one stream already takes the whole batch.
-    let workers = (kind == DeviceKind::Cpu).then(|| worker_pools(CPU_WORKERS)).transpose()?;
+    let runner = if kind == DeviceKind::Cpu { StepRunner::data_parallel(CPU_WORKERS)? } else { StepRunner::one_pass() };
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let total_steps = steps_per_epoch * cfg.epochs;
@@ -687,10 +687,7 @@ fn train_on<B: AutodiffBackend>(
                 }
             }
             let target = Tensor::<B, 2>::from_data(TensorData::new(target, [rows.len(), classes]), &device);
-            let (grads, logits_host, lv) = match &workers {
-                Some(pools) if rows.len() >= 2 * pools.len() => data_parallel_step(&model, x, target, &mut drop_rng, pools),
-                _ => forward_backward(&model, x, target, &mut drop_rng),
-            };
+            let (grads, logits_host, lv) = runner.gradients(&model, x, target, Some(&mut drop_rng));
             if !lv.is_finite() {
                 return Err(run_err(
                     out_dir,
@@ -804,29 +801,71 @@ fn train_on<B: AutodiffBackend>(
 /// normalisation statistics, and so the training, depend on the split).
 pub const CPU_WORKERS: usize = 2;
 
-/// One thread pool per data-parallel worker, sharing the process's threads between them.
-fn worker_pools(workers: usize) -> Result<Vec<rayon::ThreadPool>, CnnError> {
-    let threads = (rayon::current_num_threads() / workers).max(1);
-    (0..workers)
-        .map(|k| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(move |i| format!("mica-train-{k}-{i}"))
-                .build()
-                .map_err(|e| CnnError::Config(format!("cannot start training threads: {e}")))
-        })
-        .collect()
+/// How a training step runs its batch: in one pass, or split between data-parallel workers.
+/// Public so that `bench_cnn` times the step `mica train` takes.
+pub struct StepRunner {
+    /// One thread pool per worker; `None` runs the batch in one pass on the caller's pool.
+    pools: Option<Vec<rayon::ThreadPool>>,
 }
 
-/// Forward and backward pass over one batch: the parameters' gradients, the logits (row-major,
-/// for the running training accuracy) and the loss.
+impl StepRunner {
+    /// The whole batch in one pass (a GPU's path; a CPU's before data-parallel training).
+    pub fn one_pass() -> Self {
+        StepRunner { pools: None }
+    }
+
+    /// The batch split between `workers` workers, each on its own thread pool, the process's
+    /// threads shared between them (see [`StepRunner::gradients`]).
+    pub fn data_parallel(workers: usize) -> Result<Self, CnnError> {
+        let threads = (rayon::current_num_threads() / workers.max(1)).max(1);
+        let pools = (0..workers.max(1))
+            .map(|k| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(move |i| format!("mica-train-{k}-{i}"))
+                    .build()
+                    .map_err(|e| CnnError::Config(format!("cannot start training threads: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(StepRunner { pools: Some(pools) })
+    }
+
+    /// Forward and backward pass over one batch: the parameters' gradients, the logits
+    /// (row-major, for the running training accuracy) and the loss. `drop_rng` turns dropout on.
+    ///
+    /// Split between workers, each worker runs its part on its own thread pool and the
+    /// gradients are summed in worker order. Why: burn-flex's kernels keep two cores only about
+    /// 1.2-1.4 busy on the small maps these nets train on (element-wise passes, autodiff
+    /// bookkeeping and thread wake-ups between short kernels), while two single-threaded
+    /// workers keep both busy (bench/README.md, "Data-parallel training"). The loss is a sum
+    /// over the batch's rows with weights normalised over the whole batch, so the summed
+    /// gradients are the whole batch's. What differs from one pass is batch normalisation: each
+    /// worker normalises with its own part's statistics (as data-parallel training on several
+    /// GPUs does without synchronised batch norm), while the running statistics still move
+    /// once, from the whole batch (see [`crate::norm::apply_deferred`]). Dropout masks come from
+    /// per-worker streams drawn from `drop_rng`, so runs stay reproducible. A batch too small
+    /// to give every worker two rows runs in one pass.
+    pub fn gradients<B: AutodiffBackend>(
+        &self,
+        model: &Net<B>,
+        x: Tensor<B, 4>,
+        target: Tensor<B, 2>,
+        drop_rng: Option<&mut rand_chacha::ChaCha8Rng>,
+    ) -> (GradientsParams, Vec<f32>, f64) {
+        match &self.pools {
+            Some(pools) if x.dims()[0] >= 2 * pools.len() => data_parallel_step(model, x, target, drop_rng, pools),
+            _ => forward_backward(model, x, target, drop_rng),
+        }
+    }
+}
+
 fn forward_backward<B: AutodiffBackend>(
     model: &Net<B>,
     x: Tensor<B, 4>,
     target: Tensor<B, 2>,
-    drop_rng: &mut rand_chacha::ChaCha8Rng,
+    drop_rng: Option<&mut rand_chacha::ChaCha8Rng>,
 ) -> (GradientsParams, Vec<f32>, f64) {
-    let logits = model.forward(x, Some(drop_rng));
+    let logits = model.forward(x, drop_rng);
     let loss = (log_softmax(logits.clone(), 1) * target).sum().neg();
     let logits_host: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 data");
     let grads = GradientsParams::from_grads(loss.backward(), model);
@@ -834,23 +873,11 @@ fn forward_backward<B: AutodiffBackend>(
     (grads, logits_host, lv)
 }
 
-/// [`forward_backward`] with the batch split between `pools.len()` workers, each on its own
-/// thread pool, and their gradients summed in a fixed order.
-///
-/// Why: burn-flex's kernels keep two cores only about 1.2-1.4 busy on the small maps these nets
-/// train on (element-wise passes, autodiff bookkeeping and thread wake-ups between short
-/// kernels), while two single-threaded workers keep both busy (bench/README.md, "Data-parallel
-/// training"). The loss is a sum over the batch's rows with weights normalised over the whole
-/// batch, so the summed gradients are the whole batch's. What differs from one pass over the
-/// batch is batch normalisation: each worker normalises with its own part's statistics (as
-/// data-parallel training on several GPUs does without synchronised batch norm), while the
-/// running statistics still move once, from the whole batch (see [`crate::norm::apply_deferred`]).
-/// Dropout masks come from per-worker streams drawn from `drop_rng`, so runs stay reproducible.
 fn data_parallel_step<B: AutodiffBackend>(
     model: &Net<B>,
     x: Tensor<B, 4>,
     target: Tensor<B, 2>,
-    drop_rng: &mut rand_chacha::ChaCha8Rng,
+    mut drop_rng: Option<&mut rand_chacha::ChaCha8Rng>,
     pools: &[rayon::ThreadPool],
 ) -> (GradientsParams, Vec<f32>, f64) {
     use rand::{RngCore, SeedableRng};
@@ -865,7 +892,7 @@ fn data_parallel_step<B: AutodiffBackend>(
             // A fork has its own autodiff leaves (the same parameter ids), so the workers'
             // graphs share no node.
             let fork = burn::module::Module::fork(model.clone(), &device);
-            let seed = drop_rng.next_u64();
+            let seed = drop_rng.as_mut().map(|r| r.next_u64());
             (pool, fork, x.clone().slice([rows.clone()]), target.clone().slice([rows]), seed)
         })
         .collect();
@@ -875,8 +902,8 @@ fn data_parallel_step<B: AutodiffBackend>(
             .map(|(pool, fork, x, target, seed)| {
                 scope.spawn(move || {
                     pool.install(move || {
-                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-                        crate::norm::deferring_running_stats(|| forward_backward(&fork, x, target, &mut rng))
+                        let mut rng = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
+                        crate::norm::deferring_running_stats(|| forward_backward(&fork, x, target, rng.as_mut()))
                     })
                 })
             })
