@@ -181,6 +181,16 @@ mod tests {
         Tensor::from_data(TensorData::new(v, [3, 5, 4, 6]), device)
     }
 
+    /// Running mean and variance of `a` and `b` agree. `value_sync`, not `value`: the latter
+    /// can still hold the value before the last update.
+    fn assert_same_running_stats<B: Backend>(a: &BatchNorm<B>, b: &BatchNorm<B>, tolerance: f64) {
+        for (x, y) in [(&a.running_mean, &b.running_mean), (&a.running_var, &b.running_var)] {
+            x.value_sync()
+                .to_data()
+                .assert_approx_eq::<f32>(&y.value_sync().to_data(), Tolerance::absolute(tolerance));
+        }
+    }
+
     #[test]
     fn training_forward_backward_and_running_stats_match_burn() {
         let device = Default::default();
@@ -214,16 +224,7 @@ mod tests {
         let gamma_ours = ours.gamma.val().grad(&g_ours).unwrap();
         gamma_ours.to_data().assert_approx_eq::<f32>(&gamma_ref.to_data(), Tolerance::absolute(1e-4));
 
-        reference
-            .running_mean
-            .value()
-            .to_data()
-            .assert_approx_eq::<f32>(&ours.running_mean.value().to_data(), Tolerance::absolute(1e-6));
-        reference
-            .running_var
-            .value()
-            .to_data()
-            .assert_approx_eq::<f32>(&ours.running_var.value().to_data(), Tolerance::absolute(1e-6));
+        assert_same_running_stats(&ours, &reference, 1e-6);
 
         // Inference (no autodiff) uses the running statistics in both.
         let inner_ref = reference.valid();
@@ -260,24 +261,11 @@ mod tests {
             .collect();
         assert_eq!(split.running_mean.value().into_data(), before, "workers must not update running stats");
         apply_deferred::<CpuTrainBackend>(parts);
-        split
-            .running_mean
-            .value_sync()
-            .to_data()
-            .assert_approx_eq::<f32>(&whole.running_mean.value_sync().to_data(), Tolerance::absolute(1e-5));
-        split
-            .running_var
-            .value_sync()
-            .to_data()
-            .assert_approx_eq::<f32>(&whole.running_var.value_sync().to_data(), Tolerance::absolute(1e-5));
+        assert_same_running_stats(&split, &whole, 1e-5);
         // And away from the deferral, a call updates them at once again.
         let _ = batch_norm(&split, x.clone());
         let _ = batch_norm(&whole, x);
-        split
-            .running_var
-            .value_sync()
-            .to_data()
-            .assert_approx_eq::<f32>(&whole.running_var.value_sync().to_data(), Tolerance::absolute(1e-5));
+        assert_same_running_stats(&split, &whole, 1e-5);
     }
 
     /// The vendored burn-flex's fast copy of permuted tensors (vendor/burn-flex/MICA-PATCH.md)
