@@ -77,6 +77,17 @@ fn quick_demo_writes_a_report_and_resumes() {
         }
     }
 
+    // Another image size into the same folder: its own datasets, and the finished run is not
+    // mixed with it.
+    mica()
+        .args(["demo", "--quick", "--modality", "mri", "--size", "24", "--no-llm"])
+        .args(["--out", out.to_str().unwrap(), "--store", store.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("use a new output directory"));
+    assert!(out.join("data-24px").is_dir() && out.join("data").is_dir());
+    assert_eq!(std::fs::read(&metrics).unwrap(), before);
+
     mica()
         .args(["runs", "list", "--store", store.to_str().unwrap()])
         .assert()

@@ -61,7 +61,8 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Side of the synthetic images in pixels (the CNNs train at this size).
+    /// Side of the synthetic images in pixels (the CNNs train at this size); 64 by default, 32
+    /// with `--quick`. The ten-minute budget holds at 64.
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..=256))]
     pub size: Option<u32>,
     /// Results store to index the runs in (default: `$MICA_STORE` or the user data folder).
@@ -79,7 +80,7 @@ struct Plan {
 fn plan(args: &DemoArgs) -> Plan {
     if args.quick {
         Plan {
-            synth: mica_data::synth::SynthConfig { per_class: 12, size: 32, seed: args.seed },
+            synth: mica_data::synth::SynthConfig { per_class: 12, size: args.size.unwrap_or(32), seed: args.seed },
             cnn_epochs: 1,
             llm_limit_per_class: 3,
         }
@@ -115,7 +116,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         arch.parse::<mica_cnn::Arch>().map_err(|e| usage(format!("--cnn: {e}")))?;
     }
     let plan = plan(&args);
-    let data_dir = args.out.join("data");
+    // Another --size gets its own datasets, so a run made at the default size keeps the images
+    // it was made from (and resuming it at another size is refused: the recorded input size
+    // differs).
+    let data_dir = match args.size {
+        Some(s) => args.out.join(format!("data-{s}px")),
+        None => args.out.join("data"),
+    };
     let llm = llm_choice(&args);
     match &llm {
         None => println!("LLM arm: left out (--no-llm)."),
@@ -251,6 +258,7 @@ fn experiment(
         output: Some(args.out.join(m.as_str())),
         dataset: DatasetSpec {
             seed: args.seed,
+            image_size: Some(plan.synth.size as usize),
             ..DatasetSpec::new(dataset)
         },
         classifiers,
