@@ -83,11 +83,7 @@ fn bench<B: AutodiffBackend>(s: &Setup, device: B::Device, device_name: &str) {
     } else {
         mica_cnn::StepRunner::one_pass()
     };
-    let train_path = if device_name == "cpu" && !s.one_pass {
-        format!("data-parallel x{}", mica_cnn::train::CPU_WORKERS)
-    } else {
-        "one pass".to_string()
-    };
+    let train_path = runner.describe();
     let mut times = Vec::new();
     let mut last_loss = 0.0;
     let (mut wall0, mut cpu0) = (Instant::now(), cpu_seconds());

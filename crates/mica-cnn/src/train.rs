@@ -817,8 +817,9 @@ impl StepRunner {
     /// The batch split between `workers` workers, each on its own thread pool, the process's
     /// threads shared between them (see [`StepRunner::gradients`]).
     pub fn data_parallel(workers: usize) -> Result<Self, CnnError> {
-        let threads = (rayon::current_num_threads() / workers.max(1)).max(1);
-        let pools = (0..workers.max(1))
+        let workers = workers.max(1);
+        let threads = (rayon::current_num_threads() / workers).max(1);
+        let pools = (0..workers)
             .map(|k| {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -828,6 +829,14 @@ impl StepRunner {
             })
             .collect::<Result<_, _>>()?;
         Ok(StepRunner { pools: Some(pools) })
+    }
+
+    /// The step in words, for benchmark output: `one pass` or `data-parallel xN`.
+    pub fn describe(&self) -> String {
+        match &self.pools {
+            Some(pools) => format!("data-parallel x{}", pools.len()),
+            None => "one pass".into(),
+        }
     }
 
     /// Forward and backward pass over one batch: the parameters' gradients, the logits
@@ -914,7 +923,7 @@ fn data_parallel_step<B: AutodiffBackend>(
             .collect()
     });
     let mut acc = burn::optim::GradientsAccumulator::<Net<B>>::new();
-    let mut logits = Vec::with_capacity(n * 4);
+    let mut logits = Vec::new();
     let mut loss = 0.0;
     let mut stats = Vec::with_capacity(results.len());
     for ((grads, part_logits, part_loss), part_stats) in results {
